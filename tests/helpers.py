@@ -1,0 +1,14 @@
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE = REPO / "datasets" / "sample" / "dsb2018"
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900, env: dict | None = None):
+    """Run `python -m ...` the way a user does, from the repo root, and capture everything."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
