@@ -57,7 +57,8 @@ assert platform.__file__.startswith({str(REPO)!r})
 import torch, ray, mlflow
 assert torch.ones(3).sum().item() == 3
 mlflow.set_tracking_uri("sqlite:///{tmp_path}/m.db")
-with mlflow.start_run() as run:
+experiment = mlflow.create_experiment("parity", artifact_location="{tmp_path.as_uri()}/artifacts")
+with mlflow.start_run(experiment_id=experiment) as run:
     mlflow.log_param("system", platform.system())
 assert mlflow.get_run(run.info.run_id).data.params["system"] == platform.system()
 ray.init(num_cpus=1, include_dashboard=False)

@@ -1,0 +1,61 @@
+"""What every `python -m platform.X` command shares: user errors as one line + exit 2, the embedded
+MLflow store, and where local Ray results go."""
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+
+from datasets.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_STORE = REPO / ".mlflow"  # embedded MLflow: SQLite file + artifact folder, git-ignored
+LOCAL_RESULTS = REPO / ".ray_results"
+
+
+def run(main: Callable[[list[str] | None], int]) -> None:
+    """Run a CLI `main`; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        code = main(None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def tracking_uri(cli_value: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded SQLite store inside the checkout."""
+    if cli_value:
+        return cli_value
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    LOCAL_STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
+
+
+def use_experiment(uri: str, name: str) -> str:
+    """Point MLflow at `uri` and return the id of experiment `name`, creating it if needed.
+
+    With a SQLite store, artifacts go beside the database file (.mlflow/artifacts/ for the embedded one)
+    rather than MLflow's default ./mlruns in whatever folder the command was started from.
+    """
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def browse_hint(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)"
+    return f"open {uri} in a browser"

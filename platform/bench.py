@@ -1,0 +1,95 @@
+"""Benchmarks that print numbers, compared side by side in one run (never timed asserts in the tests).
+
+python -m platform.bench train                      # Ray Train loop vs the same loop in a plain process
+python -m platform.bench train --epochs 4 backbone=resnet50_fpn
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+from platform import _cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m platform.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="which", required=True)
+    train = sub.add_parser("train", help="training throughput: Ray Train (1 worker) vs a plain process")
+    train.add_argument("--recipe", default="dsb2018_demo")
+    train.add_argument("--epochs", type=int, default=3, help="epochs per side; the first is warm-up")
+    train.add_argument("--data", help="dataset folder (default: the bundled sample)")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainers.config import apply_overrides, parse_overrides
+    from trainers.recipes import get_recipe
+
+    overrides = parse_overrides(args.overrides)
+    overrides["epochs"] = args.epochs
+    if args.data:
+        overrides["data"] = os.path.abspath(args.data)
+    cfg = apply_overrides(get_recipe(args.recipe), overrides)
+    threads = os.cpu_count() or 1
+
+    plain = _plain(cfg, threads)
+    ray_side = _ray(cfg, threads)
+    rows = [("plain process", plain), ("Ray Train, 1 worker", ray_side)]
+    print(
+        f"\nrecipe {args.recipe}, backbone {cfg.backbone}, {cfg.min_size}px, batch {cfg.batch_size}, "
+        f"{args.epochs} epochs per side (first = warm-up, excluded), {threads} CPU threads"
+    )
+    print(f"{'':22s} {'images/s':>10s} {'epoch s':>9s} {'per-epoch images/s':>30s}")
+    for name, r in rows:
+        per_epoch = " ".join(f"{v:.3f}" for v in r["per_epoch"])
+        print(f"{name:22s} {r['images_per_s']:10.3f} {r['epoch_s']:9.1f} {per_epoch:>30s}")
+    ratio = ray_side["images_per_s"] / plain["images_per_s"]
+    print(f"Ray/plain throughput ratio: {ratio:.3f}  (overhead {100 * (1 - ratio):+.1f} %; goal <= 2 %)")
+    return 0
+
+
+def _summary(reports: list[dict]) -> dict:
+    measured = reports[1:] or reports
+    return {
+        "images_per_s": statistics.mean(r["train_images_per_s"] for r in measured),
+        "epoch_s": statistics.mean(r["epoch_time_s"] for r in measured),
+        "per_epoch": [r["train_images_per_s"] for r in reports],
+    }
+
+
+def _plain(cfg, threads: int) -> dict:
+    import torch
+
+    from trainers.loop import run_training
+    from trainers.ray_seam import LocalSeam
+
+    torch.set_num_threads(threads)
+    seam = LocalSeam(
+        on_report=lambda m: print(f"[plain] epoch {m['epoch']}: {m['train_images_per_s']:.3f} img/s")
+    )
+    run_training(cfg, seam)
+    return _summary(seam.reports)
+
+
+def _ray(cfg, threads: int) -> dict:
+    import ray
+
+    from trainers.config import to_dict
+    from trainers.loop import make_trainer
+
+    ray.init(include_dashboard=True, num_cpus=threads)
+    with tempfile.TemporaryDirectory() as storage:
+        started = time.perf_counter()
+        result = make_trainer(to_dict(cfg), name="bench", storage_path=storage, cpus_per_worker=threads).fit()
+        print(f"[ray] fit took {time.perf_counter() - started:.1f} s including start-up")
+        frame = result.metrics_dataframe
+    ray.shutdown()
+    return _summary(frame.to_dict("records"))
+
+
+if __name__ == "__main__":
+    _cli.run(main)

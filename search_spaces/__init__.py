@@ -1,0 +1,28 @@
+"""Named search spaces: name -> function returning {config field: ray.tune distribution}.
+
+Keys are MaskRCNNConfig field names. Tuple-valued fields are sampled as strings ("24,40,80,128,256")
+that the config parses, because Optuna's categorical choices must be scalars.
+"""
+
+from collections.abc import Callable
+
+from datasets.errors import UserError
+
+SPACES: dict[str, tuple[Callable[[], dict], str]] = {}
+
+
+def register_space(name: str, description: str):
+    def deco(fn: Callable[[], dict]) -> Callable[[], dict]:
+        SPACES[name] = (fn, description)
+        return fn
+
+    return deco
+
+
+def get_space(name: str) -> dict:
+    if name not in SPACES:
+        raise UserError(f"--space: unknown search space '{name}'; valid: {', '.join(sorted(SPACES))}")
+    return SPACES[name][0]()
+
+
+from search_spaces import maskrcnn  # noqa: E402,F401  (registers the spaces)

@@ -1,0 +1,72 @@
+"""User mistakes give one clear line on stderr and exit code 2, never a traceback."""
+
+import pytest
+
+from tests.helpers import run_cli
+
+
+def _assert_user_error(out, *needles: str) -> None:
+    assert out.returncode == 2, (out.stdout[-2000:], out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, out.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_data_path(tmp_path):
+    _assert_user_error(
+        run_cli("platform.tune", "--space", "rpn_anchors", "--data", str(tmp_path / "nope")),
+        "--data",
+        "nope",
+        "not found",
+    )
+
+
+def test_empty_dataset(tmp_path):
+    _assert_user_error(
+        run_cli("platform.tune", "--space", "rpn_anchors", "--data", str(tmp_path)),
+        str(tmp_path),
+        "empty dataset",
+    )
+
+
+def test_image_folder_without_image(tmp_path):
+    (tmp_path / "abc" / "masks").mkdir(parents=True)
+    _assert_user_error(
+        run_cli("platform.tune", "--space", "rpn_anchors", "--data", str(tmp_path)),
+        "abc/images/abc.png",
+        "image not found",
+    )
+
+
+def test_unknown_space():
+    _assert_user_error(run_cli("platform.tune", "--space", "nonsense"), "nonsense", "rpn_anchors")
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("lr_rate=0.1", ("lr_rate", "unknown config key", "did you mean")),
+        ("lr=fast", ("'lr'", "expects a number", "fast")),
+        ("anchor_sizes=8,16,x", ("anchor_sizes", "comma-separated list of int")),
+        ("epochs=2.5", ("epochs", "integer")),
+        ("backbone=vgg", ("backbone", "vgg", "resnet18_fpn")),
+        ("noequals", ("noequals", "key=value")),
+    ],
+)
+def test_bad_override(override, needles):
+    _assert_user_error(run_cli("platform.tune", "--space", "rpn_anchors", override), *needles)
+
+
+def test_unknown_recipe():
+    _assert_user_error(
+        run_cli("platform.tune", "--space", "rpn_anchors", "--recipe", "nope"), "nope", "dsb2018_demo"
+    )
+
+
+def test_help_and_list_spaces():
+    out = run_cli("platform.tune", "--space", "rpn_anchors", "--help")
+    assert out.returncode == 0 and "--num-samples" in out.stdout
+    out = run_cli("platform.tune", "--list-spaces")
+    assert out.returncode == 0 and out.stdout.startswith("rpn_anchors")

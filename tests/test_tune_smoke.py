@@ -1,0 +1,90 @@
+"""The main job end to end: real local Ray (Tune + Train), a real MLflow store, real images."""
+
+import mlflow
+import numpy as np
+import pytest
+
+from tests.helpers import run_cli
+from trainers.config import MaskRCNNConfig
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    import shutil
+
+    from tests.helpers import SAMPLE
+
+    root = tmp_path_factory.mktemp("smoke")
+    data = root / "data"
+    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:4]:
+        shutil.copytree(folder, data / folder.name)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    out = run_cli(
+        "platform.tune",
+        "--space",
+        "rpn_anchors",
+        "--num-samples",
+        "2",
+        "--max-epochs",
+        "1",
+        "--data",
+        str(data),
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "smoke",
+        "--register-as",
+        "smoke-model",
+        "--storage-path",
+        str(root / "ray"),
+        "min_size=128",
+        "max_size=160",
+        "box_detections_per_img=50",
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    mlflow.set_tracking_uri(uri)
+    return out, uri, data
+
+
+def test_prints_trial_table_and_registered_model(smoke):
+    out, _, _ = smoke
+    assert "bbox_AP" in out.stdout and "segm_AP" in out.stdout and "status" in out.stdout
+    assert "registered model: name=smoke-model version=1 alias=champion" in out.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
+
+
+def test_parent_and_nested_runs_hold_params_and_metrics(smoke):
+    _, uri, _ = smoke
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 2
+    for child in children:
+        assert set(MaskRCNNConfig.__dataclass_fields__) <= set(child.data.params)
+        assert child.data.params["min_size"] == "128"
+        for key in ("bbox_AP", "segm_AP", "segm_AP50", "bbox_AR100", "train_loss"):
+            assert key in child.data.metrics, key
+        history = client.get_metric_history(child.info.run_id, "segm_AP")
+        assert [m.step for m in history] == [1]
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"trials.csv", "trials.txt", "learning_curves.png"} <= artifacts
+
+
+def test_champion_loads_and_predicts(smoke):
+    _, uri, data = smoke
+    from datasets.mask_folders import load_image, read_mask_folders
+    from deploy.registry import load_detector, predict_image
+
+    version = mlflow.MlflowClient(uri).get_model_version_by_alias("smoke-model", "champion")
+    assert str(version.version) == "1"
+    detector = load_detector("models:/smoke-model@champion")
+    assert detector.version == "1" and detector.categories == [{"id": 1, "name": "nucleus"}]
+    image = load_image(read_mask_folders(data)[0].image_path)
+    out = predict_image(detector, image)
+    n = len(out["scores"])
+    assert out["boxes"].shape == (n, 4) and out["labels"].shape == (n,)
+    assert out["masks"].shape == (n, *image.shape[:2]) and out["masks"].dtype == np.bool_
+    assert n <= 50

@@ -1,0 +1,120 @@
+"""Train and evaluate steps as plain functions (after torchvision's references/detection/engine.py)."""
+
+import math
+import time
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from datasets.instances import encode_masks, quiet_pycocotools
+
+# COCOeval.stats positions (params.maxDets = [1, 10, 100] unless changed).
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+HEADLINE = ("AP", "AP50", "AP75", "AR100")
+
+
+def train_one_epoch(
+    model, optimizer, loader, device, *, scheduler=None, grad_clip=0.0, log_every=0, log=print
+) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of each loss term, `loss`, and `images_per_s`."""
+    model.train()
+    sums: dict[str, float] = {}
+    steps = images = 0
+    start = time.perf_counter()
+    for images_batch, targets in loader:
+        images_batch = [img.to(device) for img in images_batch]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        losses = model(images_batch, targets)
+        loss = sum(losses.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {steps}: {_fmt(losses)}; lower lr or clip"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], grad_clip
+            )
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        steps += 1
+        images += len(images_batch)
+        if log_every and steps % log_every == 0:
+            rate = images / (time.perf_counter() - start)
+            eta = (len(loader) - steps) * (time.perf_counter() - start) / steps
+            log(f"step {steps}/{len(loader)} loss {loss.item():.3f} {rate:.2f} img/s eta {eta:.0f}s")
+    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out["images_per_s"] = images / max(time.perf_counter() - start, 1e-9)
+    return out
+
+
+def _fmt(losses: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}={v.item():.3g}" for k, v in losses.items())
+
+
+@torch.inference_mode()
+def predict(model, loader, device, mask_threshold: float = 0.5) -> list[dict]:
+    """COCO result entries (bbox xywh, RLE segmentation, score, category) for every image in `loader`."""
+    model.eval()
+    results = []
+    for images_batch, targets in loader:
+        outputs = model([img.to(device) for img in images_batch])
+        for output, target in zip(outputs, targets, strict=True):
+            results.extend(to_coco_results(output, target["image_id"], mask_threshold))
+    return results
+
+
+def to_coco_results(
+    output: dict[str, torch.Tensor], image_id: int, mask_threshold: float = 0.5
+) -> list[dict]:
+    """One torchvision detection output -> COCO result dicts (masks binarised at `mask_threshold`)."""
+    boxes = output["boxes"].cpu().numpy()
+    if not len(boxes):
+        return []
+    masks = (output["masks"][:, 0] >= mask_threshold).cpu().numpy()
+    rles = encode_masks(masks)
+    scores, labels = output["scores"].cpu().tolist(), output["labels"].cpu().tolist()
+    return [
+        {
+            "image_id": image_id,
+            "category_id": int(label),
+            "score": float(score),
+            "segmentation": rle,
+            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+        }
+        for (x1, y1, x2, y2), score, label, rle in zip(boxes, scores, labels, rles, strict=True)
+    ]
+
+
+def coco_metrics(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[str, float]:
+    """bbox_* and segm_* COCO metrics (AP, AP50, AP75, AR100, ...) for `results` against `gt`.
+
+    No detections at all scores 0 (pycocotools refuses an empty result list).
+    """
+    metrics = {}
+    for iou_type in ("bbox", "segm"):
+        if not results:
+            metrics.update({f"{iou_type}_{name}": 0.0 for name in STAT_NAMES})
+            continue
+        with quiet_pycocotools():
+            dt = gt.loadRes(results)
+            ev = COCOeval(gt, dt, iou_type)
+            ev.params.maxDets = [1, 10, max_dets]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        # pycocotools writes -1 where a category has no ground truth in an area range
+        metrics.update(
+            {f"{iou_type}_{n}": float(max(s, 0.0)) for n, s in zip(STAT_NAMES, ev.stats, strict=True)}
+        )
+    return metrics
+
+
+def evaluate(model, loader, device, gt: COCO, max_dets: int = 100) -> dict[str, float]:
+    return coco_metrics(gt, predict(model, loader, device), max_dets)

@@ -1,0 +1,128 @@
+"""Mask R-CNN from a MaskRCNNConfig: every field reaches the torchvision model."""
+
+import logging
+from functools import partial
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import detection
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d
+
+from datasets.errors import UserError
+from trainers.config import MaskRCNNConfig
+
+log = logging.getLogger(__name__)
+
+NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "group": partial(nn.GroupNorm, 32)}
+# torchvision's own whole-model (COCO) and backbone (ImageNet) weights, used for weights="DEFAULT".
+COCO_WEIGHTS = {
+    "resnet50_fpn": detection.MaskRCNN_ResNet50_FPN_Weights,
+    "resnet50_fpn_v2": detection.MaskRCNN_ResNet50_FPN_V2_Weights,
+}
+
+
+def build_model(cfg: MaskRCNNConfig, num_classes: int) -> detection.MaskRCNN:
+    """Mask R-CNN for `num_classes` classes plus background; loads `cfg.weights` if set."""
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in cfg.anchor_sizes),
+        aspect_ratios=(cfg.aspect_ratios,) * len(cfg.anchor_sizes),
+    )
+    kwargs = dict(
+        num_classes=num_classes + 1,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_nms_thresh=cfg.rpn_nms_thresh,
+        rpn_fg_iou_thresh=cfg.rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh=cfg.rpn_bg_iou_thresh,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_detections_per_img=cfg.box_detections_per_img,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+    )
+    num_anchors = anchors.num_anchors_per_location()[0]
+    backbone_weights = _backbone_weights(cfg)
+    if cfg.backbone == "resnet50_fpn_v2":
+        # torchvision's v2 recipe (maskrcnn_resnet50_fpn_v2), rebuilt here because its builder fixes the
+        # anchor generator and RPN head: BatchNorm throughout, a two-conv RPN head, conv box and mask heads.
+        body = torchvision.models.resnet50(weights=backbone_weights)
+        backbone = _resnet_fpn_extractor(body, cfg.trainable_backbone_layers, norm_layer=nn.BatchNorm2d)
+        heads = dict(
+            rpn_head=RPNHead(backbone.out_channels, num_anchors, conv_depth=2),
+            box_head=FastRCNNConvFCHead(
+                (backbone.out_channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d
+            ),
+            mask_head=MaskRCNNHeads(backbone.out_channels, [256] * 4, 1, norm_layer=nn.BatchNorm2d),
+        )
+    else:
+        backbone = resnet_fpn_backbone(
+            backbone_name=cfg.backbone.removesuffix("_fpn"),
+            weights=backbone_weights,
+            norm_layer=NORM_LAYERS[cfg.norm],
+            trainable_layers=cfg.trainable_backbone_layers,
+        )
+        heads = dict(rpn_head=RPNHead(backbone.out_channels, num_anchors))
+    model = detection.MaskRCNN(backbone, **heads, **kwargs)
+    if cfg.weights:
+        load_weights(model, _whole_model_state(cfg))
+    return model
+
+
+def _backbone_weights(cfg: MaskRCNNConfig):
+    if cfg.weights_backbone in ("", "none"):
+        return None
+    if cfg.weights_backbone == "DEFAULT":
+        return "DEFAULT"  # torchvision resolves it to the backbone's own ImageNet weights enum
+    raise UserError(
+        f"weights_backbone: '{cfg.weights_backbone}' is not supported; use \"\" or DEFAULT, "
+        "or pass a whole-model state_dict path as weights="
+    )
+
+
+def _whole_model_state(cfg: MaskRCNNConfig) -> dict[str, torch.Tensor]:
+    if cfg.weights == "DEFAULT":
+        if cfg.backbone not in COCO_WEIGHTS:
+            raise UserError(
+                f"weights: torchvision has COCO weights for {', '.join(COCO_WEIGHTS)}, not {cfg.backbone}"
+            )
+        return COCO_WEIGHTS[cfg.backbone].DEFAULT.get_state_dict(progress=True)
+    try:
+        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"weights: file not found: {cfg.weights}") from None
+    except Exception as e:  # torch raises several types for a file that is not a state dict
+        raise UserError(f"weights: {cfg.weights} is not a readable torch state_dict ({e})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint rather than a bare state_dict
+    if not isinstance(state, dict):
+        raise UserError(f"weights: {cfg.weights} holds a {type(state).__name__}, expected a state_dict")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load every tensor whose name and shape match; return the names left at their initialisation.
+
+    Shapes differ where the number of classes (predictors) or of anchors per location (RPN head) changed;
+    those layers start fresh, and the log says which, as Detectron2 does.
+    """
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    fresh = sorted(k for k in own if k not in usable)
+    if fresh:
+        heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
+        log.warning(
+            "weights: %d tensors re-initialised (shape or name differs): %s", len(fresh), ", ".join(heads)
+        )
+    return fresh

@@ -1,0 +1,84 @@
+"""The one seam to Ray: worker context, DDP preparation, metric/checkpoint reporting.
+
+Ray's reporting API changes between releases (session.report -> train.report; Train V2 inside Tune), so
+the training loop only talks to a `Seam`. `RaySeam` is used on Ray Train workers; `LocalSeam` runs the
+same loop in a plain process (the benchmark's baseline, quick tests).
+"""
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # where Tune's results carry the reported checkpoint (Train V2)
+
+
+class RaySeam:
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        self._train = ray.train
+        self._torch = ray.train.torch
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self._torch.prepare_model(model)  # moves to the device, wraps in DDP when world_size > 1
+
+    def prepare_loader(self, loader):
+        return self._torch.prepare_data_loader(loader)  # DistributedSampler + device moves
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = self._train.get_checkpoint()
+        return Path(checkpoint.path) if checkpoint is not None else None
+
+    def report(self, metrics: dict, write_checkpoint: Callable[[Path], None] | None) -> None:
+        """All ranks must call this once per epoch (it is a barrier); rank 0 passes `write_checkpoint`."""
+        if write_checkpoint is None:
+            self._train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(Path(tmp))
+            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(tmp))
+
+
+class LocalSeam:
+    """A single process with no Ray: rank 0 of 1; checkpoints go to `checkpoint_dir` if given."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_dir: Path | None = None, on_report: Callable[[dict], None] | None = None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.checkpoint_dir = checkpoint_dir
+        self.on_report = on_report
+        self.reports: list[dict] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def latest_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir and (self.checkpoint_dir / "model.pt").exists():
+            return self.checkpoint_dir
+        return None
+
+    def report(self, metrics: dict, write_checkpoint: Callable[[Path], None] | None) -> None:
+        if write_checkpoint is not None and self.checkpoint_dir is not None:
+            # Written beside, then swapped in: a crash never leaves half a checkpoint.
+            tmp = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write_checkpoint(tmp)
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            tmp.rename(self.checkpoint_dir)
+        self.reports.append(metrics)
+        if self.on_report:
+            self.on_report(metrics)
