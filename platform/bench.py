@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\nrecipe {args.recipe}, backbone {cfg.backbone}, {cfg.min_size}px, batch {cfg.batch_size}, "
         f"{args.epochs} epochs per side (first = warm-up, excluded), {threads} CPU threads"
     )
-    print(f"{'':22s} {'images/s':>10s} {'epoch s':>9s} {'per-epoch images/s':>30s}")
+    print(f"{'':22s} {'images/s':>10s} {'epoch s':>9s} {'threads':>8s} {'per-epoch images/s':>30s}")
     for name, r in rows:
         per_epoch = " ".join(f"{v:.3f}" for v in r["per_epoch"])
-        print(f"{name:22s} {r['images_per_s']:10.3f} {r['epoch_s']:9.1f} {per_epoch:>30s}")
+        print(f"{name:22s} {r['images_per_s']:10.3f} {r['epoch_s']:9.1f} {r['threads']:8d} {per_epoch:>30s}")
     ratio = ray_side["images_per_s"] / plain["images_per_s"]
     print(f"Ray/plain throughput ratio: {ratio:.3f}  (overhead {100 * (1 - ratio):+.1f} %; goal <= 2 %)")
     return 0
@@ -58,6 +58,7 @@ def _summary(reports: list[dict]) -> dict:
         "images_per_s": statistics.mean(r["train_images_per_s"] for r in measured),
         "epoch_s": statistics.mean(r["epoch_time_s"] for r in measured),
         "per_epoch": [r["train_images_per_s"] for r in reports],
+        "threads": int(reports[-1]["torch_threads"]),
     }
 
 
@@ -84,7 +85,14 @@ def _ray(cfg, threads: int) -> dict:
     ray.init(include_dashboard=True, num_cpus=threads)
     with tempfile.TemporaryDirectory() as storage:
         started = time.perf_counter()
-        result = make_trainer(to_dict(cfg), name="bench", storage_path=storage, cpus_per_worker=threads).fit()
+        trainer = make_trainer(
+            to_dict(cfg),
+            name="bench",
+            storage_path=storage,
+            cpus_per_worker=threads,
+            checkpoints_to_keep=None,
+        )
+        result = trainer.fit()
         print(f"[ray] fit took {time.perf_counter() - started:.1f} s including start-up")
         frame = result.metrics_dataframe
     ray.shutdown()

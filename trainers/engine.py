@@ -17,7 +17,7 @@ HEADLINE = ("AP", "AP50", "AP75", "AR100")
 def train_one_epoch(
     model, optimizer, loader, device, *, scheduler=None, grad_clip=0.0, log_every=0, log=print
 ) -> dict[str, float]:
-    """One pass over `loader`; returns the mean of each loss term, `loss`, and `images_per_s`."""
+    """One pass over `loader`; returns the mean of each loss term, `loss`, `images` and `images_per_s`."""
     model.train()
     sums: dict[str, float] = {}
     steps = images = 0
@@ -50,6 +50,7 @@ def train_one_epoch(
             eta = (len(loader) - steps) * (time.perf_counter() - start) / steps
             log(f"step {steps}/{len(loader)} loss {loss.item():.3f} {rate:.2f} img/s eta {eta:.0f}s")
     out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out["images"] = images
     out["images_per_s"] = images / max(time.perf_counter() - start, 1e-9)
     return out
 

@@ -100,7 +100,11 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
         )
         metrics = {f"train_{k}": v for k, v in stats.items()}
         metrics.update(
-            epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.perf_counter() - started
+            epoch=epoch + 1,
+            lr=optimizer.param_groups[0]["lr"],
+            epoch_time_s=time.perf_counter() - started,
+            torch_threads=torch.get_num_threads(),
+            world_size=seam.world_size,
         )
         write = None
         if seam.rank == 0:
@@ -163,8 +167,13 @@ def make_trainer(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     callbacks=(),
+    checkpoints_to_keep: int | None = 1,
 ):
-    """A Ray Train TorchTrainer of `num_workers` DDP workers (gloo on CPU, NCCL on GPU) running the loop."""
+    """A Ray Train TorchTrainer of `num_workers` DDP workers (gloo on CPU, NCCL on GPU) running the loop.
+
+    Train V2 keeps a run's per-epoch metrics with its checkpoints: keep them all (None) to read every
+    epoch from `Result.metrics_dataframe`.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -179,7 +188,7 @@ def make_trainer(
             name=name,
             storage_path=storage_path,
             callbacks=list(callbacks),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoints_to_keep),
         ),
     )
 
