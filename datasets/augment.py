@@ -236,37 +236,6 @@ def _foramdeepslice() -> list:
 # ---- loader benchmark ---------------------------------------------------------------------------------
 
 
-def _load_sample(record, transform) -> tuple[torch.Tensor, dict]:
-    """One training sample as InstanceDataset builds it, with `apply_transform` for the augmentation."""
-    from datasets.instances import masks_to_boxes
-    from datasets.mask_folders import load_image, load_masks
-
-    image = load_image(record.image_path)
-    masks = load_masks(record, image.shape[:2])
-    image, masks, kept = apply_transform(transform, image, masks)
-    target = {
-        "boxes": torch.from_numpy(masks_to_boxes(masks)),
-        "labels": torch.ones(len(kept), dtype=torch.int64),
-        "masks": torch.from_numpy(masks.astype(np.uint8)),
-    }
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255), target
-
-
-def _as_list(batch: list) -> list:
-    return batch
-
-
-class _BenchDataset(torch.utils.data.Dataset):
-    def __init__(self, records, transform):
-        self.records, self.transform = records, transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int):
-        return _load_sample(self.records[index], self.transform)
-
-
 def loader_benchmark(
     root: str | Path | None = None,
     preset: str = "sartorius",
@@ -282,25 +251,18 @@ def loader_benchmark(
     "images_per_s", "instances_per_s", "num_workers"}. With num_workers=0 it measures one core;
     compare with the model's images/s on the same cores.
     """
-    from datasets.mask_folders import read_mask_folders
+    from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
 
-    root = Path(root) if root is not None else Path(__file__).parent / "sample" / "dsb2018"
-    records = read_mask_folders(root)
-    dataset = _BenchDataset(records, augmentation(preset, seed))
+    dataset = InstanceDataset(read_records(root or SAMPLE_DATA), augmentation(preset, seed))
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=1,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_as_list,
-        worker_init_fn=seed_worker if num_workers else None,
+        dataset, batch_size=1, num_workers=num_workers, collate_fn=collate, worker_init_fn=seed_worker
     )
     images = instances = 0
     start = time.perf_counter()
     for _ in range(passes):
-        for batch in loader:
-            images += len(batch)
-            instances += sum(len(target["labels"]) for _, target in batch)
+        for batch_images, targets in loader:
+            images += len(batch_images)
+            instances += sum(len(target["labels"]) for target in targets)
     seconds = time.perf_counter() - start
     return {
         "preset": preset,

@@ -2,7 +2,13 @@
 for COCO evaluation (pycocotools)."""
 
 import contextlib
+import inspect
+import os
 import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -13,25 +19,119 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from datasets.augment import apply_transform
+from datasets.coco import load_json, read_coco, write_coco
 from datasets.errors import UserError
-from datasets.mask_folders import CATEGORIES, ImageRecord, load_image, load_masks, read_mask_folders
+from datasets.mask_folders import CATEGORIES, load_masks, read_mask_folders, write_mask_folders
+from datasets.records import ImageRecord, image_size, load_image, record_rles, rle_to_json
+from datasets.rle_csv import read_rle_csv, write_rle_csv
+from datasets.via import read_via, write_via
 
 SAMPLE_DATA = Path(__file__).parent / "sample" / "dsb2018"
 
-# Named so that a format can be picked by name; the datasets issue adds coco, via and rle-csv.
-FORMATS = {"mask-folders": read_mask_folders}
+
+@dataclass(frozen=True)
+class Format:
+    read: Callable[..., list[ImageRecord]]  # (path, **options) -> records
+    write: Callable[..., None]  # (records, dst folder that does not exist yet, **options)
+    description: str
 
 
-def read_records(path: str | Path, fmt: str = "mask-folders") -> list[ImageRecord]:
+# Annotation formats by name (RECIPES.md says where each comes from); options are the functions' keywords.
+FORMATS: dict[str, Format] = {
+    "coco": Format(read_coco, write_coco, "COCO instances JSON, polygons or RLE (LIVECell)"),
+    "via": Format(read_via, write_via, "VGG Image Annotator JSON, polygon regions (foraminifera)"),
+    "mask-folders": Format(
+        read_mask_folders, write_mask_folders, "<id>/images/<id>.png + <id>/masks/*.png (DSB2018)"
+    ),
+    "rle-csv": Format(read_rle_csv, write_rle_csv, "Kaggle run-length CSV (DSB2018, Sartorius)"),
+}
+
+
+def get_format(fmt: str) -> Format:
     if fmt not in FORMATS:
         raise UserError(f"data_format: unknown format '{fmt}'; valid: {', '.join(sorted(FORMATS))}")
-    return FORMATS[fmt](path)
+    return FORMATS[fmt]
+
+
+def _check_options(function: Callable, options: dict, fmt: str, what: str) -> None:
+    valid = [p for p in inspect.signature(function).parameters if p not in ("path", "records", "dst")]
+    for key in options:
+        if key not in valid:
+            raise UserError(f"{fmt}: unknown {what} option '{key}'; valid: {', '.join(valid) or '(none)'}")
+
+
+def guess_format(path: str | Path) -> str:
+    """The format of `path` from what it holds: a CSV is rle-csv; a COCO JSON has "images"; another
+    JSON is via; a folder of <id>/images/ folders is mask-folders."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    files = [path] if path.is_file() else sorted(path.glob("*.csv")) + sorted(path.glob("*.json"))
+    if not files:
+        if path.is_dir() and any((p / "images").is_dir() for p in path.iterdir()):
+            return "mask-folders"
+        raise UserError(
+            f"{path}: cannot tell the format (no .csv or .json file, no <id>/images/ folders); "
+            f"give it with --format ({', '.join(sorted(FORMATS))})"
+        )
+    if files[0].suffix.lower() == ".csv":
+        return "rle-csv"
+    return "coco" if isinstance(data := load_json(files[0]), dict) and "images" in data else "via"
+
+
+def read_records(path: str | Path, fmt: str = "mask-folders", **options) -> list[ImageRecord]:
+    """The dataset at `path` in format `fmt` (see FORMATS); nothing is decoded until it is used."""
+    reader = get_format(fmt).read
+    _check_options(reader, options, fmt, "read")
+    return reader(path, **options)
+
+
+def write_records(records: list[ImageRecord], dst: str | Path, fmt: str, **options) -> Path:
+    """Write `records` to the new folder `dst` in format `fmt`. Written to a temporary folder beside it
+    and renamed at the end, so a failed run leaves no partial output."""
+    writer = get_format(fmt).write
+    _check_options(writer, options, fmt, "write")
+    dst = Path(dst)
+    if dst.exists():
+        raise UserError(f"{dst}: already exists; choose a new output folder (nothing is overwritten)")
+    if not records:
+        raise UserError(f"{dst}: empty dataset, nothing to write")
+    ids = [r.image_id for r in records]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise UserError(f"{records[0].source}: image ids are not unique ({', '.join(twice[:5])})")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        writer(records, tmp / "out", **options)
+        os.rename(tmp / "out", dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    src_fmt: str,
+    dst_fmt: str,
+    read_options: dict | None = None,
+    write_options: dict | None = None,
+) -> list[ImageRecord]:
+    """Read `src` as `src_fmt` and write it to the new folder `dst` as `dst_fmt`; returns the records."""
+    if Path(dst).exists():  # before reading: a long read should not end in this
+        raise UserError(f"{dst}: already exists; choose a new output folder (nothing is overwritten)")
+    records = read_records(src, src_fmt, **(read_options or {}))
+    write_records(records, dst, dst_fmt, **(write_options or {}))
+    return records
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """A seeded random train/validation split by image, at least one image on each side."""
     if len(records) < 2:
-        raise UserError(f"{records[0].image_path.parents[2]}: need at least 2 images to split, found 1")
+        where = f"{records[0].source}: " if records and records[0].source else ""
+        raise UserError(f"{where}need at least 2 images to split, found {len(records)}")
     order = list(records)
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
@@ -40,17 +140,6 @@ def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, 
 
 def _key(record: ImageRecord) -> str:
     return record.image_id
-
-
-def augmentation(preset: str, seed: int) -> A.Compose | None:
-    """Augmentation presets by name; geometric ones move image and masks together."""
-    presets = {
-        "none": [],
-        "flips": [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)],
-    }
-    if preset not in presets:
-        raise UserError(f"augment: unknown preset '{preset}'; valid: {', '.join(presets)}")
-    return A.Compose(presets[preset], seed=seed) if presets[preset] else None
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -64,14 +153,32 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
 
 
+def instance_masks(record: ImageRecord, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(masks NxHxW bool, labels N int64) of the record's trainable instances: crowd regions and empty
+    masks are left out, as torchvision's COCO reference does."""
+    if record.mask_paths:  # one class; read the PNGs directly rather than through RLE
+        masks = load_masks(record, shape)
+        return masks, np.ones(len(masks), dtype=np.int64)
+    kept = [(rle, inst) for rle, inst in record_rles(record, *shape) if not inst.iscrowd]
+    kept = [(rle, inst) for rle, inst in kept if mask_utils.area(rle)]
+    if not kept:
+        return np.zeros((0, *shape), dtype=bool), np.zeros(0, dtype=np.int64)
+    try:
+        masks = mask_utils.decode([rle for rle, _ in kept]).transpose(2, 0, 1).astype(bool)
+    except ValueError as e:  # a compressed RLE whose runs do not add up to the image
+        raise UserError(f"{record.source}: image '{record.image_id}': invalid RLE mask ({e})") from e
+    return masks, np.array([inst.category_id for _, inst in kept], dtype=np.int64)
+
+
 class InstanceDataset(torch.utils.data.Dataset):
     """(image CxHxW float in [0, 1], target {boxes, labels, masks, image_id}) as torchvision detection
-    models expect. `image_id` is the record's position + 1, the id used by `coco_ground_truth`."""
+    models expect; labels are the instances' category ids (1..K, `.categories`). `image_id` is the
+    record's position + 1, the id used by `coco_ground_truth`."""
 
     def __init__(self, records: list[ImageRecord], transform: A.Compose | None = None):
         self.records = records
         self.transform = transform
-        self.categories = CATEGORIES
+        self.categories = records[0].categories if records else CATEGORIES
 
     def __len__(self) -> int:
         return len(self.records)
@@ -79,16 +186,12 @@ class InstanceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         image = load_image(record.image_path)
-        masks = load_masks(record, image.shape[:2])
-        if self.transform is not None and len(masks):
-            out = self.transform(image=image, masks=list(masks))
-            image, masks = out["image"], np.stack(out["masks"])
-            masks = masks[masks.any(axis=(1, 2))]
-        elif self.transform is not None:
-            image = self.transform(image=image)["image"]
+        masks, labels = instance_masks(record, image.shape[:2])
+        image, masks, kept = apply_transform(self.transform, image, masks)
+        labels = labels[kept]  # instances moved out of the image by a crop or rotation are gone
         target = {
             "boxes": torch.from_numpy(masks_to_boxes(masks)),
-            "labels": torch.ones(len(masks), dtype=torch.int64),
+            "labels": torch.from_numpy(labels),
             "masks": torch.from_numpy(masks.astype(np.uint8)),
             "image_id": index + 1,
         }
@@ -109,28 +212,27 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
 
 
 def coco_ground_truth(dataset: InstanceDataset) -> COCO:
-    """A pycocotools COCO object for the dataset's records (no augmentation), image ids as in __getitem__."""
+    """A pycocotools COCO object for the dataset's records (no augmentation), image ids as in __getitem__.
+    Crowd regions stay in, flagged, so that COCOeval ignores detections matching them."""
     images, annotations = [], []
     for index, record in enumerate(dataset.records):
-        image = load_image(record.image_path)
-        height, width = image.shape[:2]
+        height, width = image_size(record.image_path)
         images.append(
             {"id": index + 1, "file_name": str(record.image_path), "height": height, "width": width}
         )
-        masks = load_masks(record, (height, width))
-        if not len(masks):
-            continue
-        rles = encode_masks(masks)
-        for rle, area, box in zip(rles, mask_utils.area(rles), mask_utils.toBbox(rles), strict=True):
+        for rle, instance in record_rles(record, height, width):
+            area = float(mask_utils.area(rle))
+            if not area:
+                continue
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": index + 1,
-                    "category_id": 1,
-                    "segmentation": rle,
-                    "area": float(area),
-                    "bbox": [float(v) for v in box],
-                    "iscrowd": 0,
+                    "category_id": instance.category_id,
+                    "segmentation": rle_to_json(rle),
+                    "area": area,
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": instance.iscrowd,
                 }
             )
     coco = COCO()

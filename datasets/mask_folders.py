@@ -1,26 +1,30 @@
-"""Instance-mask folders, the 2018 Data Science Bowl layout.
+"""Instance-mask folders, the 2018 Data Science Bowl layout (one class, "nucleus").
 
 <root>/<ImageId>/images/<ImageId>.png   the image (RGBA with a constant alpha, grey or RGB)
 <root>/<ImageId>/masks/<k>.png          one binary mask per instance; masks may overlap
 """
 
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from datasets.errors import UserError
+from datasets.records import (
+    ImageRecord,
+    dataset_categories,
+    image_size,
+    load_image,
+    open_image,
+    record_rles,
+)
+
+__all__ = ["CATEGORIES", "LAYOUT", "ImageRecord", "load_image", "load_masks", "read_mask_folders"]
 
 LAYOUT = "mask-folders layout: <id>/images/<id>.png and <id>/masks/*.png"
 CATEGORIES = ({"id": 1, "name": "nucleus"},)
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    image_id: str
-    image_path: Path
-    mask_paths: tuple[Path, ...]
 
 
 def read_mask_folders(root: str | Path) -> list[ImageRecord]:
@@ -35,49 +39,51 @@ def read_mask_folders(root: str | Path) -> list[ImageRecord]:
             raise UserError(f"{image_path}: image not found (expected the {LAYOUT})")
         mask_dir = folder / "masks"
         masks = tuple(sorted(mask_dir.glob("*.png"))) if mask_dir.is_dir() else ()
-        records.append(ImageRecord(folder.name, image_path, masks))
+        records.append(ImageRecord(folder.name, image_path, masks, categories=CATEGORIES, source=root))
     if not records:
         raise UserError(f"{root}: empty dataset, no image folders found (expected the {LAYOUT})")
     return records
 
 
-def _open(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im)
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from e
-
-
-def load_image(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB: alpha dropped, grey replicated, 16-bit grey scaled by its own range."""
-    arr = _open(path)
-    if arr.dtype != np.uint8:
-        arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = ((arr - lo) / max(hi - lo, 1e-6) * 255).round().astype(np.uint8)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.shape[2] in (2, 4):  # LA or RGBA: the alpha channel carries no signal
-        arr = arr[..., :-1]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr)
+def load_mask_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """HxW bool; a mask whose size is not the image's is an error naming both sizes."""
+    mask = open_image(path)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.shape != tuple(shape):
+        raise UserError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {shape[1]}x{shape[0]}"
+        )
+    return mask > 0
 
 
 def load_masks(record: ImageRecord, shape: tuple[int, int]) -> np.ndarray:
     """NxHxW bool, one plane per non-empty mask file (empty masks carry no instance)."""
-    planes = []
-    for path in record.mask_paths:
-        mask = _open(path)
-        if mask.ndim == 3:
-            mask = mask[..., 0]
-        if mask.shape != shape:
-            raise UserError(
-                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} pixels "
-                f"but its image is {shape[1]}x{shape[0]}"
-            )
-        if mask.any():
-            planes.append(mask > 0)
+    planes = [m for m in (load_mask_file(p, shape) for p in record.mask_paths) if m.any()]
     return np.stack(planes) if planes else np.zeros((0, *shape), dtype=bool)
+
+
+def write_mask_folders(records: list[ImageRecord], dst: Path) -> None:
+    """Write the layout under `dst`. It holds one class and no crowd flag: several classes are an error,
+    crowd regions become ordinary masks, empty masks are left out."""
+    categories = dataset_categories(records)
+    if len(categories) > 1:
+        names = ", ".join(c["name"] for c in categories)
+        raise UserError(
+            f"{records[0].source}: mask-folders holds one class but the dataset has {len(categories)} "
+            f"({names}); convert to coco, via or rle-csv instead"
+        )
+    for record in records:
+        folder = dst / record.image_id
+        (folder / "images").mkdir(parents=True)
+        (folder / "masks").mkdir()
+        image_path = folder / "images" / f"{record.image_id}.png"
+        if record.image_path.suffix.lower() == ".png":
+            shutil.copyfile(record.image_path, image_path)
+        else:
+            Image.fromarray(open_image(record.image_path)).save(image_path)
+        height, width = image_size(record.image_path)
+        for k, (rle, _) in enumerate(record_rles(record, height, width)):
+            mask = mask_utils.decode(rle)
+            if mask.any():
+                Image.fromarray(mask * np.uint8(255)).save(folder / "masks" / f"{k:04d}.png")

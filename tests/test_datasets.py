@@ -3,10 +3,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from datasets.augment import augmentation
 from datasets.errors import UserError
 from datasets.instances import (
     InstanceDataset,
-    augmentation,
     coco_ground_truth,
     masks_to_boxes,
     read_records,

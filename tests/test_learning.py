@@ -5,7 +5,8 @@ import json
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.instances import InstanceDataset, augmentation, collate, read_records
+from datasets.augment import augmentation
+from datasets.instances import InstanceDataset, collate, read_records
 from tests.helpers import SAMPLE
 from trainers.config import apply_overrides
 from trainers.engine import train_one_epoch

@@ -27,7 +27,9 @@ class MaskRCNNConfig:
     data: str = ""  # dataset root; "" = the bundled sample (datasets/sample/dsb2018). Absolute on workers.
     data_format: str = "mask-folders"  # annotation format of `data`
     val_fraction: float = 0.25  # fraction of images held out for evaluation (seeded split by image)
-    augment: str = "flips"  # augmentation preset: none | flips
+    augment: str = (
+        "flips"  # augmentation preset (datasets/augment.py): none flips foram dsb2018 sartorius ...
+    )
     # --- model ---
     backbone: str = "resnet50_fpn"  # resnet18_fpn | resnet34_fpn | resnet50_fpn | resnet50_fpn_v2
     weights: str = ""  # whole-model weights: "" random init, "DEFAULT" torchvision COCO, or a state_dict path
@@ -65,6 +67,9 @@ class MaskRCNNConfig:
     loader_workers: int = 0  # DataLoader worker processes per training worker
 
     def validate(self) -> None:
+        from datasets.augment import PRESETS
+
+        _one_of("augment", self.augment, tuple(PRESETS))
         _one_of("backbone", self.backbone, BACKBONES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("norm", self.norm, NORMS)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from datasets.augment import augmentation, seed_worker
 from datasets.instances import (
     SAMPLE_DATA,
     InstanceDataset,
-    augmentation,
     coco_ground_truth,
     collate,
     read_records,
@@ -68,6 +68,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
             shuffle=True,
             collate_fn=collate,
             num_workers=cfg.loader_workers,
+            worker_init_fn=seed_worker,  # a distinct augmentation stream per loader worker and epoch
             generator=torch.Generator().manual_seed(cfg.seed),
         )
     )
