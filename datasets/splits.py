@@ -184,3 +184,16 @@ def apply_split(
             f"{path}: {len(missing)} image id(s) not in the dataset, e.g. {', '.join(missing[:3])}"
         )
     return {name: [by_id[i] for i in ids] for name, ids in split.items()}
+
+
+def train_val_split(
+    records: Sequence, val_fraction: float, seed: int, split_file: str = ""
+) -> tuple[list, list]:
+    """The trainer's split: the "train" and "val" images of `split_file` (written by
+    `python -m platform.data split`) when given, else a seeded random split by image."""
+    if split_file:
+        groups = apply_split(records, read_split(split_file), split_file)
+        return groups["train"], groups["val"]
+    from datasets.instances import split_records
+
+    return split_records(list(records), val_fraction, seed)

@@ -9,6 +9,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from platform import _cli
 
@@ -21,11 +22,57 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=3, help="epochs per side; the first is warm-up")
     train.add_argument("--data", help="dataset folder (default: the bundled sample)")
     train.add_argument("overrides", nargs="*", metavar="key=value")
+    data = sub.add_parser("data", help="loader images/s (heaviest preset) vs Mask R-CNN images/s; slices/s")
+    data.add_argument("--recipe", default="dsb2018_demo", help="model whose step rate the loader must beat")
+    data.add_argument("--preset", default="sartorius", help="augmentation preset (sartorius is the heaviest)")
+    data.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--steps", type=int, default=6, help="training steps timed for the model rate")
+    data.add_argument("--volumes", help="NIfTI source for slices/s (default: ../shared/data/adrenal3d)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return {"train": bench_train, "data": bench_data}[args.which](args)
+
+
+def bench_data(args) -> int:
+    """The loader must not be the bottleneck: >= 3x the model's consumption on the same cores."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from datasets.augment import loader_benchmark
+    from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
+    from trainers.engine import train_one_epoch
+    from trainers.loop import build_optimizer
+    from trainers.maskrcnn import build_model
+    from trainers.recipes import get_recipe
+
+    loader = loader_benchmark(preset=args.preset, passes=2, num_workers=args.loader_workers)
+    cfg = get_recipe(args.recipe)
+    records = read_records(SAMPLE_DATA)[: args.steps * cfg.batch_size]
+    batches = DataLoader(InstanceDataset(records), batch_size=cfg.batch_size, collate_fn=collate)
+    model = build_model(cfg, num_classes=1)
+    train_one_epoch(model, build_optimizer(cfg, model), [next(iter(batches))], "cpu")  # warm-up
+    model_rate = train_one_epoch(model, build_optimizer(cfg, model), batches, "cpu")["images_per_s"]
+    ratio = loader["images_per_s"] / model_rate
+    print(f"\n{torch.get_num_threads()} CPU threads; bundled sample ({len(records)} images for the model)")
+    data_side = f"data loader ({args.preset} preset, {args.loader_workers} workers)"
+    print(f"{data_side:45s} {loader['images_per_s']:8.2f} images/s")
+    print(f"{f'Mask R-CNN training ({args.recipe})':45s} {model_rate:8.2f} images/s")
+    print(f"loader / model: {ratio:.1f}x  (goal >= 3x)")
+    volumes = Path(args.volumes) if args.volumes else _cli.REPO.parent / "shared" / "data" / "adrenal3d"
+    if volumes.exists():
+        from datasets.volumes import measure_slices_per_s, read_volumes
+
+        rate = measure_slices_per_s(read_volumes(volumes), axes=(0, 1, 2), size=224, max_volumes=50)
+        print(f"volume slicing ({volumes.name}, 50 volumes, all axes, 224 px): {rate:8.0f} slices/s examined")
+    else:
+        print(f"volume slicing: skipped ({volumes} not found; pass --volumes)")
+    return 0
+
+
+def bench_train(args) -> int:
     from trainers.config import apply_overrides, parse_overrides
     from trainers.recipes import get_recipe
 

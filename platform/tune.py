@@ -128,12 +128,18 @@ def _base_config(args):
         if not data.exists():
             raise UserError(f"--data: {args.data} not found")
         overrides["data"] = str(data)
+    if overrides.get("split_file"):
+        overrides["split_file"] = str(Path(overrides["split_file"]).expanduser().resolve())
     if args.max_epochs is not None:
         overrides["epochs"] = args.max_epochs
     cfg = apply_overrides(cfg, overrides)
-    from datasets.instances import SAMPLE_DATA, read_records, split_records
+    from datasets.instances import SAMPLE_DATA, read_records
+    from datasets.splits import train_val_split
 
-    split_records(read_records(cfg.data or SAMPLE_DATA, cfg.data_format), cfg.val_fraction, cfg.seed)
+    # Data errors surface here, as one line, rather than inside every trial.
+    train_val_split(
+        read_records(cfg.data or SAMPLE_DATA, cfg.data_format), cfg.val_fraction, cfg.seed, cfg.split_file
+    )
     experiment = args.experiment or Path(args.recipe).stem
     return cfg, experiment
 

@@ -164,3 +164,20 @@ def test_missing_split_file_and_unknown_ids(tmp_path):
         read_split(tmp_path / "nope.json")
     with pytest.raises(UserError, match="1 image id"):
         apply_split([SimpleNamespace(image_id="a")], {"train": ["a"], "val": ["zz"]})
+
+
+def test_trainer_reads_a_split_file(tmp_path):
+    from datasets.instances import read_records
+    from datasets.splits import train_val_split
+    from tests.helpers import SAMPLE
+
+    records = read_records(SAMPLE)
+    ids = [r.image_id for r in records]
+    path = write_split(tmp_path / "s.json", {"train": ids[:20], "val": ids[20:]})
+    train, val = train_val_split(records, 0.5, 0, str(path))
+    assert [r.image_id for r in train] == ids[:20] and [r.image_id for r in val] == ids[20:]
+    train, val = train_val_split(records, 0.25, 0)  # no file: the seeded random split
+    assert len(val) == 6 and len(train) == 18
+    write_split(tmp_path / "bad.json", {"train": ["nope"], "val": ids[:1]})
+    with pytest.raises(UserError, match="bad.json: 1 image id"):
+        train_val_split(records, 0.25, 0, str(tmp_path / "bad.json"))

@@ -27,6 +27,7 @@ class MaskRCNNConfig:
     data: str = ""  # dataset root; "" = the bundled sample (datasets/sample/dsb2018). Absolute on workers.
     data_format: str = "mask-folders"  # annotation format of `data`
     val_fraction: float = 0.25  # fraction of images held out for evaluation (seeded split by image)
+    split_file: str = ""  # a split JSON from `platform.data split` ({"train": [ids], "val": [ids]}) instead
     augment: str = (
         "flips"  # augmentation preset (datasets/augment.py): none flips foram dsb2018 sartorius ...
     )

@@ -17,8 +17,8 @@ from datasets.instances import (
     coco_ground_truth,
     collate,
     read_records,
-    split_records,
 )
+from datasets.splits import train_val_split
 from trainers.config import MaskRCNNConfig, from_dict, to_dict, write_json
 from trainers.engine import evaluate, train_one_epoch
 from trainers.maskrcnn import build_model
@@ -59,7 +59,7 @@ def seed_everything(seed: int) -> None:
 def run_training(cfg: MaskRCNNConfig, seam) -> None:
     """Train `cfg.epochs` epochs; each epoch rank 0 evaluates and checkpoints, and all ranks report."""
     records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
-    train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
+    train_records, val_records = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
     train_set = InstanceDataset(train_records, augmentation(cfg.augment, cfg.seed + seam.rank))
     loader = seam.prepare_loader(
         DataLoader(
