@@ -27,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
     p.add_argument("--recipe", default="dsb2018_demo", help="base config: a recipe name or a YAML file")
     p.add_argument("--data", help="dataset folder (default: the bundled DSB2018 sample)")
-    p.add_argument(
-        "--num-samples", type=int, default=4, help="number of trials (4 keeps the CPU demo under 15 min)"
-    )
+    p.add_argument("--num-samples", type=int, default=4, help="trials (4 keep the CPU demo near 10 min)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial (default: the recipe's)")
     p.add_argument("--metric", default="segm_AP", help="metric to optimise (reported every epoch)")
     p.add_argument("--mode", default="max", choices=("max", "min"))
