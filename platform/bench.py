@@ -44,7 +44,7 @@ def bench_data(args) -> int:
     from datasets.augment import loader_benchmark
     from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
     from trainers.engine import train_one_epoch
-    from trainers.loop import build_optimizer
+    from trainers.loop import build_optimizer, build_scheduler
     from trainers.maskrcnn import build_model
     from trainers.recipes import get_recipe
 
@@ -53,8 +53,11 @@ def bench_data(args) -> int:
     records = read_records(SAMPLE_DATA)[: args.steps * cfg.batch_size]
     batches = DataLoader(InstanceDataset(records), batch_size=cfg.batch_size, collate_fn=collate)
     model = build_model(cfg, num_classes=1)
-    train_one_epoch(model, build_optimizer(cfg, model), [next(iter(batches))], "cpu")  # warm-up
-    model_rate = train_one_epoch(model, build_optimizer(cfg, model), batches, "cpu")["images_per_s"]
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(batches))  # warm-up keeps it finite
+    steps = dict(scheduler=scheduler, grad_clip=cfg.grad_clip)
+    train_one_epoch(model, optimizer, [next(iter(batches))], "cpu", **steps)  # first step: allocations
+    model_rate = train_one_epoch(model, optimizer, batches, "cpu", **steps)["images_per_s"]
     ratio = loader["images_per_s"] / model_rate
     print(f"\n{torch.get_num_threads()} CPU threads; bundled sample ({len(records)} images for the model)")
     data_side = f"data loader ({args.preset} preset, {args.loader_workers} workers)"
