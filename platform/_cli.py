@@ -59,3 +59,38 @@ def browse_hint(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         return f"mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)"
     return f"open {uri} in a browser"
+
+
+def storage_path(value: str | None) -> str:
+    """--storage-path: a local folder made absolute (workers run elsewhere), or a URI such as s3://..."""
+    if not value:
+        return str(LOCAL_RESULTS)
+    return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
+def base_config(recipe: str, data: str | None, overrides: list[str], max_epochs: int | None = None):
+    """Recipe < --data/--max-epochs < key=value overrides, with every path made absolute on the driver
+    (workers run in another folder); the data is read once here so that its errors are one line."""
+    from datasets.instances import SAMPLE_DATA, read_records
+    from datasets.splits import train_val_split
+    from trainers.config import apply_overrides, parse_overrides
+    from trainers.recipes import get_recipe
+
+    cfg = get_recipe(recipe)
+    values = parse_overrides(overrides)
+    if data:
+        folder = Path(data).expanduser().resolve()
+        if not folder.exists():
+            raise UserError(f"--data: {data} not found")
+        values["data"] = str(folder)
+    for key in ("split_file", "weights"):
+        value = values.get(key)
+        if value and value != "DEFAULT" and os.path.exists(os.path.expanduser(value)):
+            values[key] = str(Path(value).expanduser().resolve())
+    if max_epochs is not None:
+        values["epochs"] = max_epochs
+    cfg = apply_overrides(cfg, values)
+    train_val_split(
+        read_records(cfg.data or SAMPLE_DATA, cfg.data_format), cfg.val_fraction, cfg.seed, cfg.split_file
+    )
+    return cfg

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.space:
         raise UserError(f"--space is required; valid: {', '.join(sorted(SPACES))}")
     space = get_space(args.space)
-    cfg, experiment = _base_config(args)
+    cfg = _cli.base_config(args.recipe, args.data, args.overrides, args.max_epochs)
+    experiment = args.experiment or Path(args.recipe).stem
     for flag in ("num_samples", "workers_per_trial", "concurrent_trials"):
         if getattr(args, flag) < 1:
             raise UserError(
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment=experiment,
         model_name=args.register_as or experiment,
         tracking_uri=_cli.tracking_uri(args.tracking_uri),
-        storage_path=_storage_path(args.storage_path),
+        storage_path=_cli.storage_path(args.storage_path),
         address=args.address,
         repo=str(_cli.REPO),
     )
@@ -109,39 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"browse: {_cli.browse_hint(settings.tracking_uri)}")
     print(f"wall time: {time.time() - started:.0f} s")
     return 0
-
-
-def _storage_path(value: str | None) -> str:
-    if not value:
-        return str(_cli.LOCAL_RESULTS)
-    return value if "://" in value else str(Path(value).expanduser().resolve())
-
-
-def _base_config(args):
-    from trainers.config import apply_overrides, parse_overrides
-    from trainers.recipes import get_recipe
-
-    cfg = get_recipe(args.recipe)
-    overrides = parse_overrides(args.overrides)
-    if args.data:
-        data = Path(args.data).expanduser().resolve()  # workers run elsewhere: paths must be absolute
-        if not data.exists():
-            raise UserError(f"--data: {args.data} not found")
-        overrides["data"] = str(data)
-    if overrides.get("split_file"):
-        overrides["split_file"] = str(Path(overrides["split_file"]).expanduser().resolve())
-    if args.max_epochs is not None:
-        overrides["epochs"] = args.max_epochs
-    cfg = apply_overrides(cfg, overrides)
-    from datasets.instances import SAMPLE_DATA, read_records
-    from datasets.splits import train_val_split
-
-    # Data errors surface here, as one line, rather than inside every trial.
-    train_val_split(
-        read_records(cfg.data or SAMPLE_DATA, cfg.data_format), cfg.val_fraction, cfg.seed, cfg.split_file
-    )
-    experiment = args.experiment or Path(args.recipe).stem
-    return cfg, experiment
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ C = TypeVar("C")
 
 BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-NORMS = ("frozen_bn", "bn", "group")
+NORMS = ("frozen_bn", "bn", "sync_bn", "group")
+AMP_MODES = ("off", "bf16", "fp16")
 
 
 @dataclass
@@ -36,7 +37,8 @@ class MaskRCNNConfig:
     weights: str = ""  # whole-model weights: "" random init, "DEFAULT" torchvision COCO, or a state_dict path
     weights_backbone: str = ""  # backbone weights: "" random init, "DEFAULT" torchvision ImageNet, or a path
     trainable_backbone_layers: int = 3  # ResNet stages trained, counted from the top (0-5)
-    norm: str = "frozen_bn"  # backbone normalisation: frozen_bn (pretrained) | bn | group (from scratch)
+    norm: str = "frozen_bn"  # backbone normalisation: frozen_bn (pretrained) | bn | sync_bn | group
+    # (sync_bn = BatchNorm whose statistics are computed over all DDP workers' images: small per-GPU batches)
     min_size: int = 800  # shorter image side after resizing, pixels
     max_size: int = 1333  # cap on the longer side after resizing, pixels
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # anchor side per FPN level (5 levels), pixels
@@ -55,15 +57,29 @@ class MaskRCNNConfig:
     box_detections_per_img: int = 100  # maximum detections per image at inference
     # --- optimisation ---
     optimizer: str = "sgd"  # sgd (momentum) | adam | adamw
-    lr: float = 0.02  # learning rate per step (global batch as configured; no automatic scaling yet)
+    lr: float = 0.02  # base learning rate per optimizer step (before lr_reference_batch scaling)
+    lr_reference_batch: int = 0  # 0 = use lr as given; else linear scaling rule (Goyal et al. 2017):
+    # lr * global_batch / lr_reference_batch, global_batch = batch_size * workers * accumulate_steps images
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 / decoupled weight decay
     lr_steps: tuple[int, ...] = ()  # epochs at which the learning rate is multiplied by lr_gamma
-    lr_gamma: float = 0.1  # factor applied at each of lr_steps
-    warmup_iters: int = 0  # linear warm-up from lr/1000 over this many steps
+    lr_step_iters: tuple[int, ...] = ()  # optimizer steps at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1  # factor applied at each of lr_steps and lr_step_iters
+    lr_decay_every: int = 0  # 0 = off; else multiply the lr by lr_decay_factor every this many steps ...
+    lr_decay_start: int = 0  # ... the first time at this optimizer step (0-based)
+    lr_decay_factor: float = 1.0  # multiplier applied every lr_decay_every steps (e.g. 0.8)
+    cosine_period_epochs: float = 0.0  # 0 = off; else cosine annealing with warm restarts, period in epochs
+    cosine_period_mult: int = 1  # each cosine period is this many times longer than the previous one
+    lr_min: float = 0.0  # lr at the bottom of each cosine period (same unit as lr, scaled along with it)
+    warmup_iters: int = 0  # linear warm-up from lr/1000 over this many optimizer steps
+    phases: tuple[str, ...] = ()  # "EPOCH:TRAINABLE_LAYERS[:LR_FACTOR]": from 0-based EPOCH train the top
+    # TRAINABLE_LAYERS ResNet stages (0-5, as trainable_backbone_layers, which holds before the first phase)
+    # with the lr multiplied by LR_FACTOR (default 1); e.g. "25:0" freezes the backbone from epoch 25 on
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
     epochs: int = 12  # training epochs (a Tune search may stop a trial earlier)
-    batch_size: int = 2  # images per worker per step
+    batch_size: int = 2  # images per worker per forward/backward pass
+    accumulate_steps: int = 1  # batches whose gradients are summed (averaged) before one optimizer step
+    amp: str = "off"  # mixed precision on GPU: off | bf16 | fp16 (fp16 adds a GradScaler); CPU: off only
     seed: int = 0  # seeds the split, the weights' init, augmentation and data order
     loader_workers: int = 0  # DataLoader worker processes per training worker
 
@@ -98,6 +114,39 @@ class MaskRCNNConfig:
                 raise UserError(f"{key}: expected a positive integer, got {getattr(self, key)}")
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise UserError(f"trainable_backbone_layers: expected 0-5, got {self.trainable_backbone_layers}")
+        _one_of("amp", self.amp, AMP_MODES)
+        for key in ("accumulate_steps", "cosine_period_mult"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}: expected a positive integer, got {getattr(self, key)}")
+        for key in ("lr_reference_batch", "lr_decay_every", "lr_decay_start", "warmup_iters"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key}: expected 0 or a positive integer, got {getattr(self, key)}")
+        if self.cosine_period_epochs < 0:
+            raise UserError("cosine_period_epochs: expected 0 (off) or a positive number of epochs")
+        if self.cosine_period_epochs > 0 and not 0 <= self.lr_min < self.lr:
+            raise UserError(f"lr_min: expected a value in [0, lr={self.lr}), got {self.lr_min}")
+        self._validate_phases()
+
+    def _validate_phases(self) -> None:
+        from trainers.schedules import parse_phase
+
+        starts = []
+        for entry in self.phases:
+            try:
+                start, layers, factor = parse_phase(entry)
+            except ValueError:
+                raise UserError(
+                    f"phases: '{entry}' is not EPOCH:TRAINABLE_LAYERS[:LR_FACTOR], e.g. 25:0 or 80:5:0.1"
+                ) from None
+            if start < 0:  # a phase after the last epoch is allowed: a shortened run never reaches it
+                raise UserError(f"phases: '{entry}' starts at a negative epoch")
+            if not 0 <= layers <= 5:
+                raise UserError(f"phases: '{entry}' trains {layers} backbone stages; expected 0-5")
+            if factor <= 0:
+                raise UserError(f"phases: '{entry}' has lr factor {factor}; expected a positive number")
+            if start in starts:
+                raise UserError(f"phases: two phases start at epoch {start}")
+            starts.append(start)
 
 
 def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:

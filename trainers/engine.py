@@ -1,5 +1,6 @@
 """Train and evaluate steps as plain functions (after torchvision's references/detection/engine.py)."""
 
+import contextlib
 import math
 import time
 
@@ -15,43 +16,67 @@ HEADLINE = ("AP", "AP50", "AP75", "AR100")
 
 
 def train_one_epoch(
-    model, optimizer, loader, device, *, scheduler=None, grad_clip=0.0, log_every=0, log=print
+    model,
+    optimizer,
+    loader,
+    device,
+    *,
+    scheduler=None,
+    grad_clip: float = 0.0,
+    accumulate_steps: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns the mean of each loss term, `loss`, `images` and `images_per_s`."""
+    """One pass over `loader`: one optimizer (and scheduler) step per `accumulate_steps` batches, and one
+    for a shorter last group; autocast to `amp_dtype` with an optional GradScaler (fp16). Returns the mean
+    of each loss term, `loss`, `images`, `images_per_s` and `optimizer_steps`."""
     model.train()
     sums: dict[str, float] = {}
-    steps = images = 0
+    batches = images = steps = 0
     start = time.perf_counter()
-    for images_batch, targets in loader:
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images_batch, targets) in enumerate(loader):
         images_batch = [img.to(device) for img in images_batch]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        losses = model(images_batch, targets)
-        loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {steps}: {_fmt(losses)}; lower lr or clip"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], grad_clip
-            )
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        last_of_group = (i + 1) % accumulate_steps == 0 or i + 1 == len(loader)
+        # Under DDP only the last batch of a group all-reduces its gradients; the others just accumulate.
+        sync = contextlib.nullcontext() if last_of_group or not ddp else model.no_sync()
+        with sync:
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                losses = model(images_batch, targets)
+                loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at batch {batches}: {_fmt(losses)}; lower lr or clip"
+                )
+            # Divided by the group size, N accumulated batches give the mean gradient of one N-fold batch.
+            scaled = loss / accumulate_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if last_of_group:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            steps += 1
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.item()
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
-        steps += 1
+        batches += 1
         images += len(images_batch)
-        if log_every and steps % log_every == 0:
-            rate = images / (time.perf_counter() - start)
-            eta = (len(loader) - steps) * (time.perf_counter() - start) / steps
-            log(f"step {steps}/{len(loader)} loss {loss.item():.3f} {rate:.2f} img/s eta {eta:.0f}s")
-    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out = {k: v / max(batches, 1) for k, v in sums.items()}
     out["images"] = images
     out["images_per_s"] = images / max(time.perf_counter() - start, 1e-9)
+    out["optimizer_steps"] = steps
     return out
 
 

@@ -2,8 +2,10 @@
 
 import json
 import logging
+import math
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datasets.augment import augmentation, seed_worker
+from datasets.errors import UserError
 from datasets.instances import (
     SAMPLE_DATA,
     InstanceDataset,
@@ -22,32 +25,54 @@ from datasets.splits import train_val_split
 from trainers.config import MaskRCNNConfig, from_dict, to_dict, write_json
 from trainers.engine import evaluate, train_one_epoch
 from trainers.maskrcnn import build_model
+from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
 
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(cfg: MaskRCNNConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def scaled_lr(cfg: MaskRCNNConfig, world_size: int = 1) -> float:
+    """`cfg.lr`, or with lr_reference_batch > 0 the linear scaling rule (Goyal et al. 2017): the lr grows in
+    proportion to the images per optimizer step, so recipes keep their meaning on more workers."""
+    if cfg.lr_reference_batch <= 0:
+        return cfg.lr
+    global_batch = cfg.batch_size * world_size * cfg.accumulate_steps
+    return cfg.lr * global_batch / cfg.lr_reference_batch
+
+
+def build_optimizer(
+    cfg: MaskRCNNConfig, model: torch.nn.Module, world_size: int = 1
+) -> torch.optim.Optimizer:
+    """Over the parameters that require grad now (run_training first unfreezes every phase's union)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = scaled_lr(cfg, world_size)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(
     cfg: MaskRCNNConfig, optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped per iteration: linear warm-up over `warmup_iters`, x`lr_gamma` at each epoch in `lr_steps`."""
-
-    def factor(step: int) -> float:
-        warm = 1.0
-        if step < cfg.warmup_iters:
-            warm = 1e-3 + (1 - 1e-3) * step / cfg.warmup_iters
-        decays = sum(step >= e * steps_per_epoch for e in cfg.lr_steps)
-        return warm * cfg.lr_gamma**decays
-
+    """Stepped once per optimizer step; the factor is trainers/schedules.py's lr_factor."""
+    factor = partial(lr_factor, cfg, steps_per_epoch=steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_steps_per_epoch(batches: int, accumulate_steps: int) -> int:
+    # A short last group still steps (engine.train_one_epoch).
+    return math.ceil(batches / accumulate_steps)
+
+
+def autocast_dtype(cfg: MaskRCNNConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `cfg.amp`, or None; AMP is a GPU feature here (CPU autocast is not verified
+    with torchvision's detection ops), so asking for it on CPU is a UserError naming the field."""
+    if cfg.amp == "off":
+        return None
+    if torch.device(device).type != "cuda":
+        raise UserError(f"amp: '{cfg.amp}' needs a GPU (this worker runs on {device}); use amp=off on CPU")
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
 
 
 def seed_everything(seed: int) -> None:
@@ -73,10 +98,21 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
         )
     )
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = seam.prepare_model(build_model(cfg, num_classes=len(train_set.categories)))
-    bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(loader))
+    bare = build_model(cfg, num_classes=len(train_set.categories))
+    if cfg.norm == "sync_bn" and seam.world_size > 1:
+        if torch.device(seam.device).type != "cuda":  # torch's SyncBatchNorm runs on CUDA only
+            raise UserError("norm: sync_bn needs GPU workers; on CPU use norm=group (or bn on one worker)")
+        bare = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bare)  # BatchNorm statistics over all workers
+    bare = bare.to(seam.device)
+    # The optimizer holds every parameter any phase trains; frozen ones get no gradient (grad is None),
+    # which torch's optimizers skip, so a frozen stage keeps its weights and its momentum untouched.
+    set_trainable_layers(bare, max_trainable_layers(cfg))
+    optimizer = build_optimizer(cfg, bare, seam.world_size)
+    steps_per_epoch = optimizer_steps_per_epoch(len(loader), cfg.accumulate_steps)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    amp_dtype = autocast_dtype(cfg, seam.device)
+    # fp16 needs loss scaling against gradient underflow; bf16 has float32's exponent range and does not.
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     start_epoch = 0
     resume = seam.latest_checkpoint()
     if resume is not None:
@@ -84,20 +120,42 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
         state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
         log.info("resumed from %s at epoch %d", resume, start_epoch)
+    layers = phase_at(cfg, start_epoch)[0]
+    set_trainable_layers(bare, layers)
+    model = seam.prepare_model(bare)
     if seam.rank == 0:
         val_set = InstanceDataset(val_records)
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
         ground_truth = coco_ground_truth(val_set)
     seed_everything(cfg.seed + 1000 * seam.rank + start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
+        if phase_at(cfg, epoch)[0] != layers:
+            layers = phase_at(cfg, epoch)[0]
+            set_trainable_layers(bare, layers)
+            if seam.world_size > 1:
+                # DDP registers the parameters that require grad when it is built and all-reduces exactly
+                # those: a stage unfrozen later would train unsynchronised on each rank, and a stage frozen
+                # later would leave DDP waiting for gradients that never come. So wrap the model anew.
+                model = seam.prepare_model(bare)
+            log.info("epoch %d: %d backbone stages trainable", epoch, layers)
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         started = time.perf_counter()
         stats = train_one_epoch(
-            model, optimizer, loader, seam.device, scheduler=scheduler, grad_clip=cfg.grad_clip
+            model,
+            optimizer,
+            loader,
+            seam.device,
+            scheduler=scheduler,
+            grad_clip=cfg.grad_clip,
+            accumulate_steps=cfg.accumulate_steps,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
         )
         metrics = {f"train_{k}": v for k, v in stats.items()}
         metrics.update(
@@ -120,6 +178,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
                     {
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
                         "epoch": epoch + 1,
                     },
                 )
@@ -201,3 +260,26 @@ def tune_trial(config: dict, **trainer_kwargs) -> None:
 
     name = ray.tune.get_context().get_trial_name()
     make_trainer(config, name=name, callbacks=[TuneReportCallback()], **trainer_kwargs).fit()
+
+
+def mlflow_epoch_callback(tracking_uri: str, run_id: str):
+    """A Ray Train callback that logs every epoch's numeric metrics (rank 0's, which include the
+    evaluation) to the MLflow run `run_id`, with step = epoch. It runs in Ray Train's controller process,
+    so it talks to the tracking server by URI and run id, not through the driver's active run."""
+    import mlflow
+    from mlflow.entities import Metric
+    from ray.train import UserCallback
+
+    class MLflowEpochCallback(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            values = metrics[0]
+            step = int(values.get("epoch", 0))
+            now = int(time.time() * 1000)
+            batch = [
+                Metric(key, float(value), now, step)
+                for key, value in values.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            ]
+            mlflow.MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+    return MLflowEpochCallback()

@@ -19,7 +19,12 @@ from trainers.config import MaskRCNNConfig
 
 log = logging.getLogger(__name__)
 
-NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "group": partial(nn.GroupNorm, 32)}
+NORM_LAYERS = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "sync_bn": nn.BatchNorm2d,  # converted to SyncBatchNorm by run_training when there are several workers
+    "group": partial(nn.GroupNorm, 32),
+}
 # torchvision's own whole-model (COCO) and backbone (ImageNet) weights, used for weights="DEFAULT".
 COCO_WEIGHTS = {
     "resnet50_fpn": detection.MaskRCNN_ResNet50_FPN_Weights,

@@ -82,3 +82,20 @@ class LocalSeam:
         self.reports.append(metrics)
         if self.on_report:
             self.on_report(metrics)
+
+
+def init_ray(address: str | None, repo: str) -> None:
+    """Start a local Ray, or join the cluster at `address` shipping this checkout as the working_dir
+    (workers import trainers/ and datasets/ from it). The dashboard stays on: Train's placement-group
+    clean-up queries actor state through it, and without it a finished trial's resources were never freed."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        excludes = [".venv", ".git", ".mlflow", ".ray_results", "**/__pycache__"]
+        ray.init(address=address, runtime_env={"working_dir": repo, "excludes": excludes})
+    else:
+        ray.init(configure_logging=True, logging_level=logging.WARNING)

@@ -20,7 +20,7 @@ from datasets.errors import UserError
 from deploy.registry import log_detector, register
 from trainers.config import MaskRCNNConfig, to_dict
 from trainers.loop import tune_trial
-from trainers.ray_seam import CHECKPOINT_PATH_KEY
+from trainers.ray_seam import CHECKPOINT_PATH_KEY, init_ray
 
 log = logging.getLogger(__name__)
 TABLE_METRICS = ("bbox_AP", "segm_AP")
@@ -58,17 +58,6 @@ class SearchSummary:
     parent_run_id: str
 
 
-def _init_ray(settings: SearchSettings) -> None:
-    if ray.is_initialized():
-        return
-    if settings.address:
-        # On a cluster the checkout travels as the job's working_dir (workers import trainers/, datasets/).
-        excludes = [".venv", ".git", ".mlflow", ".ray_results", "**/__pycache__"]
-        ray.init(address=settings.address, runtime_env={"working_dir": settings.repo, "excludes": excludes})
-    else:
-        ray.init(configure_logging=True, logging_level=logging.WARNING)
-
-
 def _resources(settings: SearchSettings) -> dict:
     workers = settings.workers_per_trial
     use_gpu = settings.gpus_per_trial > 0
@@ -84,7 +73,7 @@ def _resources(settings: SearchSettings) -> dict:
 
 
 def run_search(cfg: MaskRCNNConfig, space: dict, settings: SearchSettings) -> SearchSummary:
-    _init_ray(settings)
+    init_ray(settings.address, settings.repo)
     experiment_id = mlflow.get_experiment_by_name(settings.experiment).experiment_id
     run_name = f"{settings.space_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Every config field is in the param space (constants pass through), so each trial's config, and so
