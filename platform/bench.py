@@ -131,8 +131,9 @@ def _ray(cfg, threads: int) -> dict:
 
     from trainers.config import to_dict
     from trainers.loop import make_trainer
+    from trainers.ray_seam import init_ray
 
-    ray.init(include_dashboard=True, num_cpus=threads)
+    init_ray(None, str(_cli.REPO))  # as platform.tune and platform.train start it
     with tempfile.TemporaryDirectory() as storage:
         started = time.perf_counter()
         trainer = make_trainer(
