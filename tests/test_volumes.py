@@ -103,7 +103,8 @@ def test_labels_csv_columns_detected():
     assert len(records) == 1286
     assert {r.label for r in records} == {"normal", "hyperplasia"}
     assert (
-        records[0].specimen == "train_0000" and records[0].path == ADRENAL / "volumes" / "train_0000.nii.gz"
+        records[0].specimen == "train_0000"
+        and records[0].path == (ADRENAL / "volumes" / "train_0000.nii.gz").resolve()
     )
     assert records[2].label == "hyperplasia"
     assert len({r.specimen for r in records}) == 1286  # one specimen per volume when there is no column
