@@ -205,10 +205,10 @@ def collate(batch):
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
     """NxHxW bool -> COCO RLEs with str counts (JSON-ready)."""
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
+    return [
+        rle_to_json(rle)
+        for rle in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    ]
 
 
 def coco_ground_truth(dataset: InstanceDataset) -> COCO:
