@@ -131,7 +131,9 @@ class TileDetections:
     boxes: np.ndarray  # N x 4 float (x1, y1, x2, y2)
     scores: np.ndarray  # N float
     labels: np.ndarray  # N int
-    masks: np.ndarray | None = None  # N x tile.height x tile.width bool (threshold soft masks first)
+    masks: np.ndarray | list[np.ndarray] | None = None  # N x tile.height x tile.width bool (threshold soft
+    # masks first), or N cropped bool patches placed at mask_origins (a tiled mosaic keeps only those)
+    mask_origins: np.ndarray | None = None  # N x 2 int (x, y) of each patch's top-left pixel in the tile
 
 
 @dataclass
@@ -229,7 +231,8 @@ def stitch_detections(
             labels.append(int(det.labels[i]))
             tile_of.append(t_index)
             if with_masks:
-                patch, ox, oy = _trim(np.asarray(det.masks[i], dtype=bool), det.tile.x, det.tile.y)
+                ox, oy = det.mask_origins[i] if det.mask_origins is not None else (0, 0)
+                patch, ox, oy = _trim(np.asarray(det.masks[i], dtype=bool), det.tile.x + ox, det.tile.y + oy)
                 patches.append(patch)
                 origins.append((ox, oy))
     n = len(scores)
