@@ -14,14 +14,14 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models.model import ModelInfo
 
-from trainers.loop import load_checkpoint_model
+from trainers.config import MaskRCNNConfig
+from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
 
 # Our predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; its advice
 # to add type hints would otherwise print on every log and load.
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT_FILES = ("model.pt", "config.json", "categories.json")  # what inference needs; no optimizer state
 
 
 class MaskRCNNPyfunc(mlflow.pyfunc.PythonModel):
@@ -47,6 +47,7 @@ class Detector:
 
     model: torch.nn.Module
     categories: list[dict]
+    config: MaskRCNNConfig  # what it was trained with (tile_size: tiled inference at native resolution)
     device: str
     uri: str
     name: str | None = None
@@ -91,7 +92,7 @@ def load_detector(uri: str) -> Detector:
             version = str(client.get_model_version_by_alias(name, ref).version)
         else:
             name, _, version = name.partition("/")
-    return Detector(wrapper.model, wrapper.categories, wrapper.device, uri, name, version)
+    return Detector(wrapper.model, wrapper.categories, wrapper.config, wrapper.device, uri, name, version)
 
 
 @torch.inference_mode()

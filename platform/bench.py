@@ -2,6 +2,9 @@
 
 python -m platform.bench train                      # Ray Train loop vs the same loop in a plain process
 python -m platform.bench train --epochs 4 backbone=resnet50_fpn
+python -m platform.bench data                       # loader vs model images/s, volume slices/s
+python -m platform.bench tiled --mosaic 7000        # tiled inference: s/MP, peak RSS, stitching overhead
+python -m platform.bench eval                       # pycocotools vs faster-coco-eval on dense images
 """
 
 import argparse
@@ -28,12 +31,40 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     data.add_argument("--steps", type=int, default=6, help="training steps timed for the model rate")
     data.add_argument("--volumes", help="NIfTI source for slices/s (default: ../shared/data/adrenal3d)")
+    tiled = sub.add_parser(
+        "tiled", help="tiled inference on a mosaic of the sample images (SAHI if installed)"
+    )
+    tiled.add_argument("--mosaic", type=int, default=7000, help="mosaic side, pixels")
+    tiled.add_argument("--tile-size", type=int, default=512)
+    tiled.add_argument("--overlap", type=int, default=64)
+    tiled.add_argument("--batch", type=int, default=4, help="tiles per forward call")
+    tiled.add_argument("--backbone", default="resnet18_fpn")
+    tiled.add_argument("--device", default="cpu")
+    evaluation = sub.add_parser("eval", help="COCO evaluator time on dense images: pycocotools vs faster")
+    evaluation.add_argument("--images", type=int, default=4, help="dense images (sample images tiled)")
+    evaluation.add_argument("--grid", type=int, default=3, help="each dense image is grid x grid samples")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": bench_train, "data": bench_data}[args.which](args)
+    return {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}[args.which](
+        args
+    )
+
+
+def bench_tiled(args) -> int:
+    from trainers.tiled import benchmark_tiled
+
+    benchmark_tiled(args.mosaic, args.tile_size, args.overlap, args.batch, args.backbone, device=args.device)
+    return 0
+
+
+def bench_eval(args) -> int:
+    from trainers.evaluation import benchmark_evaluators
+
+    benchmark_evaluators(images=args.images, grid=args.grid)
+    return 0
 
 
 def bench_data(args) -> int:

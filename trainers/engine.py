@@ -6,12 +6,10 @@ import time
 
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from datasets.instances import encode_masks, quiet_pycocotools
+from datasets.instances import encode_masks
+from trainers.evaluation import coco_report, kaggle_metrics
 
-# COCOeval.stats positions (params.maxDets = [1, 10, 100] unless changed).
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 HEADLINE = ("AP", "AP50", "AP75", "AR100")
 
 
@@ -119,28 +117,16 @@ def to_coco_results(
 
 
 def coco_metrics(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[str, float]:
-    """bbox_* and segm_* COCO metrics (AP, AP50, AP75, AR100, ...) for `results` against `gt`.
+    """bbox_* and segm_* COCO metrics (AP, AP50, AP75, AR100, per class, ...: trainers/evaluation.py's
+    coco_report) for `results` against `gt`, AP and AR at most `max_dets` detections per image."""
+    return coco_report(gt, results, max_dets)[0]
 
-    No detections at all scores 0 (pycocotools refuses an empty result list).
-    """
-    metrics = {}
-    for iou_type in ("bbox", "segm"):
-        if not results:
-            metrics.update({f"{iou_type}_{name}": 0.0 for name in STAT_NAMES})
-            continue
-        with quiet_pycocotools():
-            dt = gt.loadRes(results)
-            ev = COCOeval(gt, dt, iou_type)
-            ev.params.maxDets = [1, 10, max_dets]
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        # pycocotools writes -1 where a category has no ground truth in an area range
-        metrics.update(
-            {f"{iou_type}_{n}": float(max(s, 0.0)) for n, s in zip(STAT_NAMES, ev.stats, strict=True)}
-        )
-    return metrics
+
+def score_results(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[str, float]:
+    """COCO metrics and the Kaggle DSB2018/Sartorius metric (kaggle_mAP, matched_mask_IoU, at score 0.5) of
+    COCO result dicts from any inference path (whole images, tiles)."""
+    return {**coco_metrics(gt, results, max_dets), **kaggle_metrics(gt, results)}
 
 
 def evaluate(model, loader, device, gt: COCO, max_dets: int = 100) -> dict[str, float]:
-    return coco_metrics(gt, predict(model, loader, device), max_dets)
+    return score_results(gt, predict(model, loader, device), max_dets)

@@ -1,0 +1,266 @@
+"""Evaluate a trained Mask R-CNN on a dataset: COCO bbox/segm metrics (per class, per IoU threshold, at a
+chosen max detections, optionally without one class), the Kaggle DSB2018/Sartorius metric and the mean
+matched mask IoU, as a table; metrics and plots go to an MLflow run.
+
+    python -m platform.evaluate --model .ray_results/RUN/checkpoint_000009 --data datasets/sample/dsb2018
+    python -m platform.evaluate --model models:/demo@champion --data /data/dsb --predictions-out /tmp/r.json
+    python -m platform.evaluate --model runs:/RUN_ID/model --data /data/foram --data-format via \\
+        --split-file splits/foram.json --split val --max-dets 256 --exclude-class sediment
+
+--model is a checkpoint folder (model.pt, config.json, categories.json) or an MLflow model URI. With
+--predictions-out R.json the predictions are written as COCO results, and the ground truth they are
+scored against as R.gt.json beside them, so that any COCO tool can re-score them.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from datasets.errors import UserError
+from platform import _cli
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+OVERLAY_IMAGES = 4  # validation images drawn with their predictions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m platform.evaluate",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="checkpoint folder, or models:/NAME@alias, runs:/RUN_ID/model, ..."
+    )
+    p.add_argument("--data", required=True, help="dataset folder or annotation file")
+    p.add_argument("--data-format", help="coco, via, mask-folders or rle-csv (default: guessed from --data)")
+    p.add_argument("--split-file", help="split JSON (python -m platform.data split): evaluate one split")
+    p.add_argument("--split", default="val", help="the split of --split-file to evaluate (default val)")
+    p.add_argument(
+        "--max-dets",
+        type=int,
+        help="max detections per image, for the model and for COCO AP/AR (default: the model's own)",
+    )
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        help="tiled inference at native resolution with tiles of this many pixels; 0 = whole images "
+        "(default: the model's training mode, its tile_size)",
+    )
+    p.add_argument(
+        "--tile-overlap", type=int, help="pixels shared by neighbouring tiles (default: the model's)"
+    )
+    p.add_argument("--exclude-class", help="also report every metric without this class, e.g. sediment")
+    p.add_argument("--predictions-out", help="write COCO results JSON here (and the ground truth beside it)")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="predictions scoring below this are left out of the Kaggle metric and the overlays (0.5)",
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or .mlflow/ here)"
+    )
+    p.add_argument("--experiment", default="evaluate", help="MLflow experiment (default evaluate)")
+    p.add_argument("--no-mlflow", action="store_true", help="print only; log nothing to MLflow")
+    return p
+
+
+def load_model(value: str, device: str):
+    """(model, config, categories) from a checkpoint folder or an MLflow model URI; UserError naming what
+    failed."""
+    from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
+
+    path = Path(value).expanduser()
+    if path.is_dir() and not (path / "MLmodel").is_file():
+        for name in CHECKPOINT_FILES:
+            if not (path / name).is_file():
+                raise UserError(
+                    f"--model: {path / name} not found (a checkpoint folder holds model.pt, "
+                    "config.json and categories.json)"
+                )
+        return load_checkpoint_model(path, device)
+    if ":/" not in value and not path.is_dir():
+        raise UserError(
+            f"--model: {value} {'is a file' if path.exists() else 'not found'}; expected a checkpoint "
+            "folder (model.pt, config.json, categories.json) or an MLflow model URI (models:/NAME@alias, "
+            "runs:/RUN_ID/model)"
+        )
+    import mlflow
+
+    from deploy.registry import load_detector
+
+    try:
+        detector = load_detector(value)
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        raise UserError(f"--model: cannot load {value}: {str(e).splitlines()[0]}") from e
+    return detector.model, detector.config, detector.categories
+
+
+def category_map(model_categories, data_categories) -> dict[int, int]:
+    """The model's label ids -> the data's category ids, matched by class name."""
+    data_ids = {c["name"]: c["id"] for c in data_categories}
+    missing = [c["name"] for c in model_categories if c["name"] not in data_ids]
+    if missing:
+        raise UserError(
+            f"--data: the model predicts {', '.join(c['name'] for c in model_categories)} but the data has "
+            f"{', '.join(data_ids)} (no {', '.join(missing)})"
+        )
+    return {c["id"]: data_ids[c["name"]] for c in model_categories}
+
+
+def write_json(path: Path, data) -> None:
+    """Write atomically: a temporary file in the same folder renamed over `path` at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(data, f)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_data(args) -> list:
+    from datasets.instances import guess_format, read_records
+    from datasets.splits import apply_split, read_split
+
+    if not Path(args.data).exists():
+        raise UserError(f"--data: {args.data} not found")
+    records = read_records(args.data, args.data_format or guess_format(args.data))
+    if args.split_file:
+        split = read_split(args.split_file, (args.split,))
+        records = apply_split(records, split, args.split_file)[args.split]
+    elif args.split != "val":
+        raise UserError("--split: needs --split-file")
+    if not records:
+        raise UserError(f"--split-file: split '{args.split}' of {args.split_file} is empty")
+    return records
+
+
+def log_run(uri: str, experiment: str, params: dict, metrics: dict, table: str, figures: dict, files) -> str:
+    """One MLflow run: the arguments as params, every metric, the table, the figures and written files."""
+    import mlflow
+
+    from trainers.plots import log_figure
+
+    run_name = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=_cli.use_experiment(uri, experiment), run_name=run_name) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(table + "\n", "metrics.txt")
+        for name, fig in figures.items():
+            log_figure(fig, name)
+        for path in files:
+            mlflow.log_artifact(str(path), "predictions")
+    return run.info.run_id
+
+
+def figures(args, evals: dict, records, results: list[dict]) -> dict:
+    """PR curves for bbox and segm, and the first few images with their predictions, by artifact name."""
+    from datasets.records import load_image
+    from trainers.plots import pr_curves, prediction_overlays
+
+    categories = records[0].categories
+    names = {c["id"]: c["name"] for c in categories}
+    out = {f"plots/pr_{iou_type}.png": pr_curves(ev, names) for iou_type, ev in evals.items()}
+    shown = records[:OVERLAY_IMAGES]
+    out["plots/predictions.png"] = prediction_overlays(
+        [load_image(r.image_path) for r in shown],
+        [[r for r in results if r["image_id"] == i + 1] for i in range(len(shown))],  # ids: position + 1
+        categories,
+        args.score_threshold,
+        [r.image_id[:16] for r in shown],
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import logging
+
+    import torch
+
+    from datasets.instances import InstanceDataset, coco_ground_truth
+    from trainers.evaluation import (
+        category_ids_without,
+        coco_report,
+        format_table,
+        kaggle_metrics,
+        predict_records,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines
+    if args.max_dets is not None and args.max_dets < 1:
+        raise UserError(f"--max-dets: expected a positive integer, got {args.max_dets}")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise UserError(f"--score-threshold: expected a value in [0, 1], got {args.score_threshold}")
+    # Everything about the input is checked before the model runs: a mistake costs seconds, not a pass.
+    records = read_data(args)
+    categories = records[0].categories
+    if args.exclude_class:
+        category_ids_without(categories, args.exclude_class)
+    uri = None
+    if not args.no_mlflow or ":/" in args.model:
+        import mlflow
+
+        uri = _cli.tracking_uri(args.tracking_uri)
+        mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
+        mlflow.set_registry_uri(uri)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config, model_categories = load_model(args.model, device)
+    tile_size = config.tile_size if args.tile_size is None else args.tile_size
+    tile_overlap = config.tile_overlap if args.tile_overlap is None else args.tile_overlap
+    ids = category_map(model_categories, categories)
+    if args.max_dets is not None:
+        model.roi_heads.detections_per_img = args.max_dets  # the foram paper: 100 in training, 256 at test
+    max_dets = model.roi_heads.detections_per_img
+
+    gt = coco_ground_truth(InstanceDataset(records))
+    started = time.perf_counter()
+    results = predict_records(model, records, device, tile_size=tile_size, tile_overlap=tile_overlap)
+    for r in results:
+        r["category_id"] = ids[r["category_id"]]
+    predict_s = time.perf_counter() - started
+    files = []
+    if args.predictions_out:
+        files = [Path(args.predictions_out), Path(args.predictions_out).with_suffix(".gt.json")]
+        write_json(files[0], results)
+        write_json(files[1], gt.dataset)
+        print(f"predictions: {files[0]} (COCO results), ground truth: {files[1]}")
+
+    started = time.perf_counter()
+    metrics, evals = coco_report(gt, results, max_dets, args.exclude_class)
+    metrics.update(kaggle_metrics(gt, results, args.score_threshold))
+    table = format_table(metrics)
+    print(
+        f"{len(records)} images, {len(gt.anns)} ground-truth instances, {len(results)} predictions; "
+        f"max {max_dets} detections per image; Kaggle metric at score >= {args.score_threshold}"
+    )
+    print(table)
+    print(f"predict {predict_s:.1f} s, evaluate {time.perf_counter() - started:.1f} s")
+    if not args.no_mlflow:
+        params = {
+            "model": args.model,
+            "data": str(Path(args.data).resolve()),
+            "split": f"{args.split_file}:{args.split}" if args.split_file else "all images",
+            "max_dets": max_dets,
+            "tile_size": tile_size,
+            "exclude_class": args.exclude_class or "",
+            "score_threshold": args.score_threshold,
+            "images": len(records),
+        }
+        run_id = log_run(
+            uri, args.experiment, params, metrics, table, figures(args, evals, records, results), files
+        )
+        print(f"MLflow: experiment '{args.experiment}', run {run_id}")
+        print(f"browse: {_cli.browse_hint(uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run(main)

@@ -1,0 +1,396 @@
+"""Evaluation of COCO-format predictions: the full COCO set (at a chosen max detections, per class, per IoU
+threshold, without one class), the Kaggle DSB2018/Sartorius metric and the mean matched mask IoU, a
+printable table, prediction with progress lines, and a timing of pycocotools against faster-coco-eval.
+
+Every COCO number comes from COCOeval's evaluate + accumulate (faster-coco-eval's implementation of
+pycocotools' algorithm, see run_cocoeval); the functions here only read its accumulated precision and
+recall arrays, the way pycocotools' own `summarize` does.
+"""
+
+import copy
+import logging
+import re
+import time
+from pathlib import Path
+
+import faster_coco_eval
+import numpy as np
+import torch
+from faster_coco_eval import COCOeval_faster as COCOeval
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from scipy.optimize import linear_sum_assignment
+
+from datasets.errors import UserError
+from datasets.instances import SAMPLE_DATA, quiet_pycocotools
+from datasets.records import ImageRecord, load_image
+from trainers.tiled import detections_to_coco, predict_tiled
+
+log = logging.getLogger(__name__)
+
+IOU_TYPES = ("bbox", "segm")
+PR_IOUS = (0.5, 0.75, 0.85, 0.95)  # the foram paper's per-IoU precision-recall curves
+KAGGLE_IOUS = tuple(round(0.50 + 0.05 * i, 2) for i in range(10))  # 0.50, 0.55, ..., 0.95
+AREAS = {"s": "small", "m": "medium", "l": "large"}
+
+
+def max_dets_list(max_dets: int) -> list[int]:
+    """COCOeval's maxDets: 1, 10, 100 where they do not exceed `max_dets`, and `max_dets` itself last."""
+    if max_dets < 1:
+        raise UserError(f"max detections: expected a positive integer, got {max_dets}")
+    return sorted({m for m in (1, 10, 100) if m < max_dets} | {max_dets})
+
+
+def run_cocoeval(
+    gt: COCO, results: list[dict], iou_type: str, max_dets: int = 100, cat_ids: list[int] | None = None
+) -> COCOeval:
+    """COCOeval of `results` (COCO result dicts, RLE segmentations) against `gt`, evaluated and accumulated,
+    at most `max_dets` detections per image, on the categories `cat_ids` (default all).
+
+    Runs faster-coco-eval's COCOeval_faster: pycocotools' algorithm in C++, with the same params and the
+    same accumulated arrays, 25-58x faster on images with hundreds of nuclei (`platform.bench eval`).
+    tests/test_evaluation.py checks its numbers against pycocotools' own COCOeval.
+    """
+    fast_gt = faster_coco_eval.COCO(gt.dataset, use_deepcopy=True, print_function=_silent)
+    ev = faster_coco_eval.COCOeval_faster(
+        fast_gt, _load_results(fast_gt, results), iou_type, print_function=_silent
+    )
+    ev.params.maxDets = max_dets_list(max_dets)
+    if cat_ids is not None:
+        ev.params.catIds = sorted(cat_ids)
+    ev.evaluate()
+    ev.accumulate()
+    return ev
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _load_results(gt: faster_coco_eval.COCO, results: list[dict]) -> faster_coco_eval.COCO:
+    # loadRes fails on an empty list; an empty result set is a valid one that scores 0.
+    # loadRes also adds keys to the dicts it is given: give it copies, the caller's results stay as made.
+    if results:
+        return gt.loadRes(copy.deepcopy(results))
+    return faster_coco_eval.COCO({**gt.dataset, "annotations": []}, print_function=_silent)
+
+
+def coco_stat(
+    ev: COCOeval,
+    kind: str,
+    max_dets: int,
+    iou: float | None = None,
+    area: str = "all",
+    cat_index: int | None = None,
+) -> float:
+    """One number from an accumulated COCOeval, as pycocotools' summarize computes it: "AP" is the mean of
+    precision over recall points, IoU thresholds (or the one `iou`) and categories (or the one at position
+    `cat_index` of params.catIds); "AR" the mean of recall over IoU thresholds and categories. -1 when no
+    entry is defined (no ground truth there)."""
+    p = ev.params
+    values = ev.eval["precision" if kind == "AP" else "recall"]  # [T, R, K, A, M] or [T, K, A, M]
+    values = values[..., p.areaRngLbl.index(area), p.maxDets.index(max_dets)]
+    if iou is not None:
+        t = int(np.argmin(np.abs(np.asarray(p.iouThrs) - iou)))
+        if not np.isclose(p.iouThrs[t], iou):
+            raise ValueError(f"IoU {iou} is not one of the evaluated thresholds {list(p.iouThrs)}")
+        values = values[t : t + 1]
+    if cat_index is not None:
+        values = values[..., cat_index : cat_index + 1]
+    values = values[values > -1]
+    return float(values.mean()) if values.size else -1.0
+
+
+def coco_summary(ev: COCOeval) -> dict[str, float]:
+    """AP (IoU .50:.95), AP50, AP75, AP85, AP95, APs/m/l, AR1, AR10, AR100 and AR<max_dets>, ARs/m/l, all at
+    the evaluation's max detections (its last maxDets) unless the name says otherwise; -1 = undefined."""
+    max_dets = ev.params.maxDets[-1]
+    out = {"AP": coco_stat(ev, "AP", max_dets)}
+    out.update({f"AP{round(iou * 100)}": coco_stat(ev, "AP", max_dets, iou=iou) for iou in PR_IOUS})
+    out.update({f"AP{s}": coco_stat(ev, "AP", max_dets, area=area) for s, area in AREAS.items()})
+    out.update({f"AR{m}": coco_stat(ev, "AR", m) for m in ev.params.maxDets})
+    out.update({f"AR{s}": coco_stat(ev, "AR", max_dets, area=area) for s, area in AREAS.items()})
+    return out
+
+
+def per_class_ap(ev: COCOeval, gt: COCO) -> dict[str, float]:
+    """AP (IoU .50:.95) of each evaluated category, by name; -1 for a category without ground truth."""
+    max_dets = ev.params.maxDets[-1]
+    return {
+        gt.cats[cat_id]["name"]: coco_stat(ev, "AP", max_dets, cat_index=k)
+        for k, cat_id in enumerate(ev.params.catIds)
+    }
+
+
+def category_ids_without(categories, name: str) -> list[int]:
+    """The ids of every category except the one called `name`; UserError listing the names if unknown."""
+    names = [c["name"] for c in categories]
+    if name not in names:
+        raise UserError(f"--exclude-class: unknown class '{name}'; valid: {', '.join(names)}")
+    if len(names) == 1:
+        raise UserError(f"--exclude-class: '{name}' is the only class; nothing would be left to evaluate")
+    return [c["id"] for c in categories if c["name"] != name]
+
+
+def metric_key(name: str) -> str:
+    """A class name as a metric-key part: MLflow and Tune accept letters, digits, _ - . in keys."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def coco_report(
+    gt: COCO, results: list[dict], max_dets: int = 100, exclude_class: str | None = None
+) -> tuple[dict[str, float], dict[str, COCOeval]]:
+    """Every COCO metric for bbox and segm, and the two COCOevals (for precision-recall curves).
+
+    Keys: `{bbox,segm}_{stat}` for coco_summary's stats; `{type}_AP_class_{name}` per class; with
+    `exclude_class`, also `{type}_{stat}_without_{name}`, evaluated on the other classes only (their ground
+    truth and their detections). Undefined values (-1 in pycocotools: no ground truth in that class or
+    area range) read 0, so that every key is a number that Tune and MLflow can use.
+    """
+    keep = category_ids_without(gt.dataset["categories"], exclude_class) if exclude_class else None
+    metrics, evals = {}, {}
+    for iou_type in IOU_TYPES:
+        ev = evals[iou_type] = run_cocoeval(gt, results, iou_type, max_dets)
+        metrics.update({f"{iou_type}_{k}": v for k, v in coco_summary(ev).items()})
+        metrics.update({f"{iou_type}_AP_class_{metric_key(n)}": v for n, v in per_class_ap(ev, gt).items()})
+        if keep is not None:
+            without = coco_summary(run_cocoeval(gt, results, iou_type, max_dets, keep))
+            suffix = f"without_{metric_key(exclude_class)}"
+            metrics.update({f"{iou_type}_{k}_{suffix}": v for k, v in without.items()})
+    return {k: max(v, 0.0) for k, v in metrics.items()}, evals
+
+
+def match_instances(ious: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """A one-to-one matching of predictions (rows of `ious`) to ground-truth objects (columns) among the
+    pairs with IoU > threshold: as many pairs as possible, and of those matchings the largest total IoU.
+
+    Solved as an assignment problem with weight n + IoU per allowed pair (n = min(rows, cols) + 1): a
+    matching with one more pair always weighs more (at most n - 1 pairs, each IoU <= 1), so the heaviest
+    matching has the most pairs first and the most IoU second. With t >= 0.5 and non-overlapping masks on
+    either side each object has at most one candidate, and every definition agrees; this one also settles
+    overlapping Mask R-CNN outputs without depending on their order.
+    """
+    allowed = ious > threshold
+    rows, cols = np.flatnonzero(allowed.any(axis=1)), np.flatnonzero(allowed.any(axis=0))
+    if not len(rows):
+        return []
+    sub = allowed[np.ix_(rows, cols)]
+    weight = np.where(sub, min(sub.shape) + 1 + ious[np.ix_(rows, cols)], 0.0)
+    r, c = linear_sum_assignment(weight, maximize=True)
+    return [(int(rows[i]), int(cols[j])) for i, j in zip(r, c, strict=True) if sub[i, j]]
+
+
+def kaggle_image_score(ious: np.ndarray) -> float:
+    """One image's Kaggle DSB2018/Sartorius score: the mean over t in 0.50, 0.55, ..., 0.95 of
+    TP / (TP + FP + FN), TP = pairs of match_instances(ious, t), FP = unmatched predictions, FN = unmatched
+    ground truth. `ious` is predictions x ground truth. No ground truth and no prediction scores 1."""
+    n_pred, n_gt = ious.shape
+    if n_pred == 0 and n_gt == 0:
+        return 1.0
+    scores = []
+    for t in KAGGLE_IOUS:
+        tp = len(match_instances(ious, t))
+        scores.append(tp / (n_pred + n_gt - tp))  # TP + FP + FN = TP + (P - TP) + (G - TP)
+    return float(np.mean(scores))
+
+
+def mask_ious(predicted: list[dict], truth: list[dict]) -> np.ndarray:
+    """IoU of every predicted RLE with every ground-truth RLE (pycocotools), predictions x ground truth."""
+    if not predicted or not truth:
+        return np.zeros((len(predicted), len(truth)))
+    return np.asarray(mask_utils.iou(predicted, truth, [0] * len(truth)), dtype=np.float64)
+
+
+def kaggle_metrics(gt: COCO, results: list[dict], score_threshold: float = 0.5) -> dict[str, float]:
+    """The Kaggle metric and the mean matched mask IoU of `results` against `gt`, class-agnostic (as in
+    both competitions), on the predictions scoring at least `score_threshold`; crowd regions are left out.
+
+    kaggle_mAP: the mean over images of kaggle_image_score.
+    matched_mask_IoU: the mean IoU of the pairs matched at IoU > 0.5 (match_instances(ious, 0.5)), pooled
+    over all images (each matched object counts once, whatever its image); unmatched predictions and
+    objects do not enter it (they cost kaggle_mAP instead). 0 when nothing is matched.
+    """
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        if r["score"] >= score_threshold:
+            by_image.setdefault(r["image_id"], []).append(r["segmentation"])
+    scores, matched = [], []
+    for image_id in gt.getImgIds():
+        truth = [gt.annToRLE(a) for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        ious = mask_ious(by_image.get(image_id, []), truth)
+        scores.append(kaggle_image_score(ious))
+        matched += [ious[i, j] for i, j in match_instances(ious, 0.5)]
+    return {
+        "kaggle_mAP": float(np.mean(scores)) if scores else 0.0,
+        "matched_mask_IoU": float(np.mean(matched)) if matched else 0.0,
+    }
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """bbox and segm metrics side by side, one row per statistic, then every other metric."""
+    rows: dict[str, dict[str, float]] = {}
+    other = {}
+    for key, value in metrics.items():
+        kind, _, name = key.partition("_")
+        if kind in IOU_TYPES:
+            rows.setdefault(name, {})[kind] = value
+        else:
+            other[key] = value
+    width = max(len(name) for name in [*rows, *other, "metric"])
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{t:>6}" for t in IOU_TYPES)]
+    for name, values in rows.items():
+        cells = [f"{values[t]:6.3f}" if t in values else f"{'-':>6}" for t in IOU_TYPES]
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    lines += [f"{key:<{width}}  {value:6.3f}" for key, value in other.items()]
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def predict_records(
+    model,
+    records: list[ImageRecord],
+    device,
+    *,
+    tile_size: int = 0,
+    tile_overlap: int = 64,
+    tile_batch: int = 4,
+    mask_threshold: float = 0.5,
+    log_every_s: float = 5.0,
+) -> list[dict]:
+    """COCO result dicts for every image of `records`, image_id = position + 1 (coco_ground_truth's ids),
+    one image at a time (images differ in size), with a progress line every `log_every_s` seconds.
+    tile_size > 0: tiled inference at native resolution (trainers/tiled.py), `tile_batch` tiles per call."""
+    from trainers.engine import to_coco_results  # engine imports this module for its metrics
+
+    model.eval()
+    results = []
+    started = last = time.perf_counter()
+    for index, record in enumerate(records):
+        image = load_image(record.image_path)
+        if tile_size:
+            detections = predict_tiled(
+                model,
+                image,
+                tile_size=tile_size,
+                overlap=tile_overlap,
+                batch_size=tile_batch,
+                device=device,
+                mask_threshold=mask_threshold,
+            )
+            results.extend(detections_to_coco(detections, index + 1, *image.shape[:2]))
+        else:
+            tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
+            results.extend(to_coco_results(model([tensor.to(device)])[0], index + 1, mask_threshold))
+        now = time.perf_counter()
+        if now - last >= log_every_s or index + 1 == len(records):
+            rate = (index + 1) / (now - started)
+            eta = (len(records) - index - 1) / rate
+            log.info("predicted %d/%d images, %.2f images/s, ETA %.0f s", index + 1, len(records), rate, eta)
+            last = now
+    return results
+
+
+def dense_case(
+    data: str | Path = SAMPLE_DATA, images: int = 4, grid: int = 3, seed: int = 0
+) -> tuple[COCO, list[dict]]:
+    """Dense ground truth and predictions made from real masks, for timing evaluators.
+
+    Each image is a grid x grid mosaic of the sample's densest images' instance masks (hundreds of nuclei).
+    Predictions: every mask kept (90 %), dilated, eroded or unchanged by one pixel, plus false positives
+    (10 %: masks moved to a random place in their tile), all with random scores.
+    """
+    import cv2
+
+    from datasets.instances import instance_masks, read_records
+    from datasets.records import image_size
+
+    rng = np.random.default_rng(seed)
+    records = sorted(read_records(data), key=lambda r: -len(r.mask_paths))[: images * grid * grid]
+    tile_h = max(image_size(r.image_path)[0] for r in records)
+    tile_w = max(image_size(r.image_path)[1] for r in records)
+    height, width = grid * tile_h, grid * tile_w
+    kernel = np.ones((3, 3), np.uint8)
+    annotations, results = [], []
+
+    def add(masks: list[np.ndarray], image_id: int, y: int, x: int, out: list[dict]) -> None:
+        masks = [m for m in masks if m.any()]  # erosion can empty a tiny mask
+        if not masks:
+            return
+        canvas = np.zeros((height, width, len(masks)), np.uint8, order="F")
+        canvas[y : y + masks[0].shape[0], x : x + masks[0].shape[1]] = np.stack(masks, axis=2)
+        for rle in mask_utils.encode(canvas):
+            rle["counts"] = rle["counts"].decode()
+            entry = {"image_id": image_id, "category_id": 1, "segmentation": rle}
+            entry["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+            if out is annotations:
+                entry.update(id=len(annotations) + 1, area=float(mask_utils.area(rle)), iscrowd=0)
+            else:
+                entry["score"] = float(rng.random())
+            out.append(entry)
+
+    for image_index in range(images):
+        for position in range(grid * grid):
+            record = records[(image_index * grid * grid + position) % len(records)]
+            truth = list(instance_masks(record, image_size(record.image_path))[0].astype(np.uint8))
+            predicted = []
+            for mask in truth:
+                if rng.random() < 0.9:  # found, its outline exact or one pixel off
+                    outline = (mask, cv2.dilate(mask, kernel), cv2.erode(mask, kernel))
+                    predicted.append(outline[rng.integers(3)])
+                if rng.random() < 0.1:  # a false positive: the same shape elsewhere in the tile
+                    shift = (int(rng.integers(mask.shape[0])), int(rng.integers(mask.shape[1])))
+                    predicted.append(np.roll(mask, shift, axis=(0, 1)))
+            y, x = (position // grid) * tile_h, (position % grid) * tile_w
+            add(truth, image_index + 1, y, x, annotations)
+            add(predicted, image_index + 1, y, x, results)
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": i + 1, "height": height, "width": width} for i in range(images)],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "nucleus"}],
+    }
+    with quiet_pycocotools():
+        gt.createIndex()
+    return gt, results
+
+
+def benchmark_evaluators(
+    data: str | Path = SAMPLE_DATA, images: int = 4, grid: int = 3, max_dets: int = 1000
+) -> dict:
+    """Time pycocotools' COCOeval against run_cocoeval (faster-coco-eval) on dense_case images, bbox + segm,
+    results loading, evaluate and accumulate; print and return the seconds and the largest difference
+    between their coco_summary numbers. Also times kaggle_metrics on the same predictions."""
+    from pycocotools.cocoeval import COCOeval as ReferenceCOCOeval
+
+    gt, results = dense_case(data, images, grid)
+    out = {"images": images, "instances": len(gt.anns), "detections": len(results), "max_dets": max_dets}
+    print(
+        f"dense case: {images} images of {gt.dataset['images'][0]['width']}x"
+        f"{gt.dataset['images'][0]['height']}, {out['instances']} ground-truth instances "
+        f"({out['instances'] / images:.0f} per image), {out['detections']} predictions"
+    )
+    started = time.perf_counter()
+    reference = {}
+    for iou_type in IOU_TYPES:
+        with quiet_pycocotools():
+            ev = ReferenceCOCOeval(gt, gt.loadRes(copy.deepcopy(results)), iou_type)
+            ev.params.maxDets = max_dets_list(max_dets)
+            ev.evaluate()
+            ev.accumulate()
+        reference[iou_type] = coco_summary(ev)
+    out["pycocotools_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fast = {t: coco_summary(run_cocoeval(gt, results, t, max_dets)) for t in IOU_TYPES}
+    out["faster_coco_eval_s"] = time.perf_counter() - started
+    out["largest_difference"] = max(abs(fast[t][k] - v) for t in IOU_TYPES for k, v in reference[t].items())
+    started = time.perf_counter()
+    kaggle_metrics(gt, results)
+    out["kaggle_s"] = time.perf_counter() - started
+    print(f"pycocotools:      {out['pycocotools_s']:.2f} s (bbox + segm, maxDets {max_dets})")
+    print(
+        f"faster-coco-eval: {out['faster_coco_eval_s']:.2f} s ({faster_coco_eval.__version__}, "
+        f"{out['pycocotools_s'] / out['faster_coco_eval_s']:.1f}x faster, what run_cocoeval uses); "
+        f"largest metric difference {out['largest_difference']:.2g}"
+    )
+    print(f"kaggle metric:    {out['kaggle_s']:.2f} s (Kaggle score + matched mask IoU)")
+    return out

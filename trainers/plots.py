@@ -1,0 +1,131 @@
+"""Evaluation and training plots as matplotlib Figures: precision-recall curves from COCOeval, loss curves
+from metric histories, and prediction overlays; `log_figure` stores one in the active MLflow run.
+
+Figures are built with `matplotlib.figure.Figure`, not pyplot: no GUI backend is involved (they render
+with Agg when saved) and no global figure registry keeps them alive, so servers and Ray workers can plot.
+"""
+
+import math
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+
+from trainers.evaluation import PR_IOUS, coco_stat
+
+
+def _grid(n: int, cols: int, size: tuple[float, float]) -> tuple[Figure, list]:
+    """A figure with `n` axes in rows of at most `cols`; unused grid cells removed."""
+    cols = min(n, cols)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    return fig, axes[:n]
+
+
+def _mean_defined(values: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over `axis` of the entries > -1 (pycocotools' "undefined"); NaN where none is defined."""
+    defined = values > -1
+    total = np.where(defined, values, 0.0).sum(axis=axis)
+    count = defined.sum(axis=axis)
+    return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+
+def pr_curves(ev: COCOeval, class_names: dict[int, str], title: str = "") -> Figure:
+    """Precision against recall from an accumulated COCOeval (all areas, its largest maxDets): one axes for
+    all classes together, then one per class, each with a curve per IoU threshold of PR_IOUS and the mean
+    over IoU .50:.95; the legend gives each curve's AP."""
+    p = ev.params
+    max_dets = p.maxDets[-1]
+    precision = ev.eval["precision"][:, :, :, p.areaRngLbl.index("all"), -1]  # [T, R, K]
+    panels = [("all classes", None)] + [(class_names[c], k) for k, c in enumerate(p.catIds)]
+    fig, axes = _grid(len(panels), 3, (4.2, 3.6))
+    for ax, (name, k) in zip(axes, panels, strict=True):
+        per_class = precision if k is None else precision[:, :, k : k + 1]
+        for iou in (None, *PR_IOUS):
+            t = slice(None) if iou is None else [int(np.argmin(np.abs(p.iouThrs - iou)))]
+            curve = _mean_defined(per_class[t].transpose(1, 0, 2).reshape(len(p.recThrs), -1), axis=1)
+            ap = max(coco_stat(ev, "AP", max_dets, iou=iou, cat_index=k), 0.0)
+            label = f"IoU .50:.95  AP {ap:.3f}" if iou is None else f"IoU {iou:.2f}  AP {ap:.3f}"
+            ax.plot(p.recThrs, curve, label=label, linewidth=2.2 if iou is None else 1.2)
+        ax.set(title=name, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(title or f"{p.iouType} precision-recall, max {max_dets} detections")
+    return fig
+
+
+def loss_curves(history: dict[str, list[tuple[int, float]]], title: str = "") -> Figure:
+    """Per-epoch curves from MLflow-style metric histories (key -> [(step, value)]): the keys naming a loss
+    on one axes, any others (AP, lr, ...) on a second one beside it, each key one line."""
+    losses = {k: v for k, v in history.items() if "loss" in k}
+    others = {k: v for k, v in history.items() if "loss" not in k}
+    panels = [(name, series) for name, series in (("losses", losses), ("metrics", others)) if series]
+    fig, axes = _grid(max(len(panels), 1), 2, (6.0, 4.0))
+    for ax, (name, series) in zip(axes, panels, strict=False):
+        for key, points in sorted(series.items()):
+            steps, values = zip(*sorted(points), strict=True) if points else ((), ())
+            ax.plot(steps, values, marker="o" if len(points) <= 30 else None, markersize=3, label=key)
+        ax.set(title=name, xlabel="epoch (step)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "training")
+    return fig
+
+
+def class_colours(categories) -> dict[int, tuple]:
+    """A fixed colour per category id (tab10 in category order)."""
+    palette = colormaps["tab10"]
+    return {c["id"]: palette(i % 10) for i, c in enumerate(categories)}
+
+
+def prediction_overlays(
+    images: list[np.ndarray],
+    predictions: list[list[dict]],
+    categories,
+    score_threshold: float = 0.3,
+    titles: list[str] | None = None,
+    alpha: float = 0.45,
+) -> Figure:
+    """One axes per image (HxWx3 uint8) with its predictions (COCO result dicts: RLE segmentation, bbox
+    xywh, score, category_id) scoring at least `score_threshold`: each mask filled in its class colour,
+    its box outlined, and "class score" written at the box's top-left corner."""
+    colours = class_colours(categories)
+    names = {c["id"]: c["name"] for c in categories}
+    fig, axes = _grid(len(images), 2, (5.0, 5.0))
+    for i, (ax, image, entries) in enumerate(zip(axes, images, predictions, strict=True)):
+        ax.imshow(image)
+        overlay = np.zeros((*image.shape[:2], 4))
+        shown = sorted((e for e in entries if e["score"] >= score_threshold), key=lambda e: e["score"])
+        for entry in shown:  # by increasing score, so that the most confident mask ends on top
+            colour = colours.get(entry["category_id"], (1.0, 1.0, 1.0, 1.0))
+            overlay[mask_utils.decode(entry["segmentation"]).astype(bool)] = (*colour[:3], alpha)
+            x, y, w, h = entry["bbox"]
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=0.8))
+            ax.text(
+                x,
+                y,
+                f"{names.get(entry['category_id'], entry['category_id'])} {entry['score']:.2f}",
+                color="white",
+                fontsize=5,
+                va="bottom",
+                bbox={"facecolor": colour, "alpha": 0.7, "pad": 0.5, "linewidth": 0},
+            )
+        ax.imshow(overlay)
+        ax.set_axis_off()
+        ax.set_title(
+            f"{titles[i] if titles else f'image {i + 1}'}: {len(shown)} >= {score_threshold}", fontsize=8
+        )
+    return fig
+
+
+def log_figure(fig: Figure, artifact_file: str, dpi: int = 120) -> None:
+    """Save `fig` as a PNG artifact (e.g. "plots/pr_segm.png") of the active MLflow run."""
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file, save_kwargs={"dpi": dpi})
