@@ -25,6 +25,7 @@ from datasets.errors import UserError
 from datasets.mask_folders import CATEGORIES, load_masks, read_mask_folders, write_mask_folders
 from datasets.records import ImageRecord, image_size, load_image, record_rles, rle_to_json
 from datasets.rle_csv import read_rle_csv, write_rle_csv
+from datasets.tiles import clip_instances, tile_grid
 from datasets.via import read_via, write_via
 
 SAMPLE_DATA = Path(__file__).parent / "sample" / "dsb2018"
@@ -187,15 +188,55 @@ class InstanceDataset(torch.utils.data.Dataset):
         record = self.records[index]
         image = load_image(record.image_path)
         masks, labels = instance_masks(record, image.shape[:2])
-        image, masks, kept = apply_transform(self.transform, image, masks)
-        labels = labels[kept]  # instances moved out of the image by a crop or rotation are gone
-        target = {
-            "boxes": torch.from_numpy(masks_to_boxes(masks)),
-            "labels": torch.from_numpy(labels),
-            "masks": torch.from_numpy(masks.astype(np.uint8)),
-            "image_id": index + 1,
-        }
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255), target
+        return to_sample(self.transform, image, masks, labels, index + 1)
+
+
+class TiledInstanceDataset(InstanceDataset):
+    """Full-resolution training: one item per overlapping tile of every image (datasets/tiles.py), so an
+    epoch covers every pixel of every image at native resolution instead of resizing mosaics down.
+    Objects a tile cuts are clipped to it, and dropped when less than `min_visible` of them is inside.
+    The augmentation runs on each tile; `image_id` is the source image's (record position + 1)."""
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        tile_size: int,
+        overlap: int,
+        min_visible: float = 0.1,
+        transform: A.Compose | None = None,
+    ):
+        super().__init__(records, transform)
+        self.min_visible = min_visible
+        # Only the image headers are read here; pixels are read per item.
+        self.tiles = [
+            (index, tile)
+            for index, record in enumerate(records)
+            for tile in tile_grid(*image_size(record.image_path), tile_size, overlap)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int):
+        source, tile = self.tiles[index]
+        record = self.records[source]
+        image = load_image(record.image_path)
+        masks, labels = instance_masks(record, image.shape[:2])
+        clipped, kept = clip_instances(masks, tile, min_visible=self.min_visible)
+        return to_sample(self.transform, image[tile.slices], clipped, labels[kept], source + 1)
+
+
+def to_sample(transform, image: np.ndarray, masks: np.ndarray, labels: np.ndarray, image_id: int):
+    """Augment an image with its instances and convert them to a torchvision detection sample."""
+    image, masks, kept = apply_transform(transform, image, masks)
+    labels = labels[kept]  # instances moved out of the image by a crop or rotation are gone
+    target = {
+        "boxes": torch.from_numpy(masks_to_boxes(masks)),
+        "labels": torch.from_numpy(labels),
+        "masks": torch.from_numpy(masks.astype(np.uint8)),
+        "image_id": image_id,
+    }
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255), target
 
 
 def collate(batch):

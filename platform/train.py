@@ -8,11 +8,17 @@ alias `champion` when --register-as is given.
 """
 
 import argparse
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.errors import UserError
 from platform import _cli
+from trainers.config import apply_overrides
+
+RAY_NAME_TAG = "ray_run_name"  # how --resume finds the Ray run (and its checkpoints) of an MLflow run
+RAY_STORAGE_TAG = "ray_storage_path"
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -33,12 +39,151 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment (default: the recipe name)")
     p.add_argument("--register-as", help="register the final model under this name, alias champion")
     p.add_argument(
+        "--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1 and report mean +- std"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue a stopped run (its MLflow run id) from its last checkpoint",
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=2, help="restarts from the last checkpoint when a worker dies"
+    )
+    p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or .mlflow/ here)"
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--storage-path", help="Ray results and checkpoints (default: .ray_results/ here)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return p
+
+
+HEADLINE = ("train_loss", "bbox_AP", "segm_AP")
+CURVES = ("bbox_AP", "segm_AP", "segm_AP50", "kaggle_mAP")  # drawn beside the loss curves
+# Per-epoch bookkeeping, not results: left out of the mean +- std over seeds.
+NOT_RESULTS = {
+    "epoch",
+    "world_size",
+    "torch_threads",
+    "resumed_at_epoch",
+    "train_images",
+    "train_optimizer_steps",
+}
+
+
+@dataclass
+class Outcome:
+    cfg: object  # the MaskRCNNConfig trained
+    run_id: str  # its MLflow run
+    model_uri: str  # the logged model
+    metrics: dict  # the last epoch's numeric metrics
+
+
+def train_run(
+    cfg, args, uri: str, experiment_id: str, run_name: str, run_id=None, parent_run_id=None
+) -> Outcome:
+    """One TorchTrainer = one MLflow run. With `run_id` (--resume) the MLflow run and the Ray run of that
+    name continue: Ray Train restores its latest checkpoint from the same storage path and name."""
+    import mlflow
+    import ray
+
+    from deploy.registry import log_detector
+    from trainers.config import to_dict
+    from trainers.loop import make_trainer, mlflow_epoch_callback
+    from trainers.plots import log_figure, loss_curves
+
+    cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
+    storage = _cli.storage_path(args.storage_path)
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        run_name=None if run_id else run_name,
+        nested=parent_run_id is not None,
+    ) as run:
+        if run_id is None:
+            mlflow.log_params(to_dict(cfg))
+            mlflow.log_dict(to_dict(cfg), "config.json")
+            mlflow.set_tags(
+                {
+                    "recipe": args.recipe,
+                    RAY_NAME_TAG: run_name,
+                    RAY_STORAGE_TAG: storage,
+                    "workers": args.workers,
+                    "gpus": args.gpus,
+                }
+            )
+        elif not args.storage_path:  # where the stopped run checkpointed
+            storage = run.data.tags.get(RAY_STORAGE_TAG, storage)
+        resume = f"python -m platform.train --resume {run.info.run_id}"
+        print(f"MLflow run {run.info.run_id} ({run_name}); if it stops, continue it with: {resume}")
+        trainer = make_trainer(
+            to_dict(cfg),
+            name=run_name,
+            storage_path=storage,
+            num_workers=args.workers,
+            use_gpu=args.gpus > 0,
+            cpus_per_worker=cpus,
+            gpus_per_worker=args.gpus / args.workers,
+            callbacks=[mlflow_epoch_callback(uri, run.info.run_id)],
+            max_failures=args.max_failures,
+        )
+        result = trainer.fit()
+        info = log_detector(Path(result.checkpoint.path))
+        log_figure(loss_curves(curve_history(uri, run.info.run_id)), "plots/loss_curves.png")
+    metrics = {
+        k: v
+        for k, v in (result.metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    return Outcome(cfg, run.info.run_id, info.model_uri, metrics)
+
+
+def curve_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """The per-epoch losses and headline validation metrics of a run, for the loss-curves plot."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train_loss") or k in CURVES]
+    return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
+def resumed_run(uri: str, run_id: str):
+    """(config, experiment name, Ray run name) of the MLflow run `run_id` started by platform.train."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from trainers.config import MaskRCNNConfig, from_dict
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"--resume: no MLflow run '{run_id}' in {uri}") from None
+    name = run.data.tags.get(RAY_NAME_TAG)
+    if name is None:
+        raise UserError(
+            f"--resume: run '{run_id}' was not started by platform.train (no '{RAY_NAME_TAG}' tag)"
+        )
+    if run.info.status == "FINISHED":
+        raise UserError(f"--resume: run '{run_id}' has already finished")
+    config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return from_dict(MaskRCNNConfig, config, f"run {run_id} config.json"), experiment, name
+
+
+def seed_summary(metrics: list[dict]) -> dict[str, tuple[float, float]]:
+    """Mean and sample standard deviation (n - 1, as the papers' "mean +- std over N runs") of every
+    result metric the runs share."""
+    keys = sorted(set.intersection(*(set(m) for m in metrics)) - NOT_RESULTS)
+    return {
+        k: (statistics.fmean(m[k] for m in metrics), statistics.stdev(m[k] for m in metrics)) for k in keys
+    }
+
+
+def format_seed_table(summary: dict[str, tuple[float, float]], runs: int) -> str:
+    lines = [f"{'metric':24s} mean +- std over {runs} seeds"]
+    lines += [f"{k:24s} {mean:.4f} +- {std:.4f}" for k, (mean, std) in summary.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,54 +194,73 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, description) in sorted(RECIPES.items()):
             print(f"{name:20s} {description}")
         return 0
-    if args.workers < 1:
-        raise UserError(f"--workers: expected a positive integer, got {args.workers}")
+    for flag, value, least in (("--workers", args.workers, 1), ("--seeds", args.seeds, 1)):
+        if value < least:
+            raise UserError(f"{flag}: expected a positive integer, got {value}")
     if args.gpus < 0:
         raise UserError(f"--gpus: expected 0 or more, got {args.gpus}")
-    cfg = _cli.base_config(args.recipe, args.data, args.overrides)
+    if args.max_failures < -1:
+        raise UserError(f"--max-failures: expected -1 (no limit) or more, got {args.max_failures}")
+    if args.resume and (args.overrides or args.seeds > 1):
+        raise UserError("--resume: a resumed run keeps its config; leave out key=value overrides and --seeds")
+    uri = _cli.tracking_uri(args.tracking_uri)
+    if args.resume:
+        cfg, experiment, run_name = resumed_run(uri, args.resume)
+        experiment_id = _cli.use_experiment(uri, experiment)
+    else:
+        cfg = _cli.base_config(args.recipe, args.data, args.overrides)
+        experiment = args.experiment or Path(args.recipe).stem
+        experiment_id = _cli.use_experiment(uri, experiment)
+        run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.amp != "off" and args.gpus == 0:
         raise UserError(f"amp: '{cfg.amp}' needs GPUs (--gpus); on CPU use amp=off")
     if cfg.norm == "sync_bn" and args.workers > 1 and args.gpus == 0:
         raise UserError("norm: sync_bn needs GPU workers (--gpus); on CPU use norm=group")
-    experiment = args.experiment or Path(args.recipe).stem
-    uri = _cli.tracking_uri(args.tracking_uri)
-    experiment_id = _cli.use_experiment(uri, experiment)
 
     import mlflow
-    import ray
 
-    from deploy.registry import log_detector, register
-    from trainers.config import to_dict
-    from trainers.loop import make_trainer, mlflow_epoch_callback
+    from deploy.registry import register
     from trainers.ray_seam import init_ray
 
     init_ray(args.address, str(_cli.REPO))
-    cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
-    run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.time()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.log_params(to_dict(cfg))
-        mlflow.log_dict(to_dict(cfg), "config.json")
-        mlflow.set_tags({"recipe": args.recipe, "workers": args.workers, "gpus": args.gpus})
-        trainer = make_trainer(
-            to_dict(cfg),
-            name=run_name,
-            storage_path=_cli.storage_path(args.storage_path),
-            num_workers=args.workers,
-            use_gpu=args.gpus > 0,
-            cpus_per_worker=cpus,
-            gpus_per_worker=args.gpus / args.workers,
-            callbacks=[mlflow_epoch_callback(uri, run.info.run_id)],
+    if args.seeds == 1:
+        outcome = train_run(cfg, args, uri, experiment_id, run_name, run_id=args.resume)
+        print(
+            "final: " + "  ".join(f"{k}={outcome.metrics[k]:.4f}" for k in HEADLINE if k in outcome.metrics)
         )
-        result = trainer.fit()
-        info = log_detector(Path(result.checkpoint.path))
-        version = register(info.model_uri, args.register_as) if args.register_as else None
-    metrics = result.metrics or {}
-    print(
-        "final: "
-        + "  ".join(f"{k}={metrics[k]:.4f}" for k in ("train_loss", "bbox_AP", "segm_AP") if k in metrics)
-    )
-    print(f"MLflow: experiment '{experiment}', run {run.info.run_id}; model {info.model_uri}")
+        best = outcome
+    else:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
+            mlflow.set_tags({"recipe": args.recipe, "seeds": args.seeds})
+            outcomes = [
+                train_run(
+                    apply_overrides(cfg, {"seed": cfg.seed + i}, "--seeds"),
+                    args,
+                    uri,
+                    experiment_id,
+                    f"{run_name}-seed{cfg.seed + i}",
+                    parent_run_id=parent.info.run_id,
+                )
+                for i in range(args.seeds)
+            ]
+            summary = seed_summary([o.metrics for o in outcomes])
+            mlflow.log_metrics(
+                {
+                    f"{k}_{stat}": v
+                    for k, (mean, std) in summary.items()
+                    for stat, v in (("mean", mean), ("std", std))
+                }
+            )
+            table = format_seed_table(summary, len(outcomes))
+            mlflow.log_text(table, "seeds.txt")
+        print(table)
+        best = max(outcomes, key=lambda o: o.metrics.get("segm_AP", 0.0))
+        print(
+            f"best seed: {best.cfg.seed} (segm_AP={best.metrics.get('segm_AP', 0.0):.4f}), run {best.run_id}"
+        )
+    version = register(best.model_uri, args.register_as) if args.register_as else None
+    print(f"MLflow: experiment '{experiment}', run {best.run_id}; model {best.model_uri}")
     if version is not None:
         print(f"registered model: name={version.name} version={version.version} alias=champion")
     print(f"browse: {_cli.browse_hint(uri)}")

@@ -32,6 +32,12 @@ class MaskRCNNConfig:
     augment: str = (
         "flips"  # augmentation preset (datasets/augment.py): none flips foram dsb2018 sartorius ...
     )
+    tile_size: int = 0  # 0 = train on whole images resized to min_size/max_size; else full-resolution mode:
+    # every epoch trains on all overlapping tile_size x tile_size tiles of every image at native resolution
+    # (the model's resize is fixed to the tile size) and validates by tiled inference on the whole images
+    tile_overlap: int = 64  # pixels shared by neighbouring tiles (train and validation)
+    tile_min_visible: float = 0.1  # an object a tile cuts is trained on only if this fraction of it is
+    # inside the tile (SAHI's slicing default, min_area_ratio=0.1): slivers teach fragments
     # --- model ---
     backbone: str = "resnet50_fpn"  # resnet18_fpn | resnet34_fpn | resnet50_fpn | resnet50_fpn_v2
     weights: str = ""  # whole-model weights: "" random init, "DEFAULT" torchvision COCO, or a state_dict path
@@ -109,6 +115,12 @@ class MaskRCNNConfig:
                 f"rpn_bg_iou_thresh: {self.rpn_bg_iou_thresh} is above "
                 f"rpn_fg_iou_thresh {self.rpn_fg_iou_thresh}"
             )
+        if self.tile_size < 0 or 0 < self.tile_size < 32:
+            raise UserError(f"tile_size: expected 0 (whole images) or >= 32 pixels, got {self.tile_size}")
+        if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
+            raise UserError(f"tile_overlap: expected [0, {self.tile_size}) pixels, got {self.tile_overlap}")
+        if not 0.0 <= self.tile_min_visible <= 1.0:
+            raise UserError(f"tile_min_visible: expected a value in [0, 1], got {self.tile_min_visible}")
         for key in ("epochs", "batch_size", "min_size", "max_size", "box_detections_per_img"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: expected a positive integer, got {getattr(self, key)}")

@@ -12,18 +12,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from datasets.augment import augmentation, seed_worker
+from datasets.augment import augmentation, reseed, seed_worker
 from datasets.errors import UserError
 from datasets.instances import (
     SAMPLE_DATA,
     InstanceDataset,
+    TiledInstanceDataset,
     coco_ground_truth,
     collate,
     read_records,
 )
 from datasets.splits import train_val_split
 from trainers.config import MaskRCNNConfig, from_dict, to_dict, write_json
-from trainers.engine import evaluate, train_one_epoch
+from trainers.engine import evaluate, score_results, train_one_epoch
+from trainers.evaluation import predict_records
 from trainers.maskrcnn import build_model
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
 
@@ -81,11 +83,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_epoch(seed: int, rank: int, epoch: int, generator: torch.Generator, transform) -> None:
+    """Reseed every random stream of one rank at the start of an epoch: the global ones (torch's RPN/ROI
+    samplers), the loader's shuffle and worker seeds, and the augmentation. The random state at an epoch
+    boundary is then a function of (seed, rank, epoch), all in the checkpoint, so a resumed run draws
+    exactly what the uninterrupted one would on every rank, without gathering each rank's RNG state."""
+    derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    seed_everything(derived)
+    generator.manual_seed(derived)
+    if transform is not None:
+        reseed(transform, derived)
+
+
 def run_training(cfg: MaskRCNNConfig, seam) -> None:
     """Train `cfg.epochs` epochs; each epoch rank 0 evaluates and checkpoints, and all ranks report."""
     records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
     train_records, val_records = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
-    train_set = InstanceDataset(train_records, augmentation(cfg.augment, cfg.seed + seam.rank))
+    transform = augmentation(cfg.augment, cfg.seed + seam.rank)
+    if cfg.tile_size:
+        train_set = TiledInstanceDataset(
+            train_records, cfg.tile_size, cfg.tile_overlap, cfg.tile_min_visible, transform
+        )
+        log.info("full-resolution mode: %d tiles of %d px per epoch", len(train_set), cfg.tile_size)
+    else:
+        train_set = InstanceDataset(train_records, transform)
+    generator = torch.Generator()  # reseeded every epoch (seed_epoch); Ray's loader keeps this object
     loader = seam.prepare_loader(
         DataLoader(
             train_set,
@@ -94,7 +116,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
             collate_fn=collate,
             num_workers=cfg.loader_workers,
             worker_init_fn=seed_worker,  # a distinct augmentation stream per loader worker and epoch
-            generator=torch.Generator().manual_seed(cfg.seed),
+            generator=generator,
         )
     )
     seed_everything(cfg.seed)  # identical initial weights on every rank
@@ -131,8 +153,8 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
         val_set = InstanceDataset(val_records)
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
         ground_truth = coco_ground_truth(val_set)
-    seed_everything(cfg.seed + 1000 * seam.rank + start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, seam.rank, epoch, generator, transform)
         if phase_at(cfg, epoch)[0] != layers:
             layers = phase_at(cfg, epoch)[0]
             set_trainable_layers(bare, layers)
@@ -164,10 +186,11 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
             epoch_time_s=time.perf_counter() - started,
             torch_threads=torch.get_num_threads(),
             world_size=seam.world_size,
+            resumed_at_epoch=start_epoch,  # > 0 after a restart: the epoch the checkpoint ended at
         )
         write = None
         if seam.rank == 0:
-            metrics.update(evaluate(bare, val_loader, seam.device, ground_truth, cfg.box_detections_per_img))
+            metrics.update(validate(cfg, bare, val_loader, seam.device, ground_truth))
 
             def write(folder: Path, epoch=epoch) -> None:
                 save_checkpoint(
@@ -184,6 +207,26 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
                 )
 
         seam.report(metrics, write)
+
+
+def validate(cfg: MaskRCNNConfig, model, val_loader, device, ground_truth) -> dict[str, float]:
+    """COCO and Kaggle metrics on the validation images: whole images, or in full-resolution mode tiled
+    inference on each whole image at native resolution (as the model will be used on mosaics)."""
+    if not cfg.tile_size:
+        return evaluate(model, val_loader, device, ground_truth, cfg.box_detections_per_img)
+    records = val_loader.dataset.records
+    results = predict_records(
+        model,
+        records,
+        device,
+        tile_size=cfg.tile_size,
+        tile_overlap=cfg.tile_overlap,
+        tile_batch=cfg.batch_size,
+    )
+    return score_results(ground_truth, results, cfg.box_detections_per_img)
+
+
+CHECKPOINT_FILES = ("model.pt", "config.json", "categories.json")  # what inference needs (no optimizer state)
 
 
 def save_checkpoint(folder: Path, cfg: MaskRCNNConfig, model, categories, train_state: dict) -> None:
@@ -228,11 +271,14 @@ def make_trainer(
     gpus_per_worker: float = 0.0,
     callbacks=(),
     checkpoints_to_keep: int | None = 1,
+    max_failures: int = 0,
 ):
     """A Ray Train TorchTrainer of `num_workers` DDP workers (gloo on CPU, NCCL on GPU) running the loop.
 
     Train V2 keeps a run's per-epoch metrics with its checkpoints: keep them all (None) to read every
-    epoch from `Result.metrics_dataframe`.
+    epoch from `Result.metrics_dataframe`. When a worker process dies, Ray restarts the whole group up to
+    `max_failures` times and the loop resumes from the latest checkpoint (at most one epoch is lost). A new
+    trainer with the same `name` and `storage_path` continues a stopped run the same way (`--resume`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -249,6 +295,7 @@ def make_trainer(
             storage_path=storage_path,
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
 

@@ -38,10 +38,12 @@ def build_model(cfg: MaskRCNNConfig, num_classes: int) -> detection.MaskRCNN:
         sizes=tuple((s,) for s in cfg.anchor_sizes),
         aspect_ratios=(cfg.aspect_ratios,) * len(cfg.anchor_sizes),
     )
+    # Full-resolution mode: a full tile is fed at scale 1 (torchvision always resizes to min/max_size).
+    min_size, max_size = (cfg.tile_size, cfg.tile_size) if cfg.tile_size else (cfg.min_size, cfg.max_size)
     kwargs = dict(
         num_classes=num_classes + 1,
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
+        min_size=min_size,
+        max_size=max_size,
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
