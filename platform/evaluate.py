@@ -23,7 +23,6 @@ from datasets.errors import UserError
 from platform import _cli
 
 DESCRIPTION = __doc__.split("\n\n")[0]
-OVERLAY_IMAGES = 4  # validation images drawn with their predictions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,25 +159,6 @@ def log_run(uri: str, experiment: str, params: dict, metrics: dict, table: str, 
     return run.info.run_id
 
 
-def figures(args, evals: dict, records, results: list[dict]) -> dict:
-    """PR curves for bbox and segm, and the first few images with their predictions, by artifact name."""
-    from datasets.records import load_image
-    from trainers.plots import pr_curves, prediction_overlays
-
-    categories = records[0].categories
-    names = {c["id"]: c["name"] for c in categories}
-    out = {f"plots/pr_{iou_type}.png": pr_curves(ev, names) for iou_type, ev in evals.items()}
-    shown = records[:OVERLAY_IMAGES]
-    out["plots/predictions.png"] = prediction_overlays(
-        [load_image(r.image_path) for r in shown],
-        [[r for r in results if r["image_id"] == i + 1] for i in range(len(shown))],  # ids: position + 1
-        categories,
-        args.score_threshold,
-        [r.image_id[:16] for r in shown],
-    )
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
@@ -193,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         kaggle_metrics,
         predict_records,
     )
+    from trainers.plots import evaluation_figures
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines
     if args.max_dets is not None and args.max_dets < 1:
@@ -255,7 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             "images": len(records),
         }
         run_id = log_run(
-            uri, args.experiment, params, metrics, table, figures(args, evals, records, results), files
+            uri,
+            args.experiment,
+            params,
+            metrics,
+            table,
+            evaluation_figures(evals, records, results, args.score_threshold),
+            files,
         )
         print(f"MLflow: experiment '{args.experiment}', run {run_id}")
         print(f"browse: {_cli.browse_hint(uri)}")

@@ -130,12 +130,33 @@ def train_run(
         result = trainer.fit()
         info = log_detector(Path(result.checkpoint.path))
         log_figure(loss_curves(curve_history(uri, run.info.run_id)), "plots/loss_curves.png")
+        for name, fig in validation_figures(cfg, Path(result.checkpoint.path)).items():
+            log_figure(fig, name)
     metrics = {
         k: v
         for k, v in (result.metrics or {}).items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
     return Outcome(cfg, run.info.run_id, info.model_uri, metrics)
+
+
+def validation_figures(cfg, checkpoint: Path) -> dict:
+    """PR curves and prediction overlays of the final model on the validation images, by artifact name."""
+    import torch
+
+    from datasets.instances import SAMPLE_DATA, InstanceDataset, coco_ground_truth, read_records
+    from datasets.splits import train_val_split
+    from trainers.evaluation import coco_report, predict_records
+    from trainers.loop import load_checkpoint_model
+    from trainers.plots import evaluation_figures
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _, _ = load_checkpoint_model(checkpoint, device)
+    records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
+    _, val = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+    results = predict_records(model, val, device, tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+    _, evals = coco_report(coco_ground_truth(InstanceDataset(val)), results, cfg.box_detections_per_img)
+    return evaluation_figures(evals, val, results)
 
 
 def curve_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:

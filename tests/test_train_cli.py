@@ -42,7 +42,7 @@ def test_one_recipe_is_one_tracked_run(tiny_dataset, tmp_path):
     for key in ("bbox_AP", "segm_AP", "train_loss", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
-    assert artifacts == ["plots/loss_curves.png"]
+    assert set(artifacts) == {f"plots/{n}.png" for n in ("loss_curves", "pr_bbox", "pr_segm", "predictions")}
     version = client.get_model_version_by_alias("train-smoke-model", "champion")
     assert version.run_id == run.info.run_id
 

@@ -15,7 +15,10 @@ from matplotlib.ticker import MaxNLocator
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
+from datasets.records import load_image
 from trainers.evaluation import PR_IOUS, coco_stat
+
+OVERLAY_IMAGES = 4  # images drawn with their predictions
 
 
 def _grid(n: int, cols: int, size: tuple[float, float]) -> tuple[Figure, list]:
@@ -122,6 +125,23 @@ def prediction_overlays(
             f"{titles[i] if titles else f'image {i + 1}'}: {len(shown)} >= {score_threshold}", fontsize=8
         )
     return fig
+
+
+def evaluation_figures(evals: dict, records, results: list[dict], score_threshold: float = 0.5) -> dict:
+    """By artifact name: PR curves of each COCOeval in `evals` (iou type -> evaluated COCOeval), and the
+    first OVERLAY_IMAGES images of `records` with their predictions (COCO results, image_id = position+1)."""
+    categories = records[0].categories
+    names = {c["id"]: c["name"] for c in categories}
+    out = {f"plots/pr_{iou_type}.png": pr_curves(ev, names) for iou_type, ev in evals.items()}
+    shown = records[:OVERLAY_IMAGES]
+    out["plots/predictions.png"] = prediction_overlays(
+        [load_image(r.image_path) for r in shown],
+        [[r for r in results if r["image_id"] == i + 1] for i in range(len(shown))],
+        categories,
+        score_threshold,
+        [r.image_id[:16] for r in shown],
+    )
+    return out
 
 
 def log_figure(fig: Figure, artifact_file: str, dpi: int = 120) -> None:
