@@ -175,8 +175,13 @@ def _window(patch: np.ndarray, ox: int, oy: int, x0: int, y0: int, x1: int, y1: 
     return out
 
 
-def _box_window(box: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    return np.array([max(box[0], x0), max(box[1], y0), min(box[2], x1), min(box[3], y1)])
+def _boxes_in_window(
+    boxes: np.ndarray, ids: list[int], x0: int, y0: int, x1: int, y1: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, boxes clipped to the window) of the boxes among `ids` with some area inside the window."""
+    clipped = np.clip(boxes[ids], [x0, y0, x0, y0], [x1, y1, x1, y1])
+    keep = (clipped[:, 0] < clipped[:, 2]) & (clipped[:, 1] < clipped[:, 3])
+    return np.asarray(ids, dtype=np.int64)[keep], clipped[keep]
 
 
 def _overlap_score(a: np.ndarray, b: np.ndarray, metric: str) -> float:
@@ -244,40 +249,52 @@ def stitch_detections(
             i = parent[i]
         return i
 
+    box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     by_tile: dict[int, list[int]] = {}
     for i, t_index in enumerate(tile_of):
         by_tile.setdefault(t_index, []).append(i)
+    # Each tile's overlapping later tiles, found with numpy: for the 12,544 tiles of a 50k x 50k slide a
+    # Python loop over all pairs would take about a minute (0.75 us a pair), this about 4 s.
+    spans = np.array(
+        [[t.tile.x, t.tile.y, t.tile.x + t.tile.width, t.tile.y + t.tile.height] for t in per_tile]
+    )
     for ta in range(len(per_tile)):
-        for tb in range(ta + 1, len(per_tile)):
-            a_tile, b_tile = per_tile[ta].tile, per_tile[tb].tile
-            x0, y0 = max(a_tile.x, b_tile.x), max(a_tile.y, b_tile.y)
-            x1 = min(a_tile.x + a_tile.width, b_tile.x + b_tile.width)
-            y1 = min(a_tile.y + a_tile.height, b_tile.y + b_tile.height)
-            if x0 >= x1 or y0 >= y1:
-                continue
-            window = (x0, y0, x1, y1)
-            inside = {}
-            for t_index in (ta, tb):
-                for i in by_tile.get(t_index, []):
-                    clipped = _box_window(boxes[i], *window)
-                    if clipped[0] < clipped[2] and clipped[1] < clipped[3]:
-                        inside[i] = clipped
-            for i in (i for i in by_tile.get(ta, []) if i in inside):
-                for j in (j for j in by_tile.get(tb, []) if j in inside):
-                    if not class_agnostic and labels[i] != labels[j]:
-                        continue
-                    if _box_score(inside[i], inside[j], "ios") == 0.0:
-                        continue  # disjoint boxes inside the shared region: cannot match
-                    if with_masks:
+        lo = np.maximum(spans[ta + 1 :, :2], spans[ta, :2])
+        hi = np.minimum(spans[ta + 1 :, 2:], spans[ta, 2:])
+        for tb in (ta + 1 + np.flatnonzero((lo < hi).all(axis=1))).tolist():
+            (x0, y0), (x1, y1) = lo[tb - ta - 1].tolist(), hi[tb - ta - 1].tolist()
+            # Each tile's detections whose boxes reach into the shared window, clipped to it; only pairs
+            # whose clipped boxes intersect can match (the pair test, vectorised: dense tiles hold hundreds).
+            (ia, ba), (ib, bb) = (
+                _boxes_in_window(box_array, by_tile.get(t, []), x0, y0, x1, y1) for t in (ta, tb)
+            )
+            wide = np.minimum(ba[:, None, 2], bb[None, :, 2]) > np.maximum(ba[:, None, 0], bb[None, :, 0])
+            high = np.minimum(ba[:, None, 3], bb[None, :, 3]) > np.maximum(ba[:, None, 1], bb[None, :, 1])
+            for a, b in np.argwhere(wide & high).tolist():
+                i, j = int(ia[a]), int(ib[b])
+                if not class_agnostic and labels[i] != labels[j]:
+                    continue
+                if with_masks:
+                    # Within the window, but only over the two patches' extent: outside it both are empty.
+                    (ax0, ay0), (bx0, by0) = origins[i], origins[j]
+                    (ah, aw), (bh, bw) = patches[i].shape, patches[j].shape
+                    sub = (
+                        max(x0, min(ax0, bx0)),
+                        max(y0, min(ay0, by0)),
+                        min(x1, max(ax0 + aw, bx0 + bw)),
+                        min(y1, max(ay0 + ah, by0 + bh)),
+                    )
+                    score = 0.0  # when neither mask reaches into the window
+                    if sub[0] < sub[2] and sub[1] < sub[3]:
                         score = _overlap_score(
-                            _window(patches[i], *origins[i], *window),
-                            _window(patches[j], *origins[j], *window),
+                            _window(patches[i], ax0, ay0, *sub),
+                            _window(patches[j], bx0, by0, *sub),
                             match_metric,
                         )
-                    else:
-                        score = _box_score(inside[i], inside[j], match_metric)
-                    if score >= match_threshold:
-                        parent[find(i)] = find(j)
+                else:
+                    score = _box_score(ba[a], bb[b], match_metric)
+                if score >= match_threshold:
+                    parent[find(i)] = find(j)
 
     groups: dict[int, list[int]] = {}
     for i in range(n):

@@ -113,7 +113,7 @@ def _tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float]
 def _crop_output(tile: Tile, output: dict, score_threshold: float, mask_threshold: float) -> TileDetections:
     """One tile's model output as TileDetections whose masks are patches cut to each mask's extent."""
     keep = output["scores"] >= score_threshold
-    binary = (output["masks"][keep, 0] >= mask_threshold).cpu().numpy()
+    binary = (output["masks"][:, 0] >= mask_threshold)[keep].cpu().numpy()  # index bools, not the floats
     rows, cols = binary.any(axis=2), binary.any(axis=1)
     patches, origins = [], []
     for i in range(len(binary)):
@@ -328,7 +328,8 @@ def benchmark_tiled(
             ("overhead", "overhead_percent", "%"),
             ("detections", "detections", ""),
         ):
-            print(f"  {name:22s}{numbers[key]:8.1f}  {numbers['sahi_' + key]:8.1f} {unit}")
+            digits = 1 if unit else 0  # counts without decimals
+            print(f"  {name:22s}{numbers[key]:8.{digits}f}  {numbers['sahi_' + key]:8.{digits}f} {unit}")
         print(
             f"  matched one-to-one    {numbers['matched_sahi']} (box IoU >= 0.5); peak RSS after SAHI "
             f"{numbers['peak_rss_mib_after_sahi']:.0f} MiB"
