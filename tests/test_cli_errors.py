@@ -70,3 +70,17 @@ def test_help_and_list_spaces():
     assert out.returncode == 0 and "--num-samples" in out.stdout
     out = run_cli("platform.tune", "--list-spaces")
     assert out.returncode == 0 and out.stdout.startswith("rpn_anchors")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--resume", "deadbeef"], ["--resume", "no MLflow run 'deadbeef'"]),
+        (["--resume", "deadbeef", "epochs=3"], ["--resume", "keeps its config"]),
+        (["--seeds", "0"], ["--seeds", "positive integer"]),
+        (["tile_size=16"], ["tile_size", ">= 32 pixels"]),
+    ],
+)
+def test_train_resume_seeds_and_tile_mistakes(tmp_path, args, needles):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _assert_user_error(run_cli("platform.train", "--tracking-uri", uri, *args), *needles)
