@@ -227,16 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     uri = _cli.tracking_uri(args.tracking_uri)
     if args.resume:
         cfg, experiment, run_name = resumed_run(uri, args.resume)
-        experiment_id = _cli.use_experiment(uri, experiment)
     else:
         cfg = _cli.base_config(args.recipe, args.data, args.overrides)
         experiment = args.experiment or Path(args.recipe).stem
-        experiment_id = _cli.use_experiment(uri, experiment)
         run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Checked before MLflow is touched: a first use creates the store, which logs to stderr.
     if cfg.amp != "off" and args.gpus == 0:
         raise UserError(f"amp: '{cfg.amp}' needs GPUs (--gpus); on CPU use amp=off")
     if cfg.norm == "sync_bn" and args.workers > 1 and args.gpus == 0:
         raise UserError("norm: sync_bn needs GPU workers (--gpus); on CPU use norm=group")
+    experiment_id = _cli.use_experiment(uri, experiment)
 
     import mlflow
 

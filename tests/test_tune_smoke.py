@@ -65,7 +65,7 @@ def test_parent_and_nested_runs_hold_params_and_metrics(smoke):
     for child in children:
         assert set(MaskRCNNConfig.__dataclass_fields__) <= set(child.data.params)
         assert child.data.params["min_size"] == "128"
-        for key in ("bbox_AP", "segm_AP", "segm_AP50", "bbox_AR100", "train_loss"):
+        for key in ("bbox_AP", "segm_AP", "segm_AP50", "bbox_AR50", "train_loss"):  # AR at max dets 50
             assert key in child.data.metrics, key
         history = client.get_metric_history(child.info.run_id, "segm_AP")
         assert [m.step for m in history] == [1]

@@ -25,6 +25,7 @@ from trainers.ray_seam import CHECKPOINT_PATH_KEY, init_ray
 log = logging.getLogger(__name__)
 TABLE_METRICS = ("bbox_AP", "segm_AP")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for each trial's driver function
+TRIAL_MAX_FAILURES = 2  # a trial whose worker dies restarts from its last checkpoint (as platform.train)
 
 
 @dataclass
@@ -90,7 +91,10 @@ def run_search(cfg: MaskRCNNConfig, space: dict, settings: SearchSettings) -> Se
             reduction_factor=settings.reduction_factor,
         )
         trainable = tune.with_parameters(
-            tune_trial, storage_path=settings.storage_path, **_resources(settings)
+            tune_trial,
+            storage_path=settings.storage_path,
+            max_failures=TRIAL_MAX_FAILURES,
+            **_resources(settings),
         )
         tuner = tune.Tuner(
             # The trial itself only waits on its Train workers, which hold the CPUs/GPUs; Ray needs some
