@@ -8,7 +8,10 @@ image once, in the data loader. Categories are `({"id": 1, "name": ...}, ...)` w
 the labels a torchvision detection model predicts (0 is the background).
 """
 
+import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,3 +218,20 @@ def instance_labels(record: ImageRecord) -> list[int]:
     if record.mask_paths:
         return [1] * len(record.mask_paths)
     return [inst.category_id for inst in record.instances if not inst.iscrowd]
+
+
+def write_json_atomic(path: str | Path, data, indent: int | None = None) -> Path:
+    """Write JSON atomically: a temporary file in the same folder, renamed over `path` at the end, so a
+    reader (or a crashed run) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(data, f, indent=indent)
+            f.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -16,14 +16,13 @@ fold), written atomically.
 """
 
 import json
-import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from datasets.errors import UserError
+from datasets.records import write_json_atomic
 
 NO_INSTANCES = "<no instances>"  # the stratum of images without any instance
 
@@ -131,20 +130,8 @@ def stratified_kfold(
 
 
 def write_split(path: str | Path, split: dict[str, list[str]]) -> Path:
-    """Write a split file atomically: a temporary file in the same folder, renamed over the target, so a
-    reader (or a crashed run) never sees a half-written split."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(split, f, indent=1)
-            f.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a split file atomically, so a reader (or a crashed run) never sees a half-written split."""
+    return write_json_atomic(path, split, indent=1)
 
 
 def read_split(path: str | Path, required: Sequence[str] = ("train", "val")) -> dict[str, list[str]]:

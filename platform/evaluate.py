@@ -13,9 +13,6 @@ scored against as R.gt.json beside them, so that any COCO tool can re-score them
 """
 
 import argparse
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -111,19 +108,6 @@ def category_map(model_categories, data_categories) -> dict[int, int]:
     return {c["id"]: data_ids[c["name"]] for c in model_categories}
 
 
-def write_json(path: Path, data) -> None:
-    """Write atomically: a temporary file in the same folder renamed over `path` at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(data, f)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def read_data(args) -> list:
     from datasets.instances import guess_format, read_records
     from datasets.splits import apply_split, read_split
@@ -166,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from datasets.instances import InstanceDataset, coco_ground_truth
+    from datasets.records import write_json_atomic
     from trainers.evaluation import (
         category_ids_without,
         coco_report,
@@ -210,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     files = []
     if args.predictions_out:
         files = [Path(args.predictions_out), Path(args.predictions_out).with_suffix(".gt.json")]
-        write_json(files[0], results)
-        write_json(files[1], gt.dataset)
+        write_json_atomic(files[0], results)
+        write_json_atomic(files[1], gt.dataset)
         print(f"predictions: {files[0]} (COCO results), ground truth: {files[1]}")
 
     started = time.perf_counter()
