@@ -233,6 +233,13 @@ def _foramdeepslice() -> list:
     ]
 
 
+@register_preset("dihedral")
+def _dihedral() -> list:
+    # The 8 rotations/reflections of a square, nothing else: exact on binary shape masks (no interpolation,
+    # no photometric change), where a slice's orientation carries no class information.
+    return [A.RandomRotate90(p=1.0), A.HorizontalFlip(p=0.5)]
+
+
 # ---- loader benchmark ---------------------------------------------------------------------------------
 
 

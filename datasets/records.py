@@ -221,15 +221,19 @@ def instance_labels(record: ImageRecord) -> list[int]:
 
 
 def write_json_atomic(path: str | Path, data, indent: int | None = None) -> Path:
-    """Write JSON atomically: a temporary file in the same folder, renamed over `path` at the end, so a
-    reader (or a crashed run) never sees a half-written file."""
+    """Write JSON atomically (see write_text_atomic)."""
+    return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file atomically: a temporary file in the same folder, renamed over `path` at the end,
+    so a reader (or a crashed run) never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as f:
-            json.dump(data, f, indent=indent)
-            f.write("\n")
+            f.write(text)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

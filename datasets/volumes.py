@@ -328,6 +328,14 @@ def square_crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int
     return top, left, top + side, left + side
 
 
+def whole_slice_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """The whole slice, padded to a square (centred) so that resizing keeps the aspect ratio."""
+    rows, cols = mask.shape
+    side = max(rows, cols)
+    top, left = (rows - side) // 2, (cols - side) // 2
+    return top, left, top + side, left + side
+
+
 def crop_padded(image: np.ndarray, box: tuple[int, int, int, int], fill: int) -> np.ndarray:
     r0, c0, r1, c1 = box
     out = np.full((r1 - r0, c1 - c0), fill, dtype=image.dtype)
@@ -345,8 +353,16 @@ def volume_slices(
     size: int = 224,
     margin: float = 0.1,
     min_foreground: float = 0.01,
+    crop: str = "object",
+    context: int = 0,
 ) -> Iterator[SliceResult]:
-    """Every slice of one loaded volume along `axes`, kept or dropped, in axis then index order."""
+    """Every slice of one loaded volume along `axes`, kept or dropped, in axis then index order.
+
+    crop="object" cuts a square around the object (`square_crop_box`); crop="none" keeps the whole slice
+    (padded to a square), so that the object's size in voxels stays visible to the classifier.
+    context=1 makes each image RGB: the slices before, at and after the index (clamped at the volume's
+    ends) as red, green and blue, cropped with the centre slice's box - "2.5D" input that shows a 2D
+    model the object's shape across the slice."""
     hist = np.bincount(volume.ravel(), minlength=256)
     threshold = otsu_threshold_from_histogram(hist.astype(np.float64))
     # pad crops with the background's typical grey, not black: CT air is rarely 0
@@ -363,9 +379,14 @@ def volume_slices(
                 continue
             # basic indexing gives a view; ndarray.take copies and is ~50x slower on F-ordered NIfTI data
             where = (slice(None),) * axis + (index,)
-            box = square_crop_box(mask[where], margin)
-            crop = crop_padded(volume[where], box, fill)
-            resized = Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR)
+            box = square_crop_box(mask[where], margin) if crop == "object" else whole_slice_box(mask[where])
+            if context:
+                last = volume.shape[axis] - 1
+                near = [min(max(index + d, 0), last) for d in (-1, 0, 1)]
+                cut = np.dstack([crop_padded(volume[(slice(None),) * axis + (i,)], box, fill) for i in near])
+            else:
+                cut = crop_padded(volume[where], box, fill)
+            resized = Image.fromarray(cut).resize((size, size), Image.Resampling.BILINEAR)
             yield SliceResult(record, axis, index, foreground, True, box, np.asarray(resized))
 
 
@@ -376,12 +397,21 @@ def iter_slices(
     size: int = 224,
     margin: float = 0.1,
     min_foreground: float = 0.01,
+    crop: str = "object",
+    context: int = 0,
 ) -> Iterator[SliceResult]:
     """Streams slices of many volumes; only one volume is loaded at a time (memory bounded by one)."""
     for record in records:
         volume = load_volume(record.path)
         yield from volume_slices(
-            record, volume, axes=axes, size=size, margin=margin, min_foreground=min_foreground
+            record,
+            volume,
+            axes=axes,
+            size=size,
+            margin=margin,
+            min_foreground=min_foreground,
+            crop=crop,
+            context=context,
         )
         del volume  # drop the reference before the next load, so two volumes never coexist
 
@@ -403,7 +433,11 @@ def _format_eta(seconds: float) -> str:
     )
 
 
-def _check_settings(size: int, margin: float, min_foreground: float) -> None:
+def _check_settings(size: int, margin: float, min_foreground: float, crop: str, context: int) -> None:
+    if context not in (0, 1):
+        raise UserError(f"context {context!r}: expected 0 (one grey slice) or 1 (neighbours as RGB channels)")
+    if crop not in ("object", "none"):
+        raise UserError(f"crop {crop!r}: expected object (square around the object) or none (whole slice)")
     if not isinstance(size, int) or size < 8:
         raise UserError(f"size {size!r}: expected an image side in pixels >= 8 (224 or 384)")
     if not 0 <= margin <= 2:
@@ -420,6 +454,8 @@ def extract_slices(
     size: int = 224,
     margin: float = 0.1,
     min_foreground: float = 0.01,
+    crop: str = "object",
+    context: int = 0,
     split_of: Mapping[str, str] | None = None,
     overwrite: bool = False,
     log_every_s: float = 10.0,
@@ -432,7 +468,7 @@ def extract_slices(
     """
     out_dir = Path(out_dir).resolve()
     axes = parse_axes(axes if isinstance(axes, str | int) else list(axes))
-    _check_settings(size, margin, min_foreground)
+    _check_settings(size, margin, min_foreground, crop, context)
     if not records:
         raise UserError("no volumes to slice (empty dataset)")
     if split_of is not None:
@@ -451,7 +487,16 @@ def extract_slices(
         with open(tmp / "index.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(INDEX_COLUMNS)
-            for s in iter_slices(records, axes=axes, size=size, margin=margin, min_foreground=min_foreground):
+            slices = iter_slices(
+                records,
+                axes=axes,
+                size=size,
+                margin=margin,
+                min_foreground=min_foreground,
+                crop=crop,
+                context=context,
+            )
+            for s in slices:
                 if s.record is not current:
                     volumes_done += current is not None
                     current = s.record

@@ -1,5 +1,6 @@
-"""Model registry seam: log a trained Mask R-CNN as an MLflow pyfunc model, register it under an alias,
-load it back by URI (`models:/NAME@champion`) and predict. Ray Serve deployments load through here."""
+"""Model registry seam: log a trained Mask R-CNN, slice classifier or classifier ensemble as an MLflow pyfunc
+model, register it under an alias, load it back by URI (`models:/NAME@champion`) and predict. Ray Serve
+deployments load through here."""
 
 import shutil
 import tempfile
@@ -14,7 +15,10 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models.model import ModelInfo
 
+from datasets.errors import UserError
+from trainers.classifier import SliceClassifier
 from trainers.config import MaskRCNNConfig
+from trainers.ensemble import Ensemble, load_predictor
 from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
 
 # Our predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; its advice
@@ -75,6 +79,39 @@ def log_detector(checkpoint_dir: Path, artifact_name: str = "model") -> ModelInf
         )
 
 
+class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
+    """`mlflow.pyfunc.load_model(uri).predict([slice, ...])` -> N x C class probabilities (a single
+    classifier or an ensemble; `classes` of the unwrapped model names the columns)."""
+
+    def load_context(self, context):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.predictor = load_predictor(Path(context.artifacts["classifier"]), device)
+
+    def predict(self, context, model_input, params=None):
+        return self.predictor.predict_proba(model_input)
+
+
+def log_classifier(folder: Path, artifact_name: str = "model") -> ModelInfo:
+    """Log a classifier checkpoint folder or an ensemble folder (without optimizer state)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        slim = Path(tmp) / "classifier"
+        shutil.copytree(folder, slim, ignore=shutil.ignore_patterns("train_state.pt", ".*"))
+        return mlflow.pyfunc.log_model(
+            name=artifact_name,
+            python_model=ClassifierPyfunc(),
+            artifacts={"classifier": str(slim)},
+            pip_requirements=_requirements(),
+        )
+
+
+def log_checkpoint(folder: Path, artifact_name: str = "model") -> ModelInfo:
+    """Log whatever a training run checkpointed: a classifier (classes.json) or a detector."""
+    folder = Path(folder)
+    if (folder / "classes.json").is_file() or (folder / "ensemble.json").is_file():
+        return log_classifier(folder, artifact_name)
+    return log_detector(folder, artifact_name)
+
+
 def register(model_uri: str, name: str, alias: str = "champion") -> ModelVersion:
     version = mlflow.register_model(model_uri, name)
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
@@ -84,15 +121,25 @@ def register(model_uri: str, name: str, alias: str = "champion") -> ModelVersion
 def load_detector(uri: str) -> Detector:
     """Load `models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/...` or a local model folder."""
     wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    name = version = None
-    if uri.startswith("models:/"):
-        name, _, ref = uri.removeprefix("models:/").partition("@")
-        client = mlflow.MlflowClient()
-        if ref:
-            version = str(client.get_model_version_by_alias(name, ref).version)
-        else:
-            name, _, version = name.partition("/")
+    name, version = registry_version(uri)
     return Detector(wrapper.model, wrapper.categories, wrapper.config, wrapper.device, uri, name, version)
+
+
+def registry_version(uri: str) -> tuple[str | None, str | None]:
+    """(registered name, version) of a `models:/NAME@alias` or `models:/NAME/VERSION` URI, else Nones."""
+    if not uri.startswith("models:/"):
+        return None, None
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    if ref:
+        return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, ref).version)
+    name, _, version = name.partition("/")
+    return name, version
+
+
+def load_classifier(value: str, device: str | None = None) -> SliceClassifier | Ensemble:
+    """A classifier or ensemble (folder, or registered/logged model URI), ready to `predict_proba`."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_predictor(classifier_folder(value), device)
 
 
 @torch.inference_mode()
@@ -114,3 +161,37 @@ def predict_image(
         "masks": (out["masks"][keep, 0] >= mask_threshold).cpu().numpy(),
         "class_names": [names.get(int(label), str(label)) for label in labels],
     }
+
+
+def is_classifier_folder(path: Path) -> bool:
+    return (path / "classes.json").is_file() or (path / "ensemble.json").is_file()
+
+
+def classifier_folder(value: str) -> Path:
+    """The local folder of a classifier or ensemble given as a folder or an MLflow model URI (downloaded
+    from the store); UserError naming the value when it is neither."""
+    path = Path(value).expanduser()
+    if path.is_dir() and is_classifier_folder(path):
+        return path.resolve()
+    if ":/" not in value:
+        raise UserError(
+            f"{value}: not a classifier checkpoint or ensemble folder (no classes.json or ensemble.json) "
+            "and not an MLflow model URI (models:/NAME@alias, runs:/RUN_ID/model)"
+        )
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=value))
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        raise UserError(f"{value}: cannot load: {str(e).splitlines()[0]}") from None
+    folder = local / "artifacts" / "classifier"
+    if not is_classifier_folder(folder):
+        raise UserError(f"{value}: not a classifier model (no classifier artifact)")
+    return folder
+
+
+def is_classifier(value: str) -> bool:
+    """Whether a --model value (folder or MLflow URI) is a classifier or ensemble (else a detector)."""
+    try:
+        classifier_folder(value)
+    except UserError:
+        return False
+    return True

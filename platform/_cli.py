@@ -1,6 +1,7 @@
 """What every `python -m platform.X` command shares: user errors as one line + exit 2, the embedded
 MLflow store, and where local Ray results go."""
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +18,12 @@ LOCAL_RESULTS = REPO / ".ray_results"
 
 def run(main: Callable[[list[str] | None], int]) -> None:
     """Run a CLI `main`; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    # Long data work (slicing volumes, ...) logs progress lines with rate and ETA from datasets/*.
+    progress = logging.getLogger("datasets")
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler())
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
     try:
         code = main(None)
     except UserError as e:
@@ -72,8 +79,10 @@ def base_config(recipe: str, data: str | None, overrides: list[str], max_epochs:
     """Recipe < --data/--max-epochs < key=value overrides, with every path made absolute on the driver
     (workers run in another folder); the data is read once here so that its errors are one line."""
     from datasets.instances import SAMPLE_DATA, read_records
+    from datasets.slices import SAMPLE_VOLUMES, slice_index, split_rows
     from datasets.splits import train_val_split
-    from trainers.config import apply_overrides, parse_overrides
+    from trainers.classifier import check_model_name
+    from trainers.config import ClassifierConfig, apply_overrides, parse_overrides
     from trainers.recipes import get_recipe
 
     cfg = get_recipe(recipe)
@@ -83,13 +92,19 @@ def base_config(recipe: str, data: str | None, overrides: list[str], max_epochs:
         if not folder.exists():
             raise UserError(f"--data: {data} not found")
         values["data"] = str(folder)
-    for key in ("split_file", "weights"):
+    for key in ("split_file", "weights", "pretrained"):
         value = values.get(key)
-        if value and value != "DEFAULT" and os.path.exists(os.path.expanduser(value)):
+        if value and value not in ("DEFAULT", "timm") and os.path.exists(os.path.expanduser(value)):
             values[key] = str(Path(value).expanduser().resolve())
     if max_epochs is not None:
         values["epochs"] = max_epochs
     cfg = apply_overrides(cfg, values)
+    if isinstance(cfg, ClassifierConfig):
+        # Volumes are sliced here, once, into the cache; workers (and the logged config) get the slice index.
+        check_model_name(cfg.model_name)
+        index = slice_index(cfg.data or SAMPLE_VOLUMES, cfg.slicing())
+        split_rows(index, cfg.val_fraction, cfg.split_seed)
+        return apply_overrides(cfg, {"data": str(index)})
     train_val_split(
         read_records(cfg.data or SAMPLE_DATA, cfg.data_format), cfg.val_fraction, cfg.seed, cfg.split_file
     )

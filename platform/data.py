@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--axis", default="0", help="0, 1, 2, a list like 0,2, or all")
     q.add_argument("--size", type=int, default=224, help="slice side in pixels (224 or 384)")
     q.add_argument("--margin", type=float, default=0.1, help="crop margin as a fraction of the object")
+    q.add_argument(
+        "--crop",
+        choices=("object", "none"),
+        default="object",
+        help="object: square around the object (default); none: the whole slice (keeps object size)",
+    )
+    q.add_argument(
+        "--context", type=int, default=0, help="1: neighbouring slices as RGB channels (2.5D); default 0"
+    )
     q.add_argument("--min-foreground", type=float, default=0.01, help="drop slices with less object")
     q.add_argument("--split", help="e.g. train=0.7,val=0.15,test=0.15: specimen-level, minimised class CV")
     q.add_argument("--seed", type=int, default=0)
@@ -184,6 +193,8 @@ def slices(args) -> int:
         size=args.size,
         margin=args.margin,
         min_foreground=args.min_foreground,
+        crop=args.crop,
+        context=args.context,
     )
     print(
         f"{summary.volumes} volumes -> {summary.slices_written} slices written, {summary.slices_dropped} "

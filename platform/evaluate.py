@@ -1,15 +1,20 @@
 """Evaluate a trained Mask R-CNN on a dataset: COCO bbox/segm metrics (per class, per IoU threshold, at a
 chosen max detections, optionally without one class), the Kaggle DSB2018/Sartorius metric and the mean
-matched mask IoU, as a table; metrics and plots go to an MLflow run.
+matched mask IoU, as a table; metrics and plots go to an MLflow run. A slice classifier or ensemble is
+evaluated on labelled volumes (sliced as in its training) or a slice index, at slice and volume level.
 
     python -m platform.evaluate --model .ray_results/RUN/checkpoint_000009 --data datasets/sample/dsb2018
     python -m platform.evaluate --model models:/demo@champion --data /data/dsb --predictions-out /tmp/r.json
     python -m platform.evaluate --model runs:/RUN_ID/model --data /data/foram --data-format via \\
         --split-file splits/foram.json --split val --max-dets 256 --exclude-class sediment
 
+    python -m platform.evaluate --model models:/adrenal@champion --data /data/adrenal_test/labels.csv
+    python -m platform.evaluate --model ENSEMBLE_FOLDER --data slices/index.csv --split test
+
 --model is a checkpoint folder (model.pt, config.json, categories.json) or an MLflow model URI. With
 --predictions-out R.json the predictions are written as COCO results, and the ground truth they are
-scored against as R.gt.json beside them, so that any COCO tool can re-score them.
+scored against as R.gt.json beside them, so that any COCO tool can re-score them; for a classifier,
+--predictions-out R.csv gets one row per volume (label, prediction, class probabilities).
 """
 
 import argparse
@@ -143,6 +148,71 @@ def log_run(uri: str, experiment: str, params: dict, metrics: dict, table: str, 
     return run.info.run_id
 
 
+def classifier_data(args, predictor):
+    """(slice probabilities, specimen per slice, label per slice) of --data: labelled volumes, sliced as
+    the model's training slices were, or a slice index (rows of --split when its split column is set)."""
+    import numpy as np
+
+    from datasets.slices import SliceDataset, is_slice_index
+    from datasets.volumes import read_index, read_volumes
+    from trainers.classifier import predict_volumes
+
+    path = Path(args.data).expanduser().resolve()
+    if not path.exists():
+        raise UserError(f"--data: {args.data} not found")
+    if not is_slice_index(path):
+        return predict_volumes(predictor, read_volumes(path))
+    index = path / "index.csv" if path.is_dir() else path
+    rows = read_index(index)
+    if any(r["split"] for r in rows):
+        rows = [r for r in rows if r["split"] == args.split]
+        if not rows:
+            raise UserError(f"--split: no slices of split '{args.split}' in {index}")
+    unknown = sorted({r["label"] for r in rows} - set(predictor.classes))
+    if unknown:
+        raise UserError(f"--data: {index} has labels {', '.join(unknown)} the model does not predict")
+    dataset = SliceDataset(rows, index.parent, predictor.classes, input_size=0, in_chans=3)
+    return predictor.predict_proba(dataset.images()), dataset.specimens, np.asarray(dataset.labels)
+
+
+def evaluate_classifier(args, uri: str | None) -> int:
+    import numpy as np
+
+    from deploy.registry import load_classifier
+    from trainers.classification import aggregate, format_report, report
+    from trainers.plots import classification_figures
+
+    predictor = load_classifier(args.model)
+    started = time.perf_counter()
+    probs, groups, labels = classifier_data(args, predictor)
+    predict_s = time.perf_counter() - started
+    classes = predictor.classes
+    metrics, details = report(probs, labels, groups, classes, predictor.aggregate)
+    table = format_report(metrics, classes)
+    print(f"{len(set(groups))} volumes, {len(labels)} slices; volume = {predictor.aggregate} of its slices")
+    print(table)
+    print(f"predict {predict_s:.1f} s")
+    files = []
+    if args.predictions_out:
+        from datasets.records import write_text_atomic
+
+        ids, volume = aggregate(probs, groups, predictor.aggregate)
+        volume_labels = details["volume"]["labels"]
+        lines = [",".join(["specimen", "label", "predicted", *(f"p_{c}" for c in classes)])]
+        for i, p, y in zip(ids, volume, volume_labels, strict=True):
+            lines.append(",".join([i, classes[y], classes[int(np.argmax(p))], *(f"{v:.6f}" for v in p)]))
+        files = [Path(args.predictions_out)]
+        write_text_atomic(files[0], "\n".join(lines) + "\n")
+        print(f"predictions: {files[0]} (one row per volume)")
+    if not args.no_mlflow:
+        params = {"model": args.model, "data": str(Path(args.data).resolve()), "volumes": len(set(groups))}
+        figures = classification_figures(details, metrics, classes)
+        run_id = log_run(uri, args.experiment, params, metrics, table, figures, files)
+        print(f"MLflow: experiment '{args.experiment}', run {run_id}")
+        print(f"browse: {_cli.browse_hint(uri)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
@@ -165,11 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-dets: expected a positive integer, got {args.max_dets}")
     if not 0.0 <= args.score_threshold <= 1.0:
         raise UserError(f"--score-threshold: expected a value in [0, 1], got {args.score_threshold}")
-    # Everything about the input is checked before the model runs: a mistake costs seconds, not a pass.
-    records = read_data(args)
-    categories = records[0].categories
-    if args.exclude_class:
-        category_ids_without(categories, args.exclude_class)
     uri = None
     if not args.no_mlflow or ":/" in args.model:
         import mlflow
@@ -177,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         uri = _cli.tracking_uri(args.tracking_uri)
         mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
         mlflow.set_registry_uri(uri)
+    from deploy.registry import is_classifier
+
+    if is_classifier(args.model):
+        return evaluate_classifier(args, uri)
+    # Everything about the input is checked before the model runs: a mistake costs seconds, not a pass.
+    records = read_data(args)
+    categories = records[0].categories
+    if args.exclude_class:
+        category_ids_without(categories, args.exclude_class)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config, model_categories = load_model(args.model, device)
     tile_size = config.tile_size if args.tile_size is None else args.tile_size

@@ -5,6 +5,8 @@ alias `champion` when --register-as is given.
     python -m platform.train --recipe dsb2018_cpu
     python -m platform.train --recipe dsb2018_demo epochs=2 min_size=128 max_size=160 --register-as demo
     python -m platform.train --recipe foram_maskrcnn --data /data/foram --workers 2 --gpus 2 amp=bf16
+    python -m platform.train --recipe adrenal3d_cpu --register-as adrenal
+    python -m platform.train --recipe foramdeepslice --data /data/foram_volumes/labels.csv --gpus 1
 """
 
 import argparse
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from datasets.errors import UserError
 from platform import _cli
-from trainers.config import apply_overrides
+from trainers.config import ClassifierConfig, apply_overrides
 
 RAY_NAME_TAG = "ray_run_name"  # how --resume finds the Ray run (and its checkpoints) of an MLflow run
 RAY_STORAGE_TAG = "ray_storage_path"
@@ -58,8 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-HEADLINE = ("train_loss", "bbox_AP", "segm_AP")
-CURVES = ("bbox_AP", "segm_AP", "segm_AP50", "kaggle_mAP")  # drawn beside the loss curves
 # Per-epoch bookkeeping, not results: left out of the mean +- std over seeds.
 NOT_RESULTS = {
     "epoch",
@@ -68,6 +68,8 @@ NOT_RESULTS = {
     "resumed_at_epoch",
     "train_images",
     "train_optimizer_steps",
+    "train_slices",
+    "early_stopped",
 }
 
 
@@ -87,7 +89,7 @@ def train_run(
     import mlflow
     import ray
 
-    from deploy.registry import log_detector
+    from deploy.registry import log_checkpoint
     from trainers.config import to_dict
     from trainers.loop import make_trainer, mlflow_epoch_callback
     from trainers.plots import log_figure, loss_curves
@@ -128,9 +130,12 @@ def train_run(
             max_failures=args.max_failures,
         )
         result = trainer.fit()
-        info = log_detector(Path(result.checkpoint.path))
-        log_figure(loss_curves(curve_history(uri, run.info.run_id)), "plots/loss_curves.png")
-        for name, fig in validation_figures(cfg, Path(result.checkpoint.path)).items():
+        info = log_checkpoint(Path(result.checkpoint.path))
+        log_figure(loss_curves(curve_history(uri, run.info.run_id, cfg)), "plots/loss_curves.png")
+        figures = (classifier_figures if isinstance(cfg, ClassifierConfig) else validation_figures)(
+            cfg, Path(result.checkpoint.path)
+        )
+        for name, fig in figures.items():
             log_figure(fig, name)
     metrics = {
         k: v
@@ -159,12 +164,33 @@ def validation_figures(cfg, checkpoint: Path) -> dict:
     return evaluation_figures(evals, val, results)
 
 
-def curve_history(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+def classifier_figures(cfg, checkpoint: Path) -> dict:
+    """Confusion matrices, ROC curves and per-class F1 (slice and volume level) of the final model on the
+    validation specimens; the report table goes to the run as text."""
+    import mlflow
+
+    from trainers.classification import format_report, report
+    from trainers.classifier import load_classifier_checkpoint
+    from trainers.classifier_loop import slice_sets
+    from trainers.plots import classification_figures
+
+    predictor = load_classifier_checkpoint(checkpoint)
+    _, val, _ = slice_sets(cfg)
+    probs = predictor.predict_proba(val.images())
+    metrics, details = report(probs, val.labels, val.specimens, val.classes, cfg.aggregate)
+    mlflow.log_text(format_report(metrics, val.classes), "report.txt")
+    return classification_figures(details, metrics, val.classes)
+
+
+def curve_history(uri: str, run_id: str, cfg) -> dict[str, list[tuple[int, float]]]:
     """The per-epoch losses and headline validation metrics of a run, for the loss-curves plot."""
     import mlflow
 
+    from trainers.tasks import task_of
+
+    curves = task_of(cfg).curves
     client = mlflow.MlflowClient(uri)
-    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train_loss") or k in CURVES]
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("train_loss") or k in curves]
     return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
 
 
@@ -173,7 +199,7 @@ def resumed_run(uri: str, run_id: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from trainers.config import MaskRCNNConfig, from_dict
+    from trainers.config import config_class, from_dict
 
     client = mlflow.MlflowClient(uri)
     try:
@@ -189,7 +215,7 @@ def resumed_run(uri: str, run_id: str):
         raise UserError(f"--resume: run '{run_id}' has already finished")
     config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
     experiment = client.get_experiment(run.info.experiment_id).name
-    return from_dict(MaskRCNNConfig, config, f"run {run_id} config.json"), experiment, name
+    return from_dict(config_class(config), config, f"run {run_id} config.json"), experiment, name
 
 
 def seed_summary(metrics: list[dict]) -> dict[str, tuple[float, float]]:
@@ -234,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # Checked before MLflow is touched: a first use creates the store, which logs to stderr.
     if cfg.amp != "off" and args.gpus == 0:
         raise UserError(f"amp: '{cfg.amp}' needs GPUs (--gpus); on CPU use amp=off")
-    if cfg.norm == "sync_bn" and args.workers > 1 and args.gpus == 0:
+    if getattr(cfg, "norm", "") == "sync_bn" and args.workers > 1 and args.gpus == 0:
         raise UserError("norm: sync_bn needs GPU workers (--gpus); on CPU use norm=group")
     experiment_id = _cli.use_experiment(uri, experiment)
 
@@ -242,13 +268,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from deploy.registry import register
     from trainers.ray_seam import init_ray
+    from trainers.tasks import task_of
 
     init_ray(args.address, str(_cli.REPO))
+    task = task_of(cfg)
     started = time.time()
     if args.seeds == 1:
         outcome = train_run(cfg, args, uri, experiment_id, run_name, run_id=args.resume)
         print(
-            "final: " + "  ".join(f"{k}={outcome.metrics[k]:.4f}" for k in HEADLINE if k in outcome.metrics)
+            "final: "
+            + "  ".join(f"{k}={outcome.metrics[k]:.4f}" for k in task.headline if k in outcome.metrics)
         )
         best = outcome
     else:
@@ -276,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             table = format_seed_table(summary, len(outcomes))
             mlflow.log_text(table, "seeds.txt")
         print(table)
-        best = max(outcomes, key=lambda o: o.metrics.get("segm_AP", 0.0))
+        best = max(outcomes, key=lambda o: o.metrics.get(task.metric, 0.0))
         print(
-            f"best seed: {best.cfg.seed} (segm_AP={best.metrics.get('segm_AP', 0.0):.4f}), run {best.run_id}"
+            f"best seed: {best.cfg.seed} ({task.metric}={best.metrics.get(task.metric, 0.0):.4f}), "
+            f"run {best.run_id}"
         )
     version = register(best.model_uri, args.register_as) if args.register_as else None
     print(f"MLflow: experiment '{experiment}', run {best.run_id}; model {best.model_uri}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from datasets.errors import UserError
 from platform import _cli
+from trainers.config import to_dict
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -25,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--space", help="named search space (see --list-spaces)")
     p.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
-    p.add_argument("--recipe", default="dsb2018_demo", help="base config: a recipe name or a YAML file")
+    p.add_argument(
+        "--recipe", help="base config: a recipe name or a YAML file (default: the space's, e.g. dsb2018_demo)"
+    )
     p.add_argument("--data", help="dataset folder (default: the bundled DSB2018 sample)")
     p.add_argument("--num-samples", type=int, default=4, help="trials (4 keep the CPU demo near 10 min)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial (default: the recipe's)")
-    p.add_argument("--metric", default="segm_AP", help="metric to optimise (reported every epoch)")
+    p.add_argument(
+        "--metric",
+        help="metric to optimise, reported every epoch (default: segm_AP, or volume_auc for classifiers)",
+    )
     p.add_argument("--mode", default="max", choices=("max", "min"))
     p.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
     p.add_argument(
@@ -59,17 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from search_spaces import SPACES, get_space
+    from search_spaces import SPACES, default_recipe, get_space
 
     if args.list_spaces:
-        for name, (_, description) in sorted(SPACES.items()):
-            print(f"{name:16s} {description}")
+        for name, (_, description, recipe) in sorted(SPACES.items()):
+            print(f"{name:16s} {description} (recipe {recipe})")
         return 0
     if not args.space:
         raise UserError(f"--space is required; valid: {', '.join(sorted(SPACES))}")
     space = get_space(args.space)
-    cfg = _cli.base_config(args.recipe, args.data, args.overrides, args.max_epochs)
-    experiment = args.experiment or Path(args.recipe).stem
+    recipe = args.recipe or default_recipe(args.space)
+    cfg = _cli.base_config(recipe, args.data, args.overrides, args.max_epochs)
+    unknown = sorted(set(space) - set(to_dict(cfg)))
+    if unknown:
+        raise UserError(
+            f"--space {args.space}: its keys {', '.join(unknown)} are not fields of recipe {recipe} "
+            f"({type(cfg).__name__}); pick a recipe of the same kind"
+        )
+    experiment = args.experiment or Path(recipe).stem
     for flag in ("num_samples", "workers_per_trial", "concurrent_trials"):
         if getattr(args, flag) < 1:
             raise UserError(
@@ -77,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     from trainers.search import SearchSettings, run_search
+    from trainers.tasks import task_of
 
+    metric = args.metric or task_of(cfg).metric
     settings = SearchSettings(
         space_name=args.space,
         num_samples=args.num_samples,
-        metric=args.metric,
+        metric=metric,
         mode=args.mode,
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.table)
     print()
     v = summary.registered
-    print(f"best trial: {summary.best_trial}  {args.metric}={summary.best_value:.4f}")
+    print(f"best trial: {summary.best_trial}  {metric}={summary.best_value:.4f}")
     print(f"registered model: name={v.name} version={v.version} alias=champion  (models:/{v.name}@champion)")
     print(f"MLflow: experiment '{experiment}', parent run {summary.parent_run_id}")
     print(f"browse: {_cli.browse_hint(settings.tracking_uri)}")

@@ -1,6 +1,7 @@
 """Named search spaces: name -> function returning {config field: ray.tune distribution}.
 
-Keys are MaskRCNNConfig field names. Tuple-valued fields are sampled as strings ("24,40,80,128,256")
+Keys are config field names (MaskRCNNConfig or ClassifierConfig); each space names the recipe it searches
+around by default. Tuple-valued fields are sampled as strings ("24,40,80,128,256")
 that the config parses, because Optuna's categorical choices must be scalars.
 """
 
@@ -8,12 +9,12 @@ from collections.abc import Callable
 
 from datasets.errors import UserError
 
-SPACES: dict[str, tuple[Callable[[], dict], str]] = {}
+SPACES: dict[str, tuple[Callable[[], dict], str, str]] = {}
 
 
-def register_space(name: str, description: str):
+def register_space(name: str, description: str, recipe: str = "dsb2018_demo"):
     def deco(fn: Callable[[], dict]) -> Callable[[], dict]:
-        SPACES[name] = (fn, description)
+        SPACES[name] = (fn, description, recipe)
         return fn
 
     return deco
@@ -25,4 +26,9 @@ def get_space(name: str) -> dict:
     return SPACES[name][0]()
 
 
-from search_spaces import maskrcnn  # noqa: E402,F401  (registers the spaces)
+def default_recipe(name: str) -> str:
+    get_space(name)  # unknown names fail here, listing the valid ones
+    return SPACES[name][2]
+
+
+from search_spaces import classifier, maskrcnn  # noqa: E402,F401  (registers the spaces)

@@ -1,7 +1,7 @@
 import pytest
 
 from datasets.errors import UserError
-from search_spaces import SPACES, get_space
+from search_spaces import SPACES, default_recipe, get_space
 from trainers.config import MaskRCNNConfig, apply_overrides, from_dict, parse_overrides, to_dict
 from trainers.recipes import RECIPES, get_recipe
 
@@ -63,12 +63,14 @@ def test_recipe_file(tmp_path):
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_every_space_samples_valid_configs(name):
     space = get_space(name)
-    assert set(space) <= set(MaskRCNNConfig.__dataclass_fields__)
+    base = get_recipe(default_recipe(name))
+    assert set(space) <= set(type(base).__dataclass_fields__)
     for _ in range(20):
         sample = {key: domain.sample() for key, domain in space.items()}
-        cfg = apply_overrides(get_recipe("dsb2018_demo"), sample, source=f"space {name}")
+        cfg = apply_overrides(base, sample, source=f"space {name}")
         for key in space:
-            assert getattr(cfg, key) is not None
+            value = getattr(cfg, key)  # tuple fields are sampled as "a,b,c" strings
+            assert value == sample[key] or isinstance(value, tuple) and value
 
 
 def test_unknown_space_lists_valid_names():

@@ -161,6 +161,141 @@ class MaskRCNNConfig:
             starts.append(start)
 
 
+CROPS = ("object", "none")
+AGGREGATES = ("mean", "vote")
+
+
+@dataclass
+class ClassifierConfig:
+    """A timm slice classifier (ForamDeepSlice, RECIPES.md section 2): `epochs` in all, of which the first
+    `head_epochs` train the head only (backbone frozen, lr `head_lr`, cosine), the rest everything (lr
+    `lr`, cosine with warm restarts every `restart_epochs`); AdamW; early stopping on validation loss."""
+
+    # --- data ---
+    data: str = ""  # "" = the bundled adrenal3d sample; a volume source (labels CSV, class folders) that is
+    # sliced into a cache, or a slice index CSV from `python -m platform.data slices`. Absolute on workers.
+    val_fraction: float = 0.2  # specimens held out for validation when the slice index has no split
+    split_seed: int = 0  # seeds that split; apart from `seed` so that repeats with other seeds (--seeds,
+    # ensemble members) hold out the same specimens and can be compared and combined without leakage
+    axes: str = "all"  # volume axes slices are cut across: 0, 1, 2, a list such as 0,2, or all
+    slice_size: int = 224  # side of the extracted slice images, pixels (volume sources)
+    crop: str = "object"  # object: square box around the object (the paper's "intelligent cropping", scale
+    # lost); none: the whole slice (object size stays visible, as for glands of fixed voxel size)
+    crop_margin: float = 0.1  # crop=object: margin around the object's box, fraction of its side
+    min_foreground: float = 0.01  # slices with less object (Otsu) than this fraction are dropped
+    context: int = 0  # 1: each image holds the slices before/at/after as RGB ("2.5D"; needs in_chans=3)
+    slices_per_specimen: int = 0  # training slices drawn per specimen each epoch (0 = all): neighbouring
+    # slices are near copies, so a fresh sample per epoch covers the data at a fraction of the cost
+    val_slices_per_specimen: int = 0  # evenly spaced validation slices per specimen (0 = all)
+    aggregate: str = "mean"  # volume-level prediction from slices: mean probability | vote (majority)
+    augment: str = "foramdeepslice"  # per-slice augmentation preset (datasets/augment.py)
+    # --- model ---
+    model_name: str = "resnet18"  # any timm model name (timm.list_models())
+    pretrained: str = ""  # "" random init; "timm" = timm's pretrained weights (downloads); or a weights file
+    input_size: int = 224  # model input side, pixels (224 or 384 in the paper; slices are resized to it)
+    in_chans: int = 3  # 3: grey slices repeated to RGB (as ImageNet weights expect); 1: one grey channel
+    drop_rate: float = 0.0  # dropout before the classifier head
+    # --- optimisation ---
+    epochs: int = 30  # training epochs in all (a Tune search or early stopping may end a run earlier)
+    head_epochs: int = 10  # the first this many epochs train the head only, the backbone frozen
+    head_lr: float = 1e-4  # lr of the head-only phase (cosine to 0 over the phase)
+    lr: float = 5e-5  # lr once everything trains (cosine with warm restarts)
+    restart_epochs: float = 0.0  # warm-restart period of the second phase, epochs (0 = one cosine period)
+    warmup_epochs: float = 0.0  # linear warm-up of the lr over the run's first epochs (from-scratch training)
+    lr_reference_batch: int = 0  # 0 = lrs as given; else scaled by global_batch / lr_reference_batch
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    mixup_alpha: float = 0.0  # Mixup Beta(alpha, alpha); 0 = off
+    cutmix_alpha: float = 0.0  # CutMix Beta(alpha, alpha); 0 = off
+    mix_prob: float = 1.0  # probability a batch is mixed (Mixup or CutMix, switching 50/50 when both on)
+    early_stop_patience: int = 5  # stop after this many epochs without a lower validation loss; 0 = off
+    precise_bn_batches: int = 50  # before each validation, BatchNorm statistics are recomputed over this many
+    # training batches with the current weights (Detectron2's PreciseBN; 0 = off): the running averages lag
+    # weights that move fast (from scratch, high lr) and then evaluate a model that never existed
+    batch_size: int = 32  # slices per worker per step (even: Mixup/CutMix pair the batch with its flip)
+    amp: str = "off"  # mixed precision on GPU: off | bf16 | fp16 (fp16 adds a GradScaler); CPU: off only
+    seed: int = 0  # seeds the weights' init, augmentation, mixing and data order (not the split)
+    loader_workers: int = 0  # DataLoader worker processes per training worker
+
+    def validate(self) -> None:
+        from datasets.augment import PRESETS
+        from datasets.volumes import parse_axes
+
+        try:
+            parse_axes(self.axes)
+        except UserError as e:
+            raise UserError(f"axes: {e}") from None
+        _one_of("crop", self.crop, CROPS)
+        _one_of("aggregate", self.aggregate, AGGREGATES)
+        _one_of("augment", self.augment, tuple(PRESETS))
+        _one_of("amp", self.amp, AMP_MODES)
+        for key in ("val_fraction", "min_foreground", "label_smoothing", "mix_prob", "drop_rate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"{key}: expected a value in [0, 1], got {getattr(self, key)}")
+        for key in ("slice_size", "input_size"):
+            if getattr(self, key) < 16:
+                raise UserError(f"{key}: expected at least 16 pixels, got {getattr(self, key)}")
+        if self.in_chans not in (1, 3):
+            raise UserError(f"in_chans: expected 1 (grey) or 3 (grey repeated to RGB), got {self.in_chans}")
+        if self.context not in (0, 1):
+            raise UserError(
+                f"context: expected 0 (one slice) or 1 (neighbouring slices as RGB), got {self.context}"
+            )
+        if self.context and self.in_chans != 3:
+            raise UserError("context: 1 stacks three slices as RGB channels; it needs in_chans=3")
+        if self.epochs < 1:
+            raise UserError(f"epochs: expected a positive integer, got {self.epochs}")
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise UserError(f"batch_size: expected an even number >= 2 (Mixup pairs), got {self.batch_size}")
+        for key in ("head_lr", "lr"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"{key}: expected a positive learning rate, got {getattr(self, key)}")
+        for key in (
+            "crop_margin",
+            "slices_per_specimen",
+            "val_slices_per_specimen",
+            "head_epochs",  # more than `epochs`: the whole (shortened) run trains the head only
+            "restart_epochs",
+            "warmup_epochs",
+            "lr_reference_batch",
+            "weight_decay",
+            "mixup_alpha",
+            "cutmix_alpha",
+            "early_stop_patience",
+            "precise_bn_batches",
+            "loader_workers",
+        ):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key}: expected 0 or more, got {getattr(self, key)}")
+
+    def slicing(self) -> dict:
+        """The slice-extraction settings, as `datasets.volumes.volume_slices` takes them: a model only
+        understands slices cut the way its training slices were."""
+        from datasets.volumes import parse_axes
+
+        return dict(
+            axes=parse_axes(self.axes),
+            size=self.slice_size,
+            crop=self.crop,
+            margin=self.crop_margin,
+            min_foreground=self.min_foreground,
+            context=self.context,
+        )
+
+
+CONFIG_CLASSES = (MaskRCNNConfig, ClassifierConfig)
+
+
+def config_class(values: dict[str, Any]) -> type:
+    """The config class `values` (a recipe file, a checkpoint's config.json) belongs to: the one whose
+    fields hold all its keys; Mask R-CNN when both do (a file of shared keys such as `epochs`)."""
+    keys = set(values)
+    for cls in CONFIG_CLASSES:
+        if keys <= set(typing.get_type_hints(cls)):
+            return cls
+    return MaskRCNNConfig  # its apply_overrides names the unknown key
+
+
 def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UserError(f"{key}: unknown value '{value}'; valid: {', '.join(valid)}")

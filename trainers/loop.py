@@ -273,7 +273,8 @@ def make_trainer(
     checkpoints_to_keep: int | None = 1,
     max_failures: int = 0,
 ):
-    """A Ray Train TorchTrainer of `num_workers` DDP workers (gloo on CPU, NCCL on GPU) running the loop.
+    """A Ray Train TorchTrainer of `num_workers` DDP workers (gloo on CPU, NCCL on GPU) running the loop of
+    the config's task (Mask R-CNN or slice classifier, trainers/tasks.py).
 
     Train V2 keeps a run's per-epoch metrics with its checkpoints: keep them all (None) to read every
     epoch from `Result.metrics_dataframe`. When a worker process dies, Ray restarts the whole group up to
@@ -283,9 +284,11 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from trainers.tasks import task_of
+
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
-        train_loop_per_worker,
+        task_of(config).loop,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources

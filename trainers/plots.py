@@ -1,5 +1,6 @@
 """Evaluation and training plots as matplotlib Figures: precision-recall curves from COCOeval, loss curves
-from metric histories, and prediction overlays; `log_figure` stores one in the active MLflow run.
+from metric histories, prediction overlays, and classification confusion matrices, ROC curves and
+per-class F1 bars; `log_figure` stores one in the active MLflow run.
 
 Figures are built with `matplotlib.figure.Figure`, not pyplot: no GUI backend is involved (they render
 with Agg when saved) and no global figure registry keeps them alive, so servers and Ray workers can plot.
@@ -14,8 +15,10 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from datasets.records import load_image
+from trainers.classification import sanitise
 from trainers.evaluation import PR_IOUS, coco_stat
 
 OVERLAY_IMAGES = 4  # images drawn with their predictions
@@ -149,3 +152,84 @@ def log_figure(fig: Figure, artifact_file: str, dpi: int = 120) -> None:
     import mlflow
 
     mlflow.log_figure(fig, artifact_file, save_kwargs={"dpi": dpi})
+
+
+def confusion_matrix_figure(cm: np.ndarray, classes, title: str = "") -> Figure:
+    """A C x C confusion matrix (rows = true class, columns = predicted): each cell coloured by its share
+    of the true class's samples, so that rare classes read as clearly as common ones, and annotated with
+    its count."""
+    cm = np.asarray(cm)
+    n = len(classes)
+    totals = cm.sum(axis=1, keepdims=True)
+    shares = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+    side = max(4.0, 0.55 * n + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, label="fraction of the true class", shrink=0.8)
+    fontsize = max(4, min(9, 120 // max(n, 1)))
+    for (i, j), count in np.ndenumerate(cm):
+        colour = "white" if shares[i, j] > 0.5 else "black"  # legible on both ends of the colour map
+        ax.text(j, i, str(int(count)), ha="center", va="center", color=colour, fontsize=fontsize)
+    ax.set_xticks(range(n), [str(c) for c in classes], rotation=45, ha="right", fontsize=fontsize)
+    ax.set_yticks(range(n), [str(c) for c in classes], fontsize=fontsize)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(title or "confusion matrix")
+    return fig
+
+
+def roc_figure(probs: np.ndarray, labels: np.ndarray, classes, title: str = "") -> Figure:
+    """One-vs-rest ROC curves, one line per class with its AUC in the legend (binary: the positive class,
+    classes[1], only), plus the dashed chance diagonal. A class whose labels hold only positives or only
+    negatives has no ROC curve and is left out."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    fig = Figure(figsize=(5.5, 5.0), layout="constrained")
+    ax = fig.subplots()
+    shown = [1] if len(classes) == 2 else range(len(classes))
+    for k in shown:
+        positive = labels == k
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, k])
+        ax.plot(
+            fpr, tpr, linewidth=1.4, label=f"{classes[k]}  AUC {roc_auc_score(positive, probs[:, k]):.3f}"
+        )
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "ROC (one vs rest)")
+    return fig
+
+
+def f1_bars_figure(metrics: dict, classes, title: str = "") -> Figure:
+    """Per-class F1 as bars, slice level and volume level side by side (`slice_f1_<name>`,
+    `volume_f1_<name>` of a classification report; a missing key draws as an empty bar)."""
+    names = [sanitise(c) for c in classes]
+    x = np.arange(len(classes))
+    width = 0.4
+    fig = Figure(figsize=(max(5.0, 0.6 * len(classes) + 2.0), 4.0), layout="constrained")
+    ax = fig.subplots()
+    for offset, level in ((-width / 2, "slice"), (width / 2, "volume")):
+        values = [metrics.get(f"{level}_f1_{name}", np.nan) for name in names]
+        mean = metrics.get(f"{level}_f1", np.nan)
+        ax.bar(x + offset, values, width, label=f"{level}  (macro F1 {mean:.3f})")
+    ax.set_xticks(x, [str(c) for c in classes], rotation=45 if len(classes) > 6 else 0, ha="right")
+    ax.set(ylabel="F1", ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    ax.set_title(title or "F1 per class")
+    return fig
+
+
+def classification_figures(details: dict, metrics: dict, classes) -> dict[str, Figure]:
+    """By artifact name: the slice- and volume-level confusion matrices and ROC curves and the per-class F1
+    bars of a `trainers.classification.report` (its details and metrics)."""
+    out = {}
+    for level in ("slice", "volume"):
+        d = details[level]
+        out[f"plots/confusion_{level}.png"] = confusion_matrix_figure(
+            d["confusion"], classes, f"{level} confusion matrix ({len(d['labels'])} {level}s)"
+        )
+        out[f"plots/roc_{level}.png"] = roc_figure(d["probs"], d["labels"], classes, f"{level} ROC")
+    out["plots/f1_per_class.png"] = f1_bars_figure(metrics, classes)
+    return out

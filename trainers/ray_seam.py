@@ -33,6 +33,14 @@ class RaySeam:
     def prepare_loader(self, loader):
         return self._torch.prepare_data_loader(loader)  # DistributedSampler + device moves
 
+    def share(self, value):
+        """Rank 0's `value` on every rank (a decision only rank 0 can make, such as early stopping)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def latest_checkpoint(self) -> Path | None:
         checkpoint = self._train.get_checkpoint()
         return Path(checkpoint.path) if checkpoint is not None else None
@@ -64,6 +72,9 @@ class LocalSeam:
 
     def prepare_loader(self, loader):
         return loader
+
+    def share(self, value):
+        return value
 
     def latest_checkpoint(self) -> Path | None:
         if self.checkpoint_dir and (self.checkpoint_dir / "model.pt").exists():

@@ -10,21 +10,23 @@ from pathlib import Path
 import yaml
 
 from datasets.errors import UserError
-from trainers.config import MaskRCNNConfig, apply_overrides
+from trainers.config import ClassifierConfig, MaskRCNNConfig, apply_overrides, config_class
 
-RECIPES: dict[str, tuple[Callable[[], MaskRCNNConfig], str]] = {}
+Config = MaskRCNNConfig | ClassifierConfig
+RECIPES: dict[str, tuple[Callable[[], Config], str]] = {}
 
 
 def register_recipe(name: str, description: str):
-    def deco(fn: Callable[[], MaskRCNNConfig]) -> Callable[[], MaskRCNNConfig]:
+    def deco(fn: Callable[[], Config]) -> Callable[[], Config]:
         RECIPES[name] = (fn, description)
         return fn
 
     return deco
 
 
-def get_recipe(name_or_path: str) -> MaskRCNNConfig:
-    """A registered recipe by name, or a YAML/JSON file whose keys are config fields."""
+def get_recipe(name_or_path: str) -> Config:
+    """A registered recipe by name, or a YAML/JSON file whose keys are config fields (of a Mask R-CNN or a
+    classifier config: `config_class` tells them apart by their keys)."""
     if name_or_path in RECIPES:
         return RECIPES[name_or_path][0]()
     path = Path(name_or_path)
@@ -37,7 +39,7 @@ def get_recipe(name_or_path: str) -> MaskRCNNConfig:
             raise UserError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-        return apply_overrides(MaskRCNNConfig(), values, source=str(path))
+        return apply_overrides(config_class(values)(), values, source=str(path))
     raise UserError(
         f"--recipe: unknown recipe '{name_or_path}'; valid: {', '.join(sorted(RECIPES))} or a .yaml file"
     )
@@ -198,3 +200,64 @@ def dsb2018_cpu() -> MaskRCNNConfig:
     cfg.epochs = CPU_EPOCHS
     cfg.lr_steps = (CPU_EPOCHS * 3 // 4,)  # x0.1 for the last quarter, torchvision's usual step decay
     return cfg
+
+
+@register_recipe(
+    "foramdeepslice", "ForamDeepSlice (RECIPES.md 2): ConvNeXt-Large, 10 head-only + 20 epochs, AdamW, 224 px"
+)
+def foramdeepslice() -> ClassifierConfig:
+    # RECIPES.md section 2 "Training" and "Augmentation". Slices: 224x224, Otsu low-content removal,
+    # square crop around the fossil. The paper's best single model is ConvNeXt-Large (ImageNet weights).
+    return ClassifierConfig(
+        axes="all",
+        slice_size=224,
+        crop="object",
+        model_name="convnext_large",
+        pretrained="timm",  # ImageNet weights; needs a download, or pretrained=PATH to a local file
+        input_size=224,
+        in_chans=3,
+        epochs=30,  # 10 head-only + 20 unfrozen
+        head_epochs=10,
+        head_lr=1e-4,
+        lr=5e-5,
+        restart_epochs=5.0,  # "cosine with warm restarts": the paper gives no period; 4 restarts in 20
+        weight_decay=0.05,  # not given in the paper; AdamW as timm's ConvNeXt fine-tuning uses it
+        label_smoothing=0.1,
+        mixup_alpha=0.8,  # Mixup and CutMix on: magnitudes not given; timm's ImageNet defaults
+        cutmix_alpha=1.0,
+        mix_prob=0.5,
+        early_stop_patience=5,
+        batch_size=32,
+        amp="fp16",  # the paper's fp16 mixed precision (GPU)
+        augment="foramdeepslice",
+    )
+
+
+@register_recipe(
+    "adrenal3d_cpu",
+    "CPU-sized slice classifier: ResNet-18 at 64 px on the bundled adrenal3d sample (~12 min)",
+)
+def adrenal3d_cpu() -> ClassifierConfig:
+    # adrenal3d (MedMNIST AdrenalMNIST3D, 64^3 binary gland masks): the slices are whole (crop=none) so the
+    # gland's size in voxels stays visible (hyperplasia is enlargement), at native 64 px. No pretrained
+    # weights can be downloaded here: from scratch, so no head-only phase and a higher lr.
+    return ClassifierConfig(
+        axes="all",
+        slice_size=64,
+        crop="none",
+        min_foreground=0.01,
+        slices_per_specimen=8,  # 8 random slices of each training specimen per epoch
+        val_slices_per_specimen=24,
+        model_name="resnet18",
+        pretrained="",
+        input_size=64,
+        in_chans=1,
+        epochs=12,
+        head_epochs=0,
+        lr=1e-3,
+        weight_decay=0.05,
+        label_smoothing=0.1,
+        early_stop_patience=5,
+        batch_size=32,
+        augment="dihedral",
+    )

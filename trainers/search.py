@@ -17,13 +17,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from datasets.errors import UserError
-from deploy.registry import log_detector, register
-from trainers.config import MaskRCNNConfig, to_dict
+from deploy.registry import log_checkpoint, register
+from trainers.config import to_dict
 from trainers.loop import tune_trial
 from trainers.ray_seam import CHECKPOINT_PATH_KEY, init_ray
+from trainers.tasks import task_of
 
 log = logging.getLogger(__name__)
-TABLE_METRICS = ("bbox_AP", "segm_AP")
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for each trial's driver function
 TRIAL_MAX_FAILURES = 2  # a trial whose worker dies restarts from its last checkpoint (as platform.train)
 
@@ -73,7 +73,8 @@ def _resources(settings: SearchSettings) -> dict:
     )
 
 
-def run_search(cfg: MaskRCNNConfig, space: dict, settings: SearchSettings) -> SearchSummary:
+def run_search(cfg, space: dict, settings: SearchSettings) -> SearchSummary:
+    """Search `space` around the base config `cfg` (a MaskRCNNConfig or a ClassifierConfig)."""
     init_ray(settings.address, settings.repo)
     experiment_id = mlflow.get_experiment_by_name(settings.experiment).experiment_id
     run_name = f"{settings.space_name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -123,7 +124,7 @@ def run_search(cfg: MaskRCNNConfig, space: dict, settings: SearchSettings) -> Se
             ),
         )
         results = tuner.fit()
-        rows = _rows(results, space, cfg.epochs, settings.metric)
+        rows = _rows(results, space, cfg.epochs, settings.metric, task_of(cfg).headline)
         table = format_table(rows, list(space), settings.metric, settings.mode)
         mlflow.log_text(table, "trials.txt")
         mlflow.log_text(_csv(rows), "trials.csv")
@@ -132,7 +133,7 @@ def run_search(cfg: MaskRCNNConfig, space: dict, settings: SearchSettings) -> Se
         best_run = _trial_run_id(experiment_id, parent.info.run_id, best.metrics["trial_id"])
         checkpoint = Path(best.metrics[CHECKPOINT_PATH_KEY])
         with mlflow.start_run(run_id=best_run, nested=True):
-            info = log_detector(checkpoint)
+            info = log_checkpoint(checkpoint)
         version = register(info.model_uri, settings.model_name)
         mlflow.log_params(
             {
@@ -167,7 +168,7 @@ def _trial_run_id(experiment_id: str, parent_id: str, trial_id: str) -> str:
     return runs[0].info.run_id
 
 
-def _rows(results, space: dict, max_epochs: int, metric: str) -> list[dict]:
+def _rows(results, space: dict, max_epochs: int, metric: str, headline: tuple[str, ...]) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics or {}
@@ -176,10 +177,12 @@ def _rows(results, space: dict, max_epochs: int, metric: str) -> list[dict]:
             status = "ERROR"
         elif epochs >= max_epochs:
             status = "completed"
+        elif m.get("early_stopped"):
+            status = f"early stop@{epochs}"
         else:
             status = f"stopped@{epochs} (ASHA)"
         row = {"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in space}, "epochs": epochs}
-        row.update({k: m.get(k) for k in dict.fromkeys((*TABLE_METRICS, metric))})
+        row.update({k: m.get(k) for k in dict.fromkeys((*headline[1:], metric))})
         row["status"] = status
         rows.append(row)
     return rows

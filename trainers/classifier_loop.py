@@ -1,0 +1,206 @@
+"""The slice-classifier training loop run on every Ray Train worker (ForamDeepSlice, RECIPES.md section 2):
+head-only phase, then everything; AdamW; label smoothing; Mixup/CutMix (timm); early stopping on the
+validation loss; each epoch rank 0 validates at slice and volume level and checkpoints."""
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from datasets.augment import augmentation, seed_worker
+from datasets.slices import SAMPLE_VOLUMES, SliceDataset, evenly_spaced, slice_index, split_rows
+from trainers.classification import report
+from trainers.classifier import (
+    backbone_norms_eval,
+    build_classifier,
+    freeze_backbone,
+    lr_at,
+    normalisation,
+    save_classifier,
+)
+from trainers.config import ClassifierConfig, from_dict
+from trainers.loop import autocast_dtype, seed_epoch, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def slice_sets(cfg: ClassifierConfig, rank: int = 0) -> tuple[SliceDataset, SliceDataset, torch.nn.Module]:
+    """Train and validation slices of `cfg.data` and a freshly built model (seeded: identical on every
+    rank), the slices normalised as the model's weights expect."""
+    index = slice_index(cfg.data or SAMPLE_VOLUMES, cfg.slicing())
+    train_rows, val_rows, classes = split_rows(index, cfg.val_fraction, cfg.split_seed)
+    seed_everything(cfg.seed)
+    model = build_classifier(cfg, len(classes))
+    mean, std = normalisation(model)
+    common = dict(input_size=cfg.input_size, in_chans=cfg.in_chans, mean=mean, std=std)
+    train = SliceDataset(
+        train_rows,
+        index.parent,
+        classes,
+        transform=augmentation(cfg.augment, cfg.seed + rank),
+        per_specimen=cfg.slices_per_specimen,
+        **common,
+    )
+    val = SliceDataset(evenly_spaced(val_rows, cfg.val_slices_per_specimen), index.parent, classes, **common)
+    return train, val, model
+
+
+def mixing(cfg: ClassifierConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix (it also applies the label smoothing to the mixed targets), or None when off."""
+    if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.mix_prob,
+        switch_prob=0.5,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def run_training(cfg: ClassifierConfig, seam) -> None:
+    train_set, val_set, bare = slice_sets(cfg, seam.rank)
+    classes = train_set.classes
+    bare = bare.to(seam.device)
+    generator = torch.Generator()
+    loader = seam.prepare_loader(
+        DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=True,  # Mixup/CutMix pair each batch with its reverse: it needs an even batch
+            num_workers=cfg.loader_workers,
+            worker_init_fn=seed_worker,
+            generator=generator,
+        )
+    )
+    # Over every parameter: frozen ones get no gradient (grad None), which AdamW skips entirely.
+    optimizer = torch.optim.AdamW(
+        bare.parameters(), lr=lr_at(cfg, 0.0, seam.world_size), weight_decay=cfg.weight_decay
+    )
+    amp_dtype = autocast_dtype(cfg, seam.device)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    mixer = mixing(cfg, len(classes))
+    train_loss = (
+        SoftTargetCrossEntropy() if mixer else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    )
+    val_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    start_epoch, best_loss, bad_epochs = 0, float("inf"), 0
+    resume = seam.latest_checkpoint()
+    if resume is not None:
+        bare.load_state_dict(torch.load(resume / "model.pt", map_location=seam.device, weights_only=True))
+        state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best_loss, bad_epochs = state["epoch"], state["best_val_loss"], state["bad_epochs"]
+        log.info("resumed from %s at epoch %d", resume, start_epoch)
+    head_only = start_epoch < cfg.head_epochs
+    freeze_backbone(bare, head_only)
+    model = seam.prepare_model(bare)
+    if seam.rank == 0:
+        val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers)
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, seam.rank, epoch, generator, train_set.transform)
+        # the same draw on every rank: DistributedSampler then shards one epoch list
+        train_set.resample(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
+        if head_only != (epoch < cfg.head_epochs):
+            head_only = epoch < cfg.head_epochs
+            freeze_backbone(bare, head_only)
+            if seam.world_size > 1:  # DDP all-reduces the parameters that required grad when it was built
+                model = seam.prepare_model(bare)
+            log.info("epoch %d: backbone %s", epoch, "frozen" if head_only else "trainable")
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        model.train()
+        if head_only:
+            backbone_norms_eval(bare)
+        steps, total = len(loader), 0.0
+        for step, (images, targets) in enumerate(loader):
+            images, targets = images.to(seam.device), targets.to(seam.device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch + step / steps, seam.world_size)
+            if mixer is not None:
+                images, targets = mixer(images, targets)
+            with torch.autocast(seam.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = train_loss(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            total += loss.item()
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(steps, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - started,
+            "train_slices": len(train_set),
+            "world_size": seam.world_size,
+            "resumed_at_epoch": start_epoch,
+        }
+        write = None
+        stop = False
+        if not head_only and cfg.precise_bn_batches > 0:
+            # every rank, from its own batches; DDP then broadcasts rank 0's buffers at the next forward
+            update_bn(itertools.islice(loader, cfg.precise_bn_batches), bare, seam.device)
+        if seam.rank == 0:
+            metrics.update(validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate))
+            if metrics["val_loss"] < best_loss - 1e-6:
+                best_loss, bad_epochs = metrics["val_loss"], 0
+            else:
+                bad_epochs += 1
+            stop = cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience
+            metrics.update(best_val_loss=best_loss, early_stopped=float(stop))
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch + 1,
+                "best_val_loss": best_loss,
+                "bad_epochs": bad_epochs,
+            }
+
+            def write(folder: Path, state=state) -> None:
+                save_classifier(folder, cfg, bare, classes)
+                torch.save(state, folder / "train_state.pt")
+
+        seam.report(metrics, write)
+        if seam.share(stop):
+            log.info("early stop after epoch %d: no lower val_loss for %d epochs", epoch + 1, bad_epochs)
+            break
+
+
+@torch.inference_mode()
+def predict_loader(model, loader, device) -> tuple[np.ndarray, torch.Tensor]:
+    """(probabilities N x C, logits N x C) of every image of a loader, in order."""
+    model.eval()
+    logits = torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
+    return torch.softmax(logits, dim=1).numpy(), logits
+
+
+def validate(model, loader, dataset: SliceDataset, loss_fn, device, method: str) -> dict[str, float]:
+    probs, logits = predict_loader(model, loader, device)
+    labels = dataset.labels
+    metrics, _ = report(probs, labels, dataset.specimens, dataset.classes, method)
+    metrics["val_loss"] = float(loss_fn(logits, torch.from_numpy(labels)))
+    return metrics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on each worker."""
+    from trainers.ray_seam import RaySeam
+
+    run_training(from_dict(ClassifierConfig, config, "trial config"), RaySeam())

@@ -1,0 +1,172 @@
+"""Ensembles of slice classifiers: soft voting, majority voting, and the ForamDeepSlice PatchEnsemble.
+
+PatchEnsemble (RECIPES.md section 2): a primary model answers, except where a second model is confident
+about one of the classes the primary is weakest on: for a slice whose secondary prediction c is a patched
+class and whose secondary probability of c is at least `threshold`, the secondary's probabilities replace
+the primary's. The patched classes (the k lowest validation F1 of the primary) and the threshold are chosen
+on validation predictions only (`fit_patch`) and saved with the ensemble.
+
+An ensemble folder holds ensemble.json and one checkpoint folder per member (member0/, member1/, ...); it
+loads with `load_predictor` like a single checkpoint, predicts like one, and is logged and registered in
+MLflow the same way (deploy/registry.py).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datasets.errors import UserError
+from trainers.classification import aggregate, classification_metrics, sanitise
+from trainers.classifier import SliceClassifier, load_classifier_checkpoint
+
+METHODS = ("soft", "vote", "patch")
+THRESHOLDS = tuple(np.round(np.arange(0.5, 1.0, 0.05), 2))  # candidate switching confidences
+
+
+@dataclass
+class Ensemble:
+    method: str  # soft | vote | patch
+    members: list[SliceClassifier]  # patch: [primary, secondary]
+    patch_classes: list[str] = field(default_factory=list)  # patch only
+    threshold: float = 1.0  # patch only: secondary confidence at or above which it takes over
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"method: unknown ensemble method '{self.method}'; valid: {', '.join(METHODS)}")
+        if not self.members:
+            raise UserError("ensemble: no member models")
+        first = self.members[0]
+        for m in self.members[1:]:
+            if m.classes != first.classes:
+                raise UserError(
+                    f"ensemble: members predict different classes ({first.classes} vs {m.classes})"
+                )
+            if m.slicing != first.slicing:
+                raise UserError(
+                    "ensemble: members were trained on slices cut differently "
+                    f"({first.slicing} vs {m.slicing}); they would see different slices of a volume"
+                )
+        if self.method == "patch" and len(self.members) != 2:
+            raise UserError(
+                f"patch ensemble: expected a primary and a secondary model, got {len(self.members)}"
+            )
+
+    @property
+    def classes(self) -> list[str]:
+        return self.members[0].classes
+
+    @property
+    def slicing(self) -> dict:
+        return self.members[0].slicing
+
+    @property
+    def aggregate(self) -> str:
+        return self.members[0].aggregate
+
+    def predict_proba(self, images) -> np.ndarray:
+        return combine(self, [m.predict_proba(images) for m in self.members])
+
+
+def combine(ensemble: Ensemble, member_probs: list[np.ndarray]) -> np.ndarray:
+    """The ensemble's N x C probabilities from its members' (same order as `ensemble.members`)."""
+    stack = np.stack(member_probs)
+    if ensemble.method == "soft":
+        return stack.mean(axis=0)
+    if ensemble.method == "vote":
+        # vote fractions; the members' mean probability breaks ties (it adds less than one vote's worth)
+        votes = np.zeros_like(stack[0])
+        for probs in stack:
+            votes[np.arange(len(probs)), probs.argmax(axis=1)] += 1
+        scores = votes + stack.mean(axis=0) * 1e-3
+        return scores / scores.sum(axis=1, keepdims=True)
+    return patch(
+        stack[0], stack[1], [ensemble.classes.index(c) for c in ensemble.patch_classes], ensemble.threshold
+    )
+
+
+def patch(primary: np.ndarray, secondary: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
+    switch = np.isin(secondary.argmax(axis=1), classes) & (secondary.max(axis=1) >= threshold)
+    return np.where(switch[:, None], secondary, primary)
+
+
+def fit_patch(
+    primary: np.ndarray,
+    secondary: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    groups: list[str] | None = None,
+    method: str = "mean",
+) -> tuple[list[str], float, float]:
+    """(patched classes, threshold, validation macro F1) maximising macro F1 on validation predictions:
+    at volume level when `groups` (specimen of each slice) is given, else at slice level. Candidates: the
+    k = 1 .. C-1 classes with the lowest primary F1, each threshold in THRESHOLDS; no patch when nothing
+    beats the primary alone."""
+
+    def score(probs: np.ndarray) -> float:
+        if groups is None:
+            return classification_metrics(probs, labels, classes)["f1"]
+        ids, volume = aggregate(probs, groups, method)
+        first = {}
+        for g, y in zip(groups, labels, strict=True):
+            first.setdefault(g, y)
+        return classification_metrics(volume, np.array([first[i] for i in ids]), classes)["f1"]
+
+    base = classification_metrics(primary, labels, classes)
+    weakest = sorted(range(len(classes)), key=lambda c: base[f"f1_{sanitise(classes[c])}"])
+    best = ([], 1.0, score(primary))
+    for k in range(1, len(classes)):
+        chosen = weakest[:k]
+        for threshold in THRESHOLDS:
+            value = score(patch(primary, secondary, chosen, float(threshold)))
+            if value > best[2] + 1e-9:
+                best = ([classes[c] for c in chosen], float(threshold), value)
+    return best
+
+
+def save_ensemble(folder: Path, ensemble: Ensemble, member_dirs: list[Path]) -> Path:
+    """ensemble.json + a copy of each member checkpoint, written beside `folder` and renamed into place."""
+    folder = Path(folder).resolve()
+    if folder.exists():
+        raise UserError(f"{folder}: already exists (choose a new ensemble folder)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        names = []
+        for i, src in enumerate(member_dirs):
+            name = f"member{i}"
+            shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("train_state.pt"))
+            names.append(name)
+        spec = {
+            "method": ensemble.method,
+            "members": names,
+            "patch_classes": ensemble.patch_classes,
+            "threshold": ensemble.threshold,
+            "classes": ensemble.classes,
+        }
+        (tmp / "ensemble.json").write_text(json.dumps(spec, indent=2) + "\n")
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_predictor(folder: Path, device: str = "cpu") -> SliceClassifier | Ensemble:
+    """A classifier checkpoint folder or an ensemble folder, ready to predict."""
+    folder = Path(folder)
+    spec_file = folder / "ensemble.json"
+    if not spec_file.is_file():
+        return load_classifier_checkpoint(folder, device)
+    try:
+        spec = json.loads(spec_file.read_text())
+        members = [load_classifier_checkpoint(folder / name, device) for name in spec["members"]]
+        return Ensemble(
+            spec["method"], members, list(spec.get("patch_classes", [])), float(spec["threshold"])
+        )
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{spec_file}: not a valid ensemble description ({e})") from None
