@@ -355,6 +355,7 @@ def volume_slices(
     min_foreground: float = 0.01,
     crop: str = "object",
     context: int = 0,
+    distance_scale: float = 0.0,
 ) -> Iterator[SliceResult]:
     """Every slice of one loaded volume along `axes`, kept or dropped, in axis then index order.
 
@@ -362,13 +363,21 @@ def volume_slices(
     (padded to a square), so that the object's size in voxels stays visible to the classifier.
     context=1 makes each image RGB: the slices before, at and after the index (clamped at the volume's
     ends) as red, green and blue, cropped with the centre slice's box - "2.5D" input that shows a 2D
-    model the object's shape across the slice."""
+    model the object's shape across the slice.
+    distance_scale > 0 replaces every voxel by its Euclidean distance to the background (the Otsu mask) in
+    voxels, times distance_scale, capped at 255: each slice then shows the object's local 3D thickness
+    (walls, limbs), which one slice of a binary mask cannot."""
     hist = np.bincount(volume.ravel(), minlength=256)
     threshold = otsu_threshold_from_histogram(hist.astype(np.float64))
     # pad crops with the background's typical grey, not black: CT air is rarely 0
     background = hist[: threshold + 1].cumsum()
     fill = int(np.searchsorted(background, background[-1] / 2)) if background[-1] else 0
     mask = volume > threshold
+    if distance_scale > 0:
+        from scipy.ndimage import distance_transform_edt
+
+        volume = np.minimum(distance_transform_edt(mask) * distance_scale, 255).round().astype(np.uint8)
+        fill = 0
     for axis in axes:
         areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))
         plane = np.prod([n for a, n in enumerate(volume.shape) if a != axis])
@@ -399,6 +408,7 @@ def iter_slices(
     min_foreground: float = 0.01,
     crop: str = "object",
     context: int = 0,
+    distance_scale: float = 0.0,
 ) -> Iterator[SliceResult]:
     """Streams slices of many volumes; only one volume is loaded at a time (memory bounded by one)."""
     for record in records:
@@ -412,6 +422,7 @@ def iter_slices(
             min_foreground=min_foreground,
             crop=crop,
             context=context,
+            distance_scale=distance_scale,
         )
         del volume  # drop the reference before the next load, so two volumes never coexist
 
@@ -433,7 +444,11 @@ def _format_eta(seconds: float) -> str:
     )
 
 
-def _check_settings(size: int, margin: float, min_foreground: float, crop: str, context: int) -> None:
+def _check_settings(
+    size: int, margin: float, min_foreground: float, crop: str, context: int, distance_scale: float
+) -> None:
+    if not 0 <= distance_scale <= 255:
+        raise UserError(f"distance_scale {distance_scale!r}: expected 0 (raw grey) or grey levels per voxel")
     if context not in (0, 1):
         raise UserError(f"context {context!r}: expected 0 (one grey slice) or 1 (neighbours as RGB channels)")
     if crop not in ("object", "none"):
@@ -456,6 +471,7 @@ def extract_slices(
     min_foreground: float = 0.01,
     crop: str = "object",
     context: int = 0,
+    distance_scale: float = 0.0,
     split_of: Mapping[str, str] | None = None,
     overwrite: bool = False,
     log_every_s: float = 10.0,
@@ -468,7 +484,7 @@ def extract_slices(
     """
     out_dir = Path(out_dir).resolve()
     axes = parse_axes(axes if isinstance(axes, str | int) else list(axes))
-    _check_settings(size, margin, min_foreground, crop, context)
+    _check_settings(size, margin, min_foreground, crop, context, distance_scale)
     if not records:
         raise UserError("no volumes to slice (empty dataset)")
     if split_of is not None:
@@ -495,6 +511,7 @@ def extract_slices(
                 min_foreground=min_foreground,
                 crop=crop,
                 context=context,
+                distance_scale=distance_scale,
             )
             for s in slices:
                 if s.record is not current:

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--context", type=int, default=0, help="1: neighbouring slices as RGB channels (2.5D); default 0"
     )
+    q.add_argument(
+        "--distance-scale",
+        type=float,
+        default=0.0,
+        help="0: raw grey (default); else distance to the background in voxels x this, as grey (thickness)",
+    )
     q.add_argument("--min-foreground", type=float, default=0.01, help="drop slices with less object")
     q.add_argument("--split", help="e.g. train=0.7,val=0.15,test=0.15: specimen-level, minimised class CV")
     q.add_argument("--seed", type=int, default=0)
@@ -195,6 +201,7 @@ def slices(args) -> int:
         min_foreground=args.min_foreground,
         crop=args.crop,
         context=args.context,
+        distance_scale=args.distance_scale,
     )
     print(
         f"{summary.volumes} volumes -> {summary.slices_written} slices written, {summary.slices_dropped} "

@@ -21,7 +21,17 @@ from datasets.errors import UserError
 from platform import _cli
 
 DESCRIPTION = __doc__.split("\n\n")[0]
-SPLIT_FIELDS = ("data", "val_fraction", "split_seed", "axes", "slice_size", "crop", "crop_margin", "context")
+SPLIT_FIELDS = (
+    "data",
+    "val_fraction",
+    "split_seed",
+    "axes",
+    "slice_size",
+    "crop",
+    "crop_margin",
+    "context",
+    "distance_scale",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,6 +131,21 @@ def test_whole_slice_and_context_slicing_by_hand():
     assert np.array_equal(rgb[0].image[:, 1:9, 0], volume[0])  # clamped at the first slice
 
 
+def test_distance_slices_match_brute_force_distances():
+    rng = np.random.default_rng(1)
+    volume = np.zeros((9, 9, 9), np.uint8)
+    volume[1:8, 2:7, 1:6] = 255
+    volume[rng.random(volume.shape) < 0.05] = 0  # holes, so distances are not just to the box's faces
+    fg, bg = np.argwhere(volume > 0), np.argwhere(volume == 0)
+    brute = np.zeros(volume.shape)
+    brute[tuple(fg.T)] = np.sqrt(((fg[:, None, :] - bg[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    record = VolumeRecord(Path("v"), "v", "", "test")
+    slices = volume_slices(record, volume, axes=(2,), size=9, crop="none", distance_scale=20)
+    for s in (s for s in slices if s.kept):
+        expected = np.minimum(brute[:, :, s.index] * 20, 255).round()
+        assert np.array_equal(s.image, expected.astype(np.uint8)), s.index
+
+
 def test_specimen_split_and_sampling(volumes, tmp_path):
     cfg = tiny_config(volumes)
     index = slice_index(volumes, cfg.slicing(), cache=tmp_path)

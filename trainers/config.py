@@ -184,6 +184,8 @@ class ClassifierConfig:
     crop_margin: float = 0.1  # crop=object: margin around the object's box, fraction of its side
     min_foreground: float = 0.01  # slices with less object (Otsu) than this fraction are dropped
     context: int = 0  # 1: each image holds the slices before/at/after as RGB ("2.5D"; needs in_chans=3)
+    distance_scale: float = 0.0  # 0: raw grey; else voxels become their distance to the background (Otsu
+    # mask) x this many grey levels per voxel: slices of binary masks then show 3D thickness
     slices_per_specimen: int = 0  # training slices drawn per specimen each epoch (0 = all): neighbouring
     # slices are near copies, so a fresh sample per epoch covers the data at a fraction of the cost
     val_slices_per_specimen: int = 0  # evenly spaced validation slices per specimen (0 = all)
@@ -254,6 +256,7 @@ class ClassifierConfig:
             "crop_margin",
             "slices_per_specimen",
             "val_slices_per_specimen",
+            "distance_scale",
             "head_epochs",  # more than `epochs`: the whole (shortened) run trains the head only
             "restart_epochs",
             "warmup_epochs",
@@ -280,6 +283,7 @@ class ClassifierConfig:
             margin=self.crop_margin,
             min_foreground=self.min_foreground,
             context=self.context,
+            distance_scale=self.distance_scale,
         )
 
 

@@ -234,20 +234,23 @@ def foramdeepslice() -> ClassifierConfig:
 
 
 @register_recipe(
-    "adrenal3d_cpu",
-    "CPU-sized slice classifier: ResNet-18 at 64 px on the bundled adrenal3d sample (~12 min)",
+    "adrenal3d_cpu", "CPU-sized: ResNet-18 on 64 px thickness-map slices of the bundled adrenal3d volumes"
 )
 def adrenal3d_cpu() -> ClassifierConfig:
-    # adrenal3d (MedMNIST AdrenalMNIST3D, 64^3 binary gland masks): the slices are whole (crop=none) so the
-    # gland's size in voxels stays visible (hyperplasia is enlargement), at native 64 px. No pretrained
-    # weights can be downloaded here: from scratch, so no head-only phase and a higher lr.
+    # adrenal3d (MedMNIST AdrenalMNIST3D) holds 64^3 binary gland masks; hyperplasia thickens the gland. A
+    # slice of a mask shows an outline only, so voxels become their 3D distance to the background
+    # (distance_scale: 16 grey levels per voxel), and slices stay whole (crop=none) at native 64 px so that
+    # thickness stays in voxels. On the volumes alone, the mean distance separates the classes with ROC
+    # AUC 0.84 (train split), the best single hand feature we found. No pretrained weights can be
+    # downloaded here: from scratch, so no head-only phase, a higher lr with a one-epoch warm-up.
     return ClassifierConfig(
         axes="all",
         slice_size=64,
         crop="none",
+        distance_scale=16.0,
         min_foreground=0.01,
-        slices_per_specimen=8,  # 8 random slices of each training specimen per epoch
-        val_slices_per_specimen=24,
+        slices_per_specimen=8,  # 8 fresh random slices of each training specimen per epoch
+        val_slices_per_specimen=32,
         model_name="resnet18",
         pretrained="",
         input_size=64,
@@ -255,6 +258,7 @@ def adrenal3d_cpu() -> ClassifierConfig:
         epochs=12,
         head_epochs=0,
         lr=1e-3,
+        warmup_epochs=1.0,
         weight_decay=0.05,
         label_smoothing=0.1,
         early_stop_patience=5,
