@@ -7,6 +7,7 @@ serves like any classifier.
     python -m platform.ensemble --models models:/adrenal-a@champion models:/adrenal-b@champion --method soft
     python -m platform.ensemble --models CKPT_A CKPT_B --method patch --register-as adrenal-patch
     python -m platform.ensemble --models A B C --method vote --data /data/val_volumes/labels.csv
+    python -m platform.ensemble --models models:/adrenal@champion --calibrate acc  # one model, tuned cut-off
 
 Validation data: by default the members' own validation specimens (they must share data, split and
 slicing, which `split_seed` keeps equal across seeds); or --data, a labelled volume source or slice index.
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", nargs="+", required=True, help="checkpoint folders or MLflow URIs (patch: primary first)"
     )
     p.add_argument("--method", choices=("soft", "vote", "patch"), default="soft")
+    p.add_argument(
+        "--calibrate",
+        choices=("acc", "f1"),
+        help="also choose per-class probability weights on validation that maximise volume accuracy or "
+        "macro F1 (an operating point for imbalanced classes; allows a single --models)",
+    )
     p.add_argument(
         "--data", help="validation volumes or slice index (default: the members' validation split)"
     )
@@ -85,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.method == "patch" and len(args.models) != 2:
         raise UserError(f"--method patch: expected two --models (primary, secondary), got {len(args.models)}")
-    if args.method != "patch" and len(args.models) < 2:
-        raise UserError("--models: an ensemble needs two or more models")
+    if args.method != "patch" and len(args.models) < 2 and not args.calibrate:
+        raise UserError("--models: an ensemble needs two or more models (or one with --calibrate)")
     if args.out and Path(args.out).exists():
         raise UserError(f"--out: {args.out} already exists (choose a new folder)")
     uri = _cli.tracking_uri(args.tracking_uri)
@@ -97,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.registry import classifier_folder, log_classifier, register
     from trainers.classification import format_report, report
     from trainers.classifier import SliceClassifier
-    from trainers.ensemble import Ensemble, combine, fit_patch, load_predictor, save_ensemble
+    from trainers.ensemble import (
+        Ensemble,
+        combine,
+        fit_class_weights,
+        fit_patch,
+        load_predictor,
+        save_ensemble,
+    )
     from trainers.plots import classification_figures, log_figure
 
     folders = [classifier_folder(m) for m in args.models]
@@ -116,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         patched = ", ".join(ensemble.patch_classes) or "none (the primary alone scored best)"
         print(f"patch: classes {patched}, threshold {ensemble.threshold:.2f}, validation volume F1 {f1:.4f}")
+    if args.calibrate:
+        combined = combine(ensemble, member_probs)
+        ensemble.class_weights, value = fit_class_weights(
+            combined, labels, classes, groups, method, args.calibrate
+        )
+        shown = ", ".join(f"{c} x{w:g}" for c, w in zip(classes, ensemble.class_weights, strict=True))
+        print(f"class weights: {shown} (validation volume {args.calibrate} {value:.4f})")
     probs = combine(ensemble, member_probs)
     metrics, details = report(probs, labels, groups, classes, method)
     rows = [("ensemble", metrics)]
@@ -138,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     "members": " ".join(args.models),
                     "patch_classes": ",".join(ensemble.patch_classes),
                     "threshold": ensemble.threshold,
+                    "class_weights": ",".join(map(str, ensemble.class_weights)),
                     "validation": args.data or "members' validation split",
                 }
             )

@@ -12,7 +12,7 @@ import torch
 
 from datasets.errors import UserError
 from datasets.slices import SliceDataset, evenly_spaced, slice_index, split_rows
-from datasets.volumes import VolumeRecord, volume_slices, whole_slice_box
+from datasets.volumes import VolumeRecord, read_volumes, volume_slices, whole_slice_box
 from tests.classifier_data import TINY, ball_or_box, write_volumes
 from trainers.classifier import (
     build_classifier,
@@ -20,6 +20,7 @@ from trainers.classifier import (
     freeze_backbone,
     load_classifier_checkpoint,
     lr_at,
+    predict_volumes,
 )
 from trainers.classifier_loop import run_training
 from trainers.config import ClassifierConfig, apply_overrides
@@ -212,6 +213,12 @@ def test_training_learns_and_the_checkpoint_predicts_volumes(volumes, tmp_path):
         assert volume_probs == pytest.approx(slice_probs.mean(axis=0), abs=1e-6)
     with pytest.raises(UserError, match="nothing to classify"):
         classify_volume(predictor, np.zeros((16, 16, 16), np.uint8))
+    records = read_volumes(volumes)
+    probs, groups, labels = predict_volumes(predictor, records[:2])
+    assert len(probs) == len(groups) == len(labels) and set(groups) == {r.specimen for r in records[:2]}
+    cone = [VolumeRecord(records[0].path, "x", "cone", "labels.csv row 7")]
+    with pytest.raises(UserError, match="labels.csv row 7: label 'cone' is not a class of the model"):
+        predict_volumes(predictor, cone)
 
 
 def test_early_stopping_on_validation_loss(volumes, tmp_path):

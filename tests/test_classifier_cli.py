@@ -1,6 +1,6 @@
 """Slice classifiers end to end through the CLIs, on real local Ray and a real MLflow store: train two
-models, combine them into a PatchEnsemble, register it, evaluate it on volumes by its registry URI, and a
-small `classifier` search."""
+models (one on two DDP workers), combine them into a PatchEnsemble, register it, evaluate it on volumes
+by its registry URI, and a small `classifier` search."""
 
 import os
 
@@ -38,7 +38,14 @@ def test_train_ensemble_register_evaluate(setting):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "registered model: name=tiny-a version=1 alias=champion" in first.stdout
     assert "volume_auc=" in first.stdout
-    second = train(setting, "tiny-b", *overrides(seed=1, model_name="mobilenetv3_small_050"))
+    # two DDP workers, and a head-only first epoch: DDP is re-wrapped when the backbone unfreezes
+    second = train(
+        setting,
+        "tiny-b",
+        "--workers",
+        "2",
+        *overrides(seed=1, model_name="mobilenetv3_small_050", head_epochs=1),
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
     client = mlflow.MlflowClient(uri)
@@ -59,10 +66,10 @@ def test_train_ensemble_register_evaluate(setting):
 
     ensemble = run_cli(
         "platform.ensemble", "--models", "models:/tiny-a@champion", "models:/tiny-b@champion",
-        "--method", "patch", "--register-as", "tiny-patch", "--tracking-uri", uri, env=env,
+        "--method", "patch", "--calibrate", "f1", "--register-as", "tiny-patch", "--tracking-uri", uri, env=env,
     )  # fmt: skip
     assert ensemble.returncode == 0, ensemble.stdout[-3000:] + ensemble.stderr[-3000:]
-    assert "patch: classes" in ensemble.stdout
+    assert "patch: classes" in ensemble.stdout and "class weights: ball x" in ensemble.stdout
     assert "registered model: name=tiny-patch version=1 alias=champion" in ensemble.stdout
     table = ensemble.stdout.split("validation specimens")[1]
     assert "models:/tiny-a@champion" in table and table.splitlines()[2].startswith("ensemble")

@@ -10,7 +10,16 @@ import torch
 from datasets.errors import UserError
 from trainers.classifier import SliceClassifier, build_classifier, save_classifier
 from trainers.config import ClassifierConfig
-from trainers.ensemble import Ensemble, combine, fit_patch, load_predictor, patch, save_ensemble
+from trainers.ensemble import (
+    Ensemble,
+    combine,
+    fit_class_weights,
+    fit_patch,
+    load_predictor,
+    patch,
+    reweight,
+    save_ensemble,
+)
 
 CLASSES = ["a", "b", "c"]
 
@@ -96,3 +105,21 @@ def test_members_must_agree():
         Ensemble("patch", [member(0), member(1), member(2)])
     with pytest.raises(UserError, match="unknown ensemble method"):
         Ensemble("stack", [member(0)])
+
+
+def test_class_weights_move_the_operating_point_and_keep_the_ranking():
+    # positives (class 0) score 0.35-0.45, negatives 0.05-0.3: argmax calls everything class 1
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 80)
+    p0 = np.where(labels == 0, rng.uniform(0.35, 0.45, 100), rng.uniform(0.05, 0.3, 100))
+    probs = np.stack([p0, 1 - p0], axis=1)
+    groups = [f"s{i}" for i in range(100)]  # one slice per specimen: volume level = slice level
+    weights, acc = fit_class_weights(probs, labels, ["pos", "neg"], groups, "mean", "acc")
+    assert acc == 1.0 and weights[0] > 1.0
+    w = weights[0] / weights[1]
+    cut = 1 / (1 + w)  # p0 * w > 1 - p0  <=>  p0 > 1 / (1 + w): it must fall between the two groups
+    assert 0.3 <= cut <= 0.35
+    reweighted = reweight(probs, weights)
+    assert np.array_equal(np.argsort(reweighted[:, 0]), np.argsort(probs[:, 0]))  # ranking (AUC) kept
+    swapped = fit_class_weights(probs[:, ::-1], 1 - labels, ["neg", "pos"], groups, "mean", "acc")
+    assert swapped[1] == 1.0 and swapped[0][1] > 1.0  # the same fix, found for the other class index

@@ -34,6 +34,8 @@ class Ensemble:
     members: list[SliceClassifier]  # patch: [primary, secondary]
     patch_classes: list[str] = field(default_factory=list)  # patch only
     threshold: float = 1.0  # patch only: secondary confidence at or above which it takes over
+    class_weights: list[float] = field(default_factory=list)  # the combined probabilities are multiplied
+    # by these and renormalised (an operating point chosen on validation, `fit_class_weights`); [] = none
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -51,6 +53,8 @@ class Ensemble:
                     "ensemble: members were trained on slices cut differently "
                     f"({first.slicing} vs {m.slicing}); they would see different slices of a volume"
                 )
+        if self.class_weights and len(self.class_weights) != len(first.classes):
+            raise UserError(f"class_weights: expected {len(first.classes)} weights, got {self.class_weights}")
         if self.method == "patch" and len(self.members) != 2:
             raise UserError(
                 f"patch ensemble: expected a primary and a secondary model, got {len(self.members)}"
@@ -74,7 +78,17 @@ class Ensemble:
 
 def combine(ensemble: Ensemble, member_probs: list[np.ndarray]) -> np.ndarray:
     """The ensemble's N x C probabilities from its members' (same order as `ensemble.members`)."""
-    stack = np.stack(member_probs)
+    return reweight(_combine(ensemble, np.stack(member_probs)), ensemble.class_weights)
+
+
+def reweight(probs: np.ndarray, weights: list[float]) -> np.ndarray:
+    if not weights:
+        return probs
+    weighted = probs * np.asarray(weights)
+    return weighted / weighted.sum(axis=1, keepdims=True)
+
+
+def _combine(ensemble: "Ensemble", stack: np.ndarray) -> np.ndarray:
     if ensemble.method == "soft":
         return stack.mean(axis=0)
     if ensemble.method == "vote":
@@ -87,6 +101,36 @@ def combine(ensemble: Ensemble, member_probs: list[np.ndarray]) -> np.ndarray:
     return patch(
         stack[0], stack[1], [ensemble.classes.index(c) for c in ensemble.patch_classes], ensemble.threshold
     )
+
+
+WEIGHTS = tuple(np.round(np.arange(1.0, 4.01, 0.25), 2))  # candidate class weights (1 = unchanged)
+
+
+def fit_class_weights(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str], groups: list[str], method: str, objective: str
+) -> tuple[list[float], float]:
+    """Per-class probability weights (coordinate ascent over WEIGHTS, two sweeps) maximising `objective`
+    (acc or f1) of the volume-level predictions on validation specimens: the operating point of a model
+    whose probabilities are skewed (class imbalance, label smoothing). Weights only move decisions; the
+    ranking of volumes by one class's probability, hence binary AUC, is unchanged."""
+    first: dict[str, int] = {}
+    for g, y in zip(groups, labels, strict=True):
+        first.setdefault(g, int(y))
+
+    def score(weights: list[float]) -> float:
+        ids, volume = aggregate(reweight(probs, weights), groups, method)
+        return classification_metrics(volume, np.array([first[i] for i in ids]), classes)[objective]
+
+    weights = [1.0] * len(classes)
+    best = score(weights)
+    for _ in range(2):
+        for c in range(len(classes)):
+            for w in WEIGHTS:
+                trial = [*weights[:c], float(w), *weights[c + 1 :]]
+                value = score(trial)
+                if value > best + 1e-9:
+                    weights, best = trial, value
+    return weights, best
 
 
 def patch(primary: np.ndarray, secondary: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
@@ -146,6 +190,7 @@ def save_ensemble(folder: Path, ensemble: Ensemble, member_dirs: list[Path]) -> 
             "members": names,
             "patch_classes": ensemble.patch_classes,
             "threshold": ensemble.threshold,
+            "class_weights": ensemble.class_weights,
             "classes": ensemble.classes,
         }
         (tmp / "ensemble.json").write_text(json.dumps(spec, indent=2) + "\n")
