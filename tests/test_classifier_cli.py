@@ -66,7 +66,8 @@ def test_train_ensemble_register_evaluate(setting):
 
     ensemble = run_cli(
         "platform.ensemble", "--models", "models:/tiny-a@champion", "models:/tiny-b@champion",
-        "--method", "patch", "--calibrate", "f1", "--register-as", "tiny-patch", "--tracking-uri", uri, env=env,
+        "--method", "patch", "--calibrate", "f1", "--register-as", "tiny-patch", "--tracking-uri", uri,
+        env=env,
     )  # fmt: skip
     assert ensemble.returncode == 0, ensemble.stdout[-3000:] + ensemble.stderr[-3000:]
     assert "patch: classes" in ensemble.stdout and "class weights: ball x" in ensemble.stdout
