@@ -399,31 +399,12 @@ def volume_slices(
             yield SliceResult(record, axis, index, foreground, True, box, np.asarray(resized))
 
 
-def iter_slices(
-    records: Iterable[VolumeRecord],
-    *,
-    axes: Sequence[int] = (0,),
-    size: int = 224,
-    margin: float = 0.1,
-    min_foreground: float = 0.01,
-    crop: str = "object",
-    context: int = 0,
-    distance_scale: float = 0.0,
-) -> Iterator[SliceResult]:
-    """Streams slices of many volumes; only one volume is loaded at a time (memory bounded by one)."""
+def iter_slices(records: Iterable[VolumeRecord], **settings) -> Iterator[SliceResult]:
+    """Streams slices of many volumes; only one volume is loaded at a time (memory bounded by one).
+    `settings` are volume_slices' keyword arguments."""
     for record in records:
         volume = load_volume(record.path)
-        yield from volume_slices(
-            record,
-            volume,
-            axes=axes,
-            size=size,
-            margin=margin,
-            min_foreground=min_foreground,
-            crop=crop,
-            context=context,
-            distance_scale=distance_scale,
-        )
+        yield from volume_slices(record, volume, **settings)
         del volume  # drop the reference before the next load, so two volumes never coexist
 
 
@@ -483,7 +464,15 @@ def extract_slices(
     it the column is empty. Logs a progress line with slices/s and ETA every `log_every_s` seconds.
     """
     out_dir = Path(out_dir).resolve()
-    axes = parse_axes(axes if isinstance(axes, str | int) else list(axes))
+    settings = dict(
+        axes=parse_axes(axes if isinstance(axes, str | int) else list(axes)),
+        size=size,
+        margin=margin,
+        min_foreground=min_foreground,
+        crop=crop,
+        context=context,
+        distance_scale=distance_scale,
+    )
     _check_settings(size, margin, min_foreground, crop, context, distance_scale)
     if not records:
         raise UserError("no volumes to slice (empty dataset)")
@@ -503,17 +492,7 @@ def extract_slices(
         with open(tmp / "index.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(INDEX_COLUMNS)
-            slices = iter_slices(
-                records,
-                axes=axes,
-                size=size,
-                margin=margin,
-                min_foreground=min_foreground,
-                crop=crop,
-                context=context,
-                distance_scale=distance_scale,
-            )
-            for s in slices:
+            for s in iter_slices(records, **settings):
                 if s.record is not current:
                     volumes_done += current is not None
                     current = s.record
