@@ -70,6 +70,7 @@ NOT_RESULTS = {
     "train_optimizer_steps",
     "train_slices",
     "early_stopped",
+    "best_epoch",
 }
 
 
@@ -132,16 +133,20 @@ def train_run(
         result = trainer.fit()
         info = log_checkpoint(Path(result.checkpoint.path))
         log_figure(loss_curves(curve_history(uri, run.info.run_id, cfg)), "plots/loss_curves.png")
-        figures = (classifier_figures if isinstance(cfg, ClassifierConfig) else validation_figures)(
-            cfg, Path(result.checkpoint.path)
-        )
+        metrics = {
+            k: v
+            for k, v in (result.metrics or {}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        if isinstance(cfg, ClassifierConfig):
+            # The run's model is its best epoch (restore_best): its own numbers, as best_<metric>
+            figures, model_metrics = classifier_figures(cfg, Path(result.checkpoint.path))
+            mlflow.log_metrics({f"best_{k}": v for k, v in model_metrics.items()})
+            metrics.update(model_metrics)
+        else:
+            figures = validation_figures(cfg, Path(result.checkpoint.path))
         for name, fig in figures.items():
             log_figure(fig, name)
-    metrics = {
-        k: v
-        for k, v in (result.metrics or {}).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
     return Outcome(cfg, run.info.run_id, info.model_uri, metrics)
 
 
@@ -164,9 +169,9 @@ def validation_figures(cfg, checkpoint: Path) -> dict:
     return evaluation_figures(evals, val, results)
 
 
-def classifier_figures(cfg, checkpoint: Path) -> dict:
-    """Confusion matrices, ROC curves and per-class F1 (slice and volume level) of the final model on the
-    validation specimens; the report table goes to the run as text."""
+def classifier_figures(cfg, checkpoint: Path) -> tuple[dict, dict]:
+    """Confusion matrices, ROC curves and per-class F1 (slice and volume level) of the run's model on the
+    validation specimens, and its metrics; the report table goes to the run as text."""
     import mlflow
 
     from trainers.classification import format_report, report
@@ -179,7 +184,7 @@ def classifier_figures(cfg, checkpoint: Path) -> dict:
     probs = predictor.predict_proba(val.images())
     metrics, details = report(probs, val.labels, val.specimens, val.classes, cfg.aggregate)
     mlflow.log_text(format_report(metrics, val.classes), "report.txt")
-    return classification_figures(details, metrics, val.classes)
+    return classification_figures(details, metrics, val.classes), metrics
 
 
 def curve_history(uri: str, run_id: str, cfg) -> dict[str, list[tuple[int, float]]]:
@@ -275,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     if args.seeds == 1:
         outcome = train_run(cfg, args, uri, experiment_id, run_name, run_id=args.resume)
-        print(
-            "final: "
-            + "  ".join(f"{k}={outcome.metrics[k]:.4f}" for k in task.headline if k in outcome.metrics)
-        )
+        shown = "  ".join(f"{k}={outcome.metrics[k]:.4f}" for k in task.headline if k in outcome.metrics)
+        if "best_epoch" in outcome.metrics:  # a classifier hands over its lowest-val_loss epoch
+            shown += f"  (model of epoch {outcome.metrics['best_epoch']:.0f})"
+        print("final: " + shown)
         best = outcome
     else:
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:

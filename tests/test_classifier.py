@@ -204,6 +204,11 @@ def test_training_learns_and_the_checkpoint_predicts_volumes(volumes, tmp_path):
     # balls vs hollow boxes: learnable in a few epochs (the threshold at 0.5 still moves: AUC, not acc)
     assert last["volume_auc"] >= 0.9
     assert min(r["val_loss"] for r in reports) < reports[0]["val_loss"]
+    # restore_best: model.pt holds the lowest-val_loss epoch, train_state.pt the latest weights
+    saved = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    latest = torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=True)["model"]
+    same = all(torch.equal(saved[k], latest[k]) for k in saved)
+    assert same == (last["best_epoch"] == last["epoch"])
     predictor = load_classifier_checkpoint(tmp_path / "ckpt")
     assert predictor.classes == ["ball", "box"]
     rng = np.random.default_rng(5)

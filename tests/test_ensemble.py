@@ -82,7 +82,7 @@ def test_ensemble_folder_round_trip(tmp_path):
     for i, m in enumerate(members):
         folder = tmp_path / f"ckpt{i}"
         folder.mkdir()
-        save_classifier(folder, m.config, m.model, m.classes)
+        save_classifier(folder, m.config, m.model.state_dict(), m.classes)
         dirs.append(folder)
     ensemble = Ensemble("patch", [load_predictor(d) for d in dirs], ["b"], 0.55)
     out = save_ensemble(tmp_path / "ens", ensemble, dirs)

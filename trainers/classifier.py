@@ -131,8 +131,9 @@ class SliceClassifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
 
-def save_classifier(folder: Path, cfg: ClassifierConfig, model: torch.nn.Module, classes: list[str]) -> None:
-    torch.save(model.state_dict(), folder / "model.pt")
+def save_classifier(folder: Path, cfg: ClassifierConfig, weights: dict, classes: list[str]) -> None:
+    """model.pt (a state_dict), config.json and classes.json: what inference needs."""
+    torch.save(weights, folder / "model.pt")
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
     (folder / "classes.json").write_text(json.dumps(list(classes)) + "\n")
 

@@ -93,15 +93,19 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         SoftTargetCrossEntropy() if mixer else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     )
     val_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, best_loss, bad_epochs = 0, float("inf"), 0
+    start_epoch, best_loss, bad_epochs, best_epoch = 0, float("inf"), 0, 0
+    best_weights = None  # restore_best: the weights of the lowest validation loss so far (rank 0)
     resume = seam.latest_checkpoint()
     if resume is not None:
-        bare.load_state_dict(torch.load(resume / "model.pt", map_location=seam.device, weights_only=True))
-        state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(resume / "train_state.pt", map_location=seam.device, weights_only=True)
+        bare.load_state_dict(state["model"])
+        if cfg.restore_best:
+            best_weights = torch.load(resume / "model.pt", map_location=seam.device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, best_loss, bad_epochs = state["epoch"], state["best_val_loss"], state["bad_epochs"]
+        best_epoch = state["best_epoch"]
         log.info("resumed from %s at epoch %d", resume, start_epoch)
     head_only = start_epoch < cfg.head_epochs
     freeze_backbone(bare, head_only)
@@ -160,21 +164,27 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         if seam.rank == 0:
             metrics.update(validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate))
             if metrics["val_loss"] < best_loss - 1e-6:
-                best_loss, bad_epochs = metrics["val_loss"], 0
+                best_loss, bad_epochs, best_epoch = metrics["val_loss"], 0, epoch + 1
+                if cfg.restore_best:
+                    best_weights = {k: v.detach().clone() for k, v in bare.state_dict().items()}
             else:
                 bad_epochs += 1
             stop = cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience
-            metrics.update(best_val_loss=best_loss, early_stopped=float(stop))
+            metrics.update(best_val_loss=best_loss, best_epoch=best_epoch, early_stopped=float(stop))
             state = {
+                "model": bare.state_dict(),  # the weights training continues from
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch + 1,
                 "best_val_loss": best_loss,
                 "bad_epochs": bad_epochs,
+                "best_epoch": best_epoch,
             }
+            # model.pt is the model this run hands over now: the best so far, or the latest
+            weights = best_weights if cfg.restore_best else state["model"]
 
-            def write(folder: Path, state=state) -> None:
-                save_classifier(folder, cfg, bare, classes)
+            def write(folder: Path, state=state, weights=weights) -> None:
+                save_classifier(folder, cfg, weights, classes)
                 torch.save(state, folder / "train_state.pt")
 
         seam.report(metrics, write)

@@ -211,6 +211,8 @@ class ClassifierConfig:
     cutmix_alpha: float = 0.0  # CutMix Beta(alpha, alpha); 0 = off
     mix_prob: float = 1.0  # probability a batch is mixed (Mixup or CutMix, switching 50/50 when both on)
     early_stop_patience: int = 5  # stop after this many epochs without a lower validation loss; 0 = off
+    restore_best: bool = True  # the run's model is the epoch of lowest validation loss (Keras'
+    # restore_best_weights); false: the last epoch's
     precise_bn_batches: int = 50  # before each validation, BatchNorm statistics are recomputed over this many
     # training batches with the current weights (Detectron2's PreciseBN; 0 = off): the running averages lag
     # weights that move fast (from scratch, high lr) and then evaluate a model that never existed
