@@ -175,6 +175,17 @@ def classifier_data(args, predictor):
     return predictor.predict_proba(dataset.images()), dataset.specimens, np.asarray(dataset.labels)
 
 
+def is_classifier_model(value: str) -> bool:
+    """A classifier checkpoint/ensemble folder, or a URI of one; a local path is checked without importing
+    the registry (whose MLflow import prints to stderr before a one-line error could)."""
+    path = Path(value).expanduser()
+    if ":/" not in value:
+        return path.is_dir() and ((path / "classes.json").is_file() or (path / "ensemble.json").is_file())
+    from deploy.registry import is_classifier
+
+    return is_classifier(value)
+
+
 def evaluate_classifier(args, uri: str | None) -> int:
     import numpy as np
 
@@ -242,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = _cli.tracking_uri(args.tracking_uri)
         mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
         mlflow.set_registry_uri(uri)
-    from deploy.registry import is_classifier
-
-    if is_classifier(args.model):
+    if is_classifier_model(args.model):
         return evaluate_classifier(args, uri)
     # Everything about the input is checked before the model runs: a mistake costs seconds, not a pass.
     records = read_data(args)
