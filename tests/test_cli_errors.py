@@ -69,7 +69,9 @@ def test_help_and_list_spaces():
     out = run_cli("platform.tune", "--space", "rpn_anchors", "--help")
     assert out.returncode == 0 and "--num-samples" in out.stdout
     out = run_cli("platform.tune", "--list-spaces")
-    assert out.returncode == 0 and out.stdout.startswith("rpn_anchors")
+    names = [line.split()[0] for line in out.stdout.splitlines()]
+    assert out.returncode == 0 and names == ["classifier", "rpn_anchors"]  # sorted, one line each
+    assert "(recipe adrenal3d_cpu)" in out.stdout and "(recipe dsb2018_demo)" in out.stdout
 
 
 @pytest.mark.parametrize(
