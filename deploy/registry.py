@@ -18,7 +18,7 @@ from mlflow.models.model import ModelInfo
 from datasets.errors import UserError
 from trainers.classifier import SliceClassifier
 from trainers.config import MaskRCNNConfig
-from trainers.ensemble import Ensemble, load_predictor
+from trainers.ensemble import Ensemble, is_classifier_folder, load_predictor
 from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
 
 # Our predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; its advice
@@ -107,7 +107,7 @@ def log_classifier(folder: Path, artifact_name: str = "model") -> ModelInfo:
 def log_checkpoint(folder: Path, artifact_name: str = "model") -> ModelInfo:
     """Log whatever a training run checkpointed: a classifier (classes.json) or a detector."""
     folder = Path(folder)
-    if (folder / "classes.json").is_file() or (folder / "ensemble.json").is_file():
+    if is_classifier_folder(folder):
         return log_classifier(folder, artifact_name)
     return log_detector(folder, artifact_name)
 
@@ -161,10 +161,6 @@ def predict_image(
         "masks": (out["masks"][keep, 0] >= mask_threshold).cpu().numpy(),
         "class_names": [names.get(int(label), str(label)) for label in labels],
     }
-
-
-def is_classifier_folder(path: Path) -> bool:
-    return (path / "classes.json").is_file() or (path / "ensemble.json").is_file()
 
 
 def classifier_folder(value: str) -> Path:

@@ -178,9 +178,11 @@ def classifier_data(args, predictor):
 def is_classifier_model(value: str) -> bool:
     """A classifier checkpoint/ensemble folder, or a URI of one; a local path is checked without importing
     the registry (whose MLflow import prints to stderr before a one-line error could)."""
-    path = Path(value).expanduser()
     if ":/" not in value:
-        return path.is_dir() and ((path / "classes.json").is_file() or (path / "ensemble.json").is_file())
+        from trainers.ensemble import is_classifier_folder
+
+        path = Path(value).expanduser()
+        return path.is_dir() and is_classifier_folder(path)
     from deploy.registry import is_classifier
 
     return is_classifier(value)

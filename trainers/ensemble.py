@@ -201,6 +201,11 @@ def save_ensemble(folder: Path, ensemble: Ensemble, member_dirs: list[Path]) -> 
     return folder
 
 
+def is_classifier_folder(path: Path) -> bool:
+    """A classifier checkpoint (classes.json) or an ensemble folder (ensemble.json)."""
+    return (path / "classes.json").is_file() or (path / "ensemble.json").is_file()
+
+
 def load_predictor(folder: Path, device: str = "cpu") -> SliceClassifier | Ensemble:
     """A classifier checkpoint folder or an ensemble folder, ready to predict."""
     folder = Path(folder)
