@@ -45,19 +45,64 @@ def register_preset(name: str):
     return decorate
 
 
-def augmentation(preset: str, seed: int) -> A.Compose | None:
-    """The named preset as one seeded pipeline, or None for `none`.
+def augmentation(
+    preset: str,
+    seed: int,
+    *,
+    rotate: float = 0.0,
+    scale: float = 0.0,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    blur: float = 0.0,
+) -> A.Compose | None:
+    """The named preset as one seeded pipeline, or None for `none` with no extra augmentation.
 
-    Apply it as `transform(image=HxWx3 uint8, masks=[HxW uint8, ...])`, or through `apply_transform`,
-    which also converts bool masks and drops instances that left the image. Raises UserError for an
-    unknown name, listing the valid ones.
+    Non-zero magnitudes (MaskRCNNConfig's aug_* fields) append extra transforms after the preset
+    (`extra_transforms`); all zero gives exactly the preset. Apply it as `transform(image=HxWx3 uint8,
+    masks=[HxW uint8, ...])`, or through `apply_transform`, which also converts bool masks and drops
+    instances that left the image. Raises UserError for an unknown name, listing the valid ones.
     """
     if preset not in PRESETS:
         raise UserError(f"augment: unknown preset '{preset}'; valid: {', '.join(PRESETS)}")
-    transforms = PRESETS[preset]()
+    transforms = PRESETS[preset]() + extra_transforms(rotate, scale, brightness, contrast, blur)
     if not transforms:
         return None
     return reseed(A.Compose(transforms), seed)
+
+
+def extra_transforms(rotate: float, scale: float, brightness: float, contrast: float, blur: float) -> list:
+    """Searchable augmentations: rotation within +-`rotate` degrees and zoom by [1 - scale, 1 + scale] (one
+    affine warp, black fill, masks nearest-neighbour so they stay binary), brightness and contrast factors
+    in [1 - m, 1 + m] (ColorJitter: factors, see the note above the presets), and on half of the images a
+    Gaussian blur of sigma up to `blur` pixels. A zero magnitude adds nothing."""
+    out = []
+    if rotate or scale:
+        out.append(
+            A.Affine(
+                rotate=(-rotate, rotate),
+                scale=(1 - scale, 1 + scale),
+                keep_ratio=True,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=1.0,
+            )
+        )
+    if brightness or contrast:
+        out.append(
+            A.ColorJitter(
+                brightness=(1 - brightness, 1 + brightness),
+                contrast=(1 - contrast, 1 + contrast),
+                saturation=(1.0, 1.0),
+                hue=(0.0, 0.0),
+                p=1.0,
+            )
+        )
+    if blur:
+        out.append(A.GaussianBlur(sigma_limit=(0.0, blur), blur_limit=0, p=0.5))
+    return out
 
 
 def reseed(transform: A.BaseCompose, seed: int) -> A.BaseCompose:

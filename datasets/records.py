@@ -226,14 +226,19 @@ def write_json_atomic(path: str | Path, data, indent: int | None = None) -> Path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file atomically: a temporary file in the same folder, renamed over `path` at the end,
-    so a reader (or a crashed run) never sees a half-written file."""
+    """Write a text file atomically (see write_bytes_atomic)."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write a file atomically: a temporary file in the same folder, renamed over `path` at the end, so a
+    reader (or a crashed run) never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from trainers.classifier import SliceClassifier
 from trainers.config import MaskRCNNConfig
 from trainers.ensemble import Ensemble, is_classifier_folder, load_predictor
 from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
+from trainers.postprocess import filter_output
 
 # Our predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; its advice
 # to add type hints would otherwise print on every log and load.
@@ -146,11 +147,14 @@ def load_classifier(value: str, device: str | None = None) -> SliceClassifier | 
 def predict_image(
     detector, image: np.ndarray, score_threshold: float = 0.0, mask_threshold: float = 0.5
 ) -> dict:
-    """HxWx3 uint8 (or HxW grey) -> {boxes Nx4 xyxy, labels N, scores N, masks NxHxW bool, class_names N}."""
+    """HxWx3 uint8 (or HxW grey) -> {boxes Nx4 xyxy, labels N, scores N, masks NxHxW bool, class_names N}.
+    The detector config's class_score_thresh and mask_min_area apply (trainers/postprocess.py), then
+    `score_threshold`."""
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     tensor = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float().div(255)
     out = detector.model([tensor.to(detector.device)])[0]
+    out = filter_output(out, detector.config, detector.categories, mask_threshold)
     keep = out["scores"] >= score_threshold
     names = {c["id"]: c["name"] for c in detector.categories}
     labels = out["labels"][keep].cpu().numpy()

@@ -273,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
 
     gt = coco_ground_truth(InstanceDataset(records))
     started = time.perf_counter()
-    results = predict_records(model, records, device, tile_size=tile_size, tile_overlap=tile_overlap)
+    results = predict_records(
+        model,
+        records,
+        device,
+        tile_size=tile_size,
+        tile_overlap=tile_overlap,
+        cfg=config,  # the model's inference filters (class_score_thresh, mask_min_area)
+        categories=model_categories,
+    )
     for r in results:
         r["category_id"] = ids[r["category_id"]]
     predict_s = time.perf_counter() - started

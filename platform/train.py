@@ -161,10 +161,18 @@ def validation_figures(cfg, checkpoint: Path) -> dict:
     from trainers.plots import evaluation_figures
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, _ = load_checkpoint_model(checkpoint, device)
+    model, _, categories = load_checkpoint_model(checkpoint, device)
     records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
     _, val = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
-    results = predict_records(model, val, device, tile_size=cfg.tile_size, tile_overlap=cfg.tile_overlap)
+    results = predict_records(
+        model,
+        val,
+        device,
+        tile_size=cfg.tile_size,
+        tile_overlap=cfg.tile_overlap,
+        cfg=cfg,
+        categories=categories,
+    )
     _, evals = coco_report(coco_ground_truth(InstanceDataset(val)), results, cfg.box_detections_per_img)
     return evaluation_figures(evals, val, results)
 

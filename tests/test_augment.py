@@ -135,10 +135,21 @@ def marker_scene() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("preset", AUGMENTING)
 def test_masks_follow_the_image_under_every_transform(preset):
-    """Arbitrary rotations, scaling, crops, blur: each instance's mask must sit where its marker went.
-    Compared by centroids: of the mask, and of the marker's brightness above the local background."""
+    """Arbitrary rotations, scaling, crops, blur: each instance's mask must sit where its marker went."""
+    assert_masks_follow_the_image(augmentation(preset, seed=3), preset)
+
+
+MAGNITUDES = {"rotate": 40.0, "scale": 0.3, "brightness": 0.3, "contrast": 0.3, "blur": 1.5}
+
+
+@pytest.mark.parametrize("preset", ["none", "flips", "dsb2018"])
+def test_masks_follow_the_image_with_extra_magnitudes(preset):
+    assert_masks_follow_the_image(augmentation(preset, seed=3, **MAGNITUDES), preset)
+
+
+def assert_masks_follow_the_image(transform, preset: str) -> None:
+    """Compared by centroids: of the mask, and of the marker's brightness above the local background."""
     image, masks = marker_scene()
-    transform = augmentation(preset, seed=3)
     grey_bound = 0
     for _ in range(15):
         out_image, out_masks, kept = apply_transform(transform, image, masks)
@@ -161,6 +172,37 @@ def test_masks_follow_the_image_under_every_transform(preset):
             assert np.abs(marker - centre).max() < 1.0 + 0.5 * scale, (preset, marker, centre)
             grey_bound += 1
     assert grey_bound >= 20  # the check did run on plenty of instances
+
+
+@pytest.mark.parametrize("preset", ALL)
+def test_zero_magnitudes_are_exactly_the_preset(preset):
+    image, masks = real_sample(2)
+    zero = dict.fromkeys(MAGNITUDES, 0.0)
+    plain, with_zeros = augmentation(preset, seed=4), augmentation(preset, seed=4, **zero)
+    if plain is None:
+        assert with_zeros is None
+        return
+    assert len(with_zeros.transforms) == len(plain.transforms)
+    for _ in range(3):
+        a, b = apply_transform(plain, image, masks), apply_transform(with_zeros, image, masks)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_each_magnitude_changes_the_image_and_only_geometry_moves_masks(magnitude):
+    image, masks = real_sample(2)
+    transform = augmentation("none", seed=0, **{magnitude: MAGNITUDES[magnitude]})
+    assert len(transform.transforms) == 1  # nothing but the one extra transform
+    outputs = [apply_transform(transform, image, masks) for _ in range(6)]
+    assert any(not np.array_equal(out, image) for out, _, _ in outputs)
+    geometric = magnitude in ("rotate", "scale")
+    for out, moved, kept in outputs:
+        assert out.shape == image.shape and moved.shape[1:] == image.shape[:2]
+        if not geometric:
+            assert np.array_equal(moved, masks) and len(kept) == len(masks)
+    assert geometric == any(
+        len(kept) != len(masks) or not np.array_equal(moved, masks) for _, moved, kept in outputs
+    )
 
 
 @pytest.mark.parametrize("preset", ALL)

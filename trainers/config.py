@@ -38,6 +38,12 @@ class MaskRCNNConfig:
     tile_overlap: int = 64  # pixels shared by neighbouring tiles (train and validation)
     tile_min_visible: float = 0.1  # an object a tile cuts is trained on only if this fraction of it is
     # inside the tile (SAHI's slicing default, min_area_ratio=0.1): slivers teach fragments
+    # Magnitudes of extra augmentations after the preset (0 = off), the `augment` search space's knobs:
+    aug_rotate: float = 0.0  # random rotation within +-this many degrees
+    aug_scale: float = 0.0  # random zoom by a factor within [1 - this, 1 + this]
+    aug_brightness: float = 0.0  # brightness factor within [1 - this, 1 + this]
+    aug_contrast: float = 0.0  # contrast factor within [1 - this, 1 + this]
+    aug_blur: float = 0.0  # Gaussian blur with sigma up to this many pixels (half of the images)
     # --- model ---
     backbone: str = "resnet50_fpn"  # resnet18_fpn | resnet34_fpn | resnet50_fpn | resnet50_fpn_v2
     weights: str = ""  # whole-model weights: "" random init, "DEFAULT" torchvision COCO, or a state_dict path
@@ -58,7 +64,14 @@ class MaskRCNNConfig:
     rpn_post_nms_top_n_test: int = 1000  # proposals kept after NMS, inference
     rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
     box_batch_size_per_image: int = 512  # ROIs sampled per image for the box/mask head losses
+    box_positive_fraction: float = 0.25  # fraction of those ROIs that are foreground (at most)
+    mask_head_layers: int = 4  # 3x3 conv layers of the mask head (torchvision: 4)
+    mask_head_channels: int = 256  # channels of each mask head layer (torchvision: 256)
+    mask_loss_weight: float = 1.0  # weight of the mask loss in the training loss (others weigh 1)
     box_score_thresh: float = 0.05  # detections below this score are dropped at inference
+    class_score_thresh: tuple[float, ...] = ()  # per-class score thresholds in category order, applied after
+    # the model (its own box_score_thresh first); () = box_score_thresh for every class
+    mask_min_area: int = 0  # detections whose binary mask has fewer pixels are dropped at inference
     box_nms_thresh: float = 0.5  # per-class NMS IoU threshold on detections
     box_detections_per_img: int = 100  # maximum detections per image at inference
     # --- optimisation ---
@@ -67,6 +80,7 @@ class MaskRCNNConfig:
     lr_reference_batch: int = 0  # 0 = use lr as given; else linear scaling rule (Goyal et al. 2017):
     # lr * global_batch / lr_reference_batch, global_batch = batch_size * workers * accumulate_steps images
     momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # SGD with Nesterov momentum
     weight_decay: float = 1e-4  # L2 / decoupled weight decay
     lr_steps: tuple[int, ...] = ()  # epochs at which the learning rate is multiplied by lr_gamma
     lr_step_iters: tuple[int, ...] = ()  # optimizer steps at which the lr is multiplied by lr_gamma
@@ -137,6 +151,31 @@ class MaskRCNNConfig:
             raise UserError("cosine_period_epochs: expected 0 (off) or a positive number of epochs")
         if self.cosine_period_epochs > 0 and not 0 <= self.lr_min < self.lr:
             raise UserError(f"lr_min: expected a value in [0, lr={self.lr}), got {self.lr_min}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            # torch.optim.SGD refuses nesterov without momentum; Adam(W) has no nesterov switch at all
+            raise UserError(
+                f"nesterov: expected optimizer=sgd with momentum > 0, got optimizer={self.optimizer} "
+                f"momentum={self.momentum}"
+            )
+        if not 0.0 < self.box_positive_fraction <= 1.0:
+            raise UserError(
+                f"box_positive_fraction: expected a fraction in (0, 1], got {self.box_positive_fraction}"
+            )
+        for key in ("mask_head_layers", "mask_head_channels"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}: expected a positive integer, got {getattr(self, key)}")
+        for key in ("mask_loss_weight", "mask_min_area", "aug_rotate", "aug_blur"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key}: expected 0 or more, got {getattr(self, key)}")
+        # factors drawn from [1 - m, 1 + m]: m >= 1 would allow a zoom/brightness/contrast factor of 0 or less
+        for key in ("aug_scale", "aug_brightness", "aug_contrast"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise UserError(f"{key}: expected a magnitude in [0, 1), got {getattr(self, key)}")
+        for value in self.class_score_thresh:
+            if not 0.0 <= value <= 1.0:
+                raise UserError(
+                    f"class_score_thresh: expected per-class scores in [0, 1], got {self.class_score_thresh}"
+                )
         self._validate_phases()
 
     def _validate_phases(self) -> None:

@@ -9,6 +9,7 @@ from pycocotools.coco import COCO
 
 from datasets.instances import encode_masks
 from trainers.evaluation import coco_report, kaggle_metrics
+from trainers.postprocess import filter_output
 
 HEADLINE = ("AP", "AP50", "AP75", "AR100")
 
@@ -24,10 +25,12 @@ def train_one_epoch(
     accumulate_steps: int = 1,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    mask_loss_weight: float = 1.0,
 ) -> dict[str, float]:
     """One pass over `loader`: one optimizer (and scheduler) step per `accumulate_steps` batches, and one
-    for a shorter last group; autocast to `amp_dtype` with an optional GradScaler (fp16). Returns the mean
-    of each loss term, `loss`, `images`, `images_per_s` and `optimizer_steps`."""
+    for a shorter last group; autocast to `amp_dtype` with an optional GradScaler (fp16). The training loss
+    is the sum of the loss terms with `loss_mask` times `mask_loss_weight`. Returns the mean of each loss
+    term, `loss`, `images`, `images_per_s` and `optimizer_steps`."""
     model.train()
     sums: dict[str, float] = {}
     batches = images = steps = 0
@@ -44,7 +47,9 @@ def train_one_epoch(
         with sync:
             with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 losses = model(images_batch, targets)
-                loss = sum(losses.values())
+                # Only the optimised sum is weighted: the per-term losses returned below stay unweighted, so
+                # runs with different mask_loss_weight compare term by term (`loss` is the weighted sum).
+                loss = sum(v * mask_loss_weight if k == "loss_mask" else v for k, v in losses.items())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at batch {batches}: {_fmt(losses)}; lower lr or clip"
@@ -83,21 +88,35 @@ def _fmt(losses: dict[str, torch.Tensor]) -> str:
 
 
 @torch.inference_mode()
-def predict(model, loader, device, mask_threshold: float = 0.5) -> list[dict]:
-    """COCO result entries (bbox xywh, RLE segmentation, score, category) for every image in `loader`."""
+def predict(model, loader, device, mask_threshold: float = 0.5, *, cfg=None) -> list[dict]:
+    """COCO result entries (bbox xywh, RLE segmentation, score, category) for every image in `loader`;
+    with `cfg`, its class_score_thresh and mask_min_area filters applied (the loader's dataset categories
+    are the model's)."""
     model.eval()
+    categories = getattr(loader.dataset, "categories", None)
     results = []
     for images_batch, targets in loader:
         outputs = model([img.to(device) for img in images_batch])
         for output, target in zip(outputs, targets, strict=True):
-            results.extend(to_coco_results(output, target["image_id"], mask_threshold))
+            results.extend(
+                to_coco_results(output, target["image_id"], mask_threshold, cfg=cfg, categories=categories)
+            )
     return results
 
 
 def to_coco_results(
-    output: dict[str, torch.Tensor], image_id: int, mask_threshold: float = 0.5
+    output: dict[str, torch.Tensor],
+    image_id: int,
+    mask_threshold: float = 0.5,
+    *,
+    cfg=None,
+    categories=None,
 ) -> list[dict]:
-    """One torchvision detection output -> COCO result dicts (masks binarised at `mask_threshold`)."""
+    """One torchvision detection output -> COCO result dicts (masks binarised at `mask_threshold`). With a
+    MaskRCNNConfig `cfg`, the detections its class_score_thresh (in the order of the model's `categories`)
+    and mask_min_area drop are left out first (trainers/postprocess.py filter_output)."""
+    if cfg is not None:
+        output = filter_output(output, cfg, categories, mask_threshold)
     boxes = output["boxes"].cpu().numpy()
     if not len(boxes):
         return []
@@ -126,7 +145,3 @@ def score_results(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[st
     """COCO metrics and the Kaggle DSB2018/Sartorius metric (kaggle_mAP, matched_mask_IoU, at score 0.5) of
     COCO result dicts from any inference path (whole images, tiles)."""
     return {**coco_metrics(gt, results, max_dets), **kaggle_metrics(gt, results)}
-
-
-def evaluate(model, loader, device, gt: COCO, max_dets: int = 100) -> dict[str, float]:
-    return score_results(gt, predict(model, loader, device), max_dets)

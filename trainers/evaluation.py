@@ -256,11 +256,20 @@ def predict_records(
     tile_batch: int = 4,
     mask_threshold: float = 0.5,
     log_every_s: float = 5.0,
+    cfg=None,
+    categories=None,
 ) -> list[dict]:
     """COCO result dicts for every image of `records`, image_id = position + 1 (coco_ground_truth's ids),
     one image at a time (images differ in size), with a progress line every `log_every_s` seconds.
-    tile_size > 0: tiled inference at native resolution (trainers/tiled.py), `tile_batch` tiles per call."""
-    from trainers.engine import to_coco_results  # engine imports this module for its metrics
+    tile_size > 0: tiled inference at native resolution (trainers/tiled.py), `tile_batch` tiles per call.
+    With a MaskRCNNConfig `cfg`, its class_score_thresh and mask_min_area filters apply to each image's
+    detections (trainers/postprocess.py); class_score_thresh is in the order of the model's `categories`
+    (default: the records' categories, which are the model's when it was trained on this dataset)."""
+    # engine and postprocess import this module for its metrics
+    from trainers.engine import to_coco_results
+    from trainers.postprocess import filter_results
+
+    categories = records[0].categories if categories is None and records else categories
 
     model.eval()
     results = []
@@ -277,10 +286,13 @@ def predict_records(
                 device=device,
                 mask_threshold=mask_threshold,
             )
-            results.extend(detections_to_coco(detections, index + 1, *image.shape[:2]))
+            entries = detections_to_coco(detections, index + 1, *image.shape[:2])
+            # After stitching: a mask's area is that of the whole object, not of a tile's piece of it.
+            results.extend(filter_results(entries, cfg, categories) if cfg is not None else entries)
         else:
             tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
-            results.extend(to_coco_results(model([tensor.to(device)])[0], index + 1, mask_threshold))
+            output = model([tensor.to(device)])[0]
+            results.extend(to_coco_results(output, index + 1, mask_threshold, cfg=cfg, categories=categories))
         now = time.perf_counter()
         if now - last >= log_every_s or index + 1 == len(records):
             rate = (index + 1) / (now - started)

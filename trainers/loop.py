@@ -24,7 +24,7 @@ from datasets.instances import (
 )
 from datasets.splits import train_val_split
 from trainers.config import MaskRCNNConfig, from_dict, to_dict, write_json
-from trainers.engine import evaluate, score_results, train_one_epoch
+from trainers.engine import predict, score_results, train_one_epoch
 from trainers.evaluation import predict_records
 from trainers.maskrcnn import build_model
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
@@ -48,7 +48,9 @@ def build_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     lr = scaled_lr(cfg, world_size)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -99,7 +101,15 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     """Train `cfg.epochs` epochs; each epoch rank 0 evaluates and checkpoints, and all ranks report."""
     records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
     train_records, val_records = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
-    transform = augmentation(cfg.augment, cfg.seed + seam.rank)
+    transform = augmentation(
+        cfg.augment,
+        cfg.seed + seam.rank,
+        rotate=cfg.aug_rotate,
+        scale=cfg.aug_scale,
+        brightness=cfg.aug_brightness,
+        contrast=cfg.aug_contrast,
+        blur=cfg.aug_blur,
+    )
     if cfg.tile_size:
         train_set = TiledInstanceDataset(
             train_records, cfg.tile_size, cfg.tile_overlap, cfg.tile_min_visible, transform
@@ -178,6 +188,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
             accumulate_steps=cfg.accumulate_steps,
             amp_dtype=amp_dtype,
             scaler=scaler,
+            mask_loss_weight=cfg.mask_loss_weight,
         )
         metrics = {f"train_{k}": v for k, v in stats.items()}
         metrics.update(
@@ -211,19 +222,29 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
 
 def validate(cfg: MaskRCNNConfig, model, val_loader, device, ground_truth) -> dict[str, float]:
     """COCO and Kaggle metrics on the validation images: whole images, or in full-resolution mode tiled
-    inference on each whole image at native resolution (as the model will be used on mosaics)."""
+    inference on each whole image at native resolution (as the model will be used on mosaics); and
+    `val_ms_per_image`, the inference latency a multi-objective search can trade against accuracy. The
+    config's inference filters (class_score_thresh, mask_min_area) apply, as they will in use."""
+    images = len(val_loader.dataset)
+    started = time.perf_counter()
     if not cfg.tile_size:
-        return evaluate(model, val_loader, device, ground_truth, cfg.box_detections_per_img)
-    records = val_loader.dataset.records
-    results = predict_records(
-        model,
-        records,
-        device,
-        tile_size=cfg.tile_size,
-        tile_overlap=cfg.tile_overlap,
-        tile_batch=cfg.batch_size,
-    )
-    return score_results(ground_truth, results, cfg.box_detections_per_img)
+        results = predict(model, val_loader, device, cfg=cfg)
+    else:
+        results = predict_records(
+            model,
+            val_loader.dataset.records,
+            device,
+            tile_size=cfg.tile_size,
+            tile_overlap=cfg.tile_overlap,
+            tile_batch=cfg.batch_size,
+            cfg=cfg,
+        )
+    # Prediction only (model, mask binarisation, RLE encoding; results are on the host, so GPU work has
+    # finished), at the validation batch size: the COCO scoring below is not inference and would dominate
+    # on dense images.
+    ms_per_image = 1000 * (time.perf_counter() - started) / max(images, 1)
+    metrics = score_results(ground_truth, results, cfg.box_detections_per_img)
+    return {**metrics, "val_ms_per_image": ms_per_image}
 
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "categories.json")  # what inference needs (no optimizer state)

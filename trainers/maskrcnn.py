@@ -10,7 +10,7 @@ from torchvision.models import detection
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -57,7 +57,9 @@ def build_model(cfg: MaskRCNNConfig, num_classes: int) -> detection.MaskRCNN:
         box_nms_thresh=cfg.box_nms_thresh,
         box_detections_per_img=cfg.box_detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_positive_fraction=cfg.box_positive_fraction,
     )
+    mask_layers = [cfg.mask_head_channels] * cfg.mask_head_layers
     num_anchors = anchors.num_anchors_per_location()[0]
     backbone_weights = _backbone_weights(cfg)
     if cfg.backbone == "resnet50_fpn_v2":
@@ -70,7 +72,7 @@ def build_model(cfg: MaskRCNNConfig, num_classes: int) -> detection.MaskRCNN:
             box_head=FastRCNNConvFCHead(
                 (backbone.out_channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d
             ),
-            mask_head=MaskRCNNHeads(backbone.out_channels, [256] * 4, 1, norm_layer=nn.BatchNorm2d),
+            mask_head=MaskRCNNHeads(backbone.out_channels, mask_layers, 1, norm_layer=nn.BatchNorm2d),
         )
     else:
         backbone = resnet_fpn_backbone(
@@ -79,8 +81,19 @@ def build_model(cfg: MaskRCNNConfig, num_classes: int) -> detection.MaskRCNN:
             norm_layer=NORM_LAYERS[cfg.norm],
             trainable_layers=cfg.trainable_backbone_layers,
         )
-        heads = dict(rpn_head=RPNHead(backbone.out_channels, num_anchors))
+        heads = dict(
+            rpn_head=RPNHead(backbone.out_channels, num_anchors),
+            # built where MaskRCNN would build its own (before the box head), so the default config draws
+            # the same initial weights as torchvision's default head
+            mask_head=MaskRCNNHeads(backbone.out_channels, mask_layers, 1),
+        )
     model = detection.MaskRCNN(backbone, **heads, **kwargs)
+    if cfg.mask_head_channels != 256:
+        # torchvision's predictor expects 256 input channels. Passing our own would make MaskRCNN require
+        # num_classes=None and a box predictor too, so it is replaced instead; its transposed conv keeps
+        # the head's width (Detectron2's MaskRCNNConvUpsampleHead does the same).
+        channels = cfg.mask_head_channels
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(channels, channels, num_classes + 1)
     if cfg.weights:
         load_weights(model, _whole_model_state(cfg))
     return model

@@ -1,0 +1,490 @@
+"""What happens to Mask R-CNN detections after the network, and a search of it without retraining.
+
+Post-processing settings (POSTPROCESS_FIELDS) change which detections a trained model reports, not its
+weights, so the `thresholds` search space tunes them on CACHED predictions: `cache_predictions` runs the
+model once on the validation images with permissive settings (PERMISSIVE: every detection above a tiny
+score, no NMS, up to 1000 per image) and stores every detection with its RLE mask; `apply_postprocess`
+then re-applies torchvision's own post-processing (score threshold, class-wise NMS, top-k) and our
+filters (class_score_thresh, mask_min_area) to the cache, and `score_postprocessed` scores the result:
+a trial costs about a second instead of a training run.
+
+Exactness: on a whole-image cache, apply_postprocess gives the detections the model itself reports with
+the same settings (same boxes, scores and masks), because torchvision's score threshold, NMS and top-k
+only select among the same candidates, NMS runs here on the boxes in the model's own (resized)
+coordinates, and each mask depends only on its own box. Two limits: a box_score_thresh below the cache's
+cannot bring back what the cache dropped, and an image whose cache was cut at PERMISSIVE's 1000 detections
+is complete only above its lowest cached score (`complete_above`); both are logged. A tiled cache
+(tile_size > 0) holds the stitched detections of whole images: NMS and top-k then run per image on the
+stitched boxes, where the model runs them per tile, an approximation.
+
+`filter_output` / `filter_results` apply class_score_thresh and mask_min_area wherever a detector's output
+becomes results (trainers/engine.py, trainers/evaluation.py, deploy/registry.py), after the model's own
+post-processing, exactly as apply_postprocess does; with the defaults ((), 0) they change nothing.
+"""
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torchvision.ops import boxes as box_ops
+
+from datasets.errors import UserError
+from datasets.instances import (
+    SAMPLE_DATA,
+    InstanceDataset,
+    coco_ground_truth,
+    encode_masks,
+    quiet_pycocotools,
+    read_records,
+)
+from datasets.records import load_image, write_bytes_atomic
+from datasets.splits import train_val_split
+from trainers.config import MaskRCNNConfig, apply_overrides, from_dict, to_dict
+from trainers.evaluation import coco_report, kaggle_metrics, predict_records
+
+log = logging.getLogger(__name__)
+
+POSTPROCESS_FIELDS = (
+    "box_score_thresh",
+    "class_score_thresh",
+    "box_nms_thresh",
+    "box_detections_per_img",
+    "mask_min_area",
+)
+# What the cache is made with. Score 0.001 rather than 0: a random or weak model gives thousands of
+# near-zero candidates that no search would keep; NMS at IoU 1.0 suppresses nothing.
+PERMISSIVE = {"box_score_thresh": 0.001, "box_nms_thresh": 1.0, "box_detections_per_img": 1000}
+CACHE_VERSION = 1
+MASK_CHUNK = 100  # masks pasted to image size at a time: 1000 full-size float masks would be GBs
+LOG_EVERY_S = 5.0
+
+
+# ---- the filters applied after the model, at inference and on caches -----------------------------------
+
+
+def class_thresholds(thresholds, categories) -> np.ndarray | None:
+    """class_score_thresh as a lookup table indexed by label (category id), or None when it is empty.
+    UserError naming the field and the categories when there is not one threshold per category."""
+    thresholds = tuple(thresholds)
+    if not thresholds:
+        return None
+    if categories is None:
+        raise ValueError("class_score_thresh needs the model's categories to map labels to thresholds")
+    if len(thresholds) != len(categories):
+        names = ", ".join(str(c["name"]) for c in categories)
+        raise UserError(
+            f"class_score_thresh: {len(thresholds)} threshold(s) {thresholds} for {len(categories)} "
+            f"categories ({names}); give one per category, in this order, or none"
+        )
+    ids = [int(c["id"]) for c in categories]
+    # Labels outside the categories (none expected) get -inf: only box_score_thresh applies to them.
+    table = np.full(max(ids) + 1, -np.inf)
+    table[ids] = thresholds
+    return table
+
+
+def keep_detections(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    areas: np.ndarray | None,
+    class_score_thresh,
+    mask_min_area: int,
+    categories,
+) -> np.ndarray:
+    """Which detections survive the filters after the model: a score of at least its class's threshold
+    (class_score_thresh, in category order; empty = no extra threshold) and a mask of at least
+    mask_min_area pixels (areas None: no masks, the area filter does not apply)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = np.ones(len(labels), dtype=bool)
+    table = class_thresholds(class_score_thresh, categories)
+    if table is not None and len(labels):
+        inside = labels < len(table)
+        threshold = np.where(inside, table[np.where(inside, labels, 0)], -np.inf)
+        keep &= np.asarray(scores) >= threshold
+    if mask_min_area > 0 and areas is not None:
+        keep &= np.asarray(areas) >= mask_min_area
+    return keep
+
+
+def filter_output(
+    output: dict[str, torch.Tensor], cfg, categories, mask_threshold: float = 0.5
+) -> dict[str, torch.Tensor]:
+    """One torchvision detection output (boxes, labels, scores, masks N x 1 x H x W soft) without the
+    detections that cfg's class_score_thresh and mask_min_area drop; the mask area is the pixel count of
+    the mask binarised at `mask_threshold`, as the results store it. The output itself when nothing is set."""
+    if not cfg.class_score_thresh and not cfg.mask_min_area:
+        return output
+    areas = None
+    if cfg.mask_min_area and "masks" in output:
+        areas = (output["masks"][:, 0] >= mask_threshold).sum(dim=(1, 2)).cpu().numpy()
+    keep = keep_detections(
+        output["labels"].cpu().numpy(),
+        output["scores"].cpu().numpy(),
+        areas,
+        cfg.class_score_thresh,
+        cfg.mask_min_area,
+        categories,
+    )
+    if keep.all():
+        return output
+    index = torch.from_numpy(np.flatnonzero(keep))
+    return {k: v[index.to(v.device)] if torch.is_tensor(v) else v for k, v in output.items()}
+
+
+def filter_results(results: list[dict], cfg, categories) -> list[dict]:
+    """COCO result dicts (e.g. stitched tiled inference) without those cfg's filters drop (see
+    filter_output); a result without a segmentation has no mask area and passes mask_min_area."""
+    if not cfg.class_score_thresh and not cfg.mask_min_area or not results:
+        return results
+    areas = None
+    if cfg.mask_min_area:
+        areas = np.array(
+            [mask_utils.area(r["segmentation"]) if "segmentation" in r else np.inf for r in results]
+        )
+    keep = keep_detections(
+        [r["category_id"] for r in results],
+        [r["score"] for r in results],
+        areas,
+        cfg.class_score_thresh,
+        cfg.mask_min_area,
+        categories,
+    )
+    return [r for r, k in zip(results, keep, strict=True) if k]
+
+
+# ---- the cache ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictionCache:
+    """Every permissive detection of a model on its validation images, and what scoring them needs.
+
+    Detections are rows of the arrays, grouped by image (image i, id i + 1, is rows offsets[i]:offsets[i +
+    1]) and within an image in the model's output order (score descending).
+    """
+
+    config: dict  # the checkpoint's MaskRCNNConfig (to_dict): defaults of every post-processing field
+    categories: list[dict]  # the model's categories; labels are their ids
+    ground_truth: dict  # COCO dataset dict of the validation images (coco_ground_truth), ids 1..N
+    image_files: list[str]  # the validation images, in id order
+    permissive: dict  # the post-processing the model ran with (PERMISSIVE)
+    tiled: bool  # made by tiled inference (config tile_size > 0): NMS and top-k are approximations
+    mask_threshold: float  # soft masks binarised at this value
+    offsets: np.ndarray  # int64, images + 1
+    complete_above: np.ndarray  # float, per image: every candidate scoring above this is in the cache
+    labels: np.ndarray  # int64, category ids
+    scores: np.ndarray  # float32, as the model output them
+    nms_boxes: np.ndarray  # float32 N x 4 xyxy in the coordinates the model ran NMS in (its resized input)
+    bboxes: np.ndarray  # float64 N x 4 COCO xywh in image pixels, as to_coco_results writes them
+    areas: np.ndarray  # int64 mask pixels
+    rles: list[dict] = field(repr=False)  # COCO RLEs (str counts)
+
+    @cached_property
+    def coco(self) -> COCO:
+        gt = COCO()
+        gt.dataset = self.ground_truth
+        with quiet_pycocotools():
+            gt.createIndex()
+        return gt
+
+    @cached_property
+    def model_config(self) -> MaskRCNNConfig:
+        return from_dict(MaskRCNNConfig, self.config, "cached model config")
+
+    @property
+    def images(self) -> int:
+        return len(self.offsets) - 1
+
+
+def load_cache(path: str | Path) -> PredictionCache:
+    """A cache written by cache_predictions; UserError naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: prediction cache not found (make one with cache_predictions)")
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise UserError(f"{path}: not a prediction cache ({e})") from None
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise UserError(f"{path}: prediction cache version {version}, expected {CACHE_VERSION}; remake it")
+    return PredictionCache(**{f.name: data[f.name] for f in fields(PredictionCache)})
+
+
+@torch.inference_mode()
+def _detect(model, image: torch.Tensor, mask_threshold: float):
+    """model([image])[0] taken apart, with the masks pasted, binarised and RLE-encoded MASK_CHUNK at a time
+    (the same numbers: torchvision pastes every mask on its own), plus the boxes in the model's input
+    coordinates (where roi_heads ran NMS). Returns nms_boxes, boxes, scores, labels (tensors), mask areas
+    and RLEs."""
+    original = [tuple(image.shape[-2:])]
+    images, _ = model.transform([image])  # GeneralizedRCNN.forward, step by step
+    features = model.backbone(images.tensors)
+    proposals, _ = model.rpn(images, features)
+    detections = model.roi_heads(features, proposals, images.image_sizes)[0][0]
+    boxes, areas, rles = [torch.zeros((0, 4))], [np.zeros(0, dtype=np.int64)], []
+    for start in range(0, len(detections["boxes"]), MASK_CHUNK):
+        part = {k: v[start : start + MASK_CHUNK] for k, v in detections.items()}
+        part = model.transform.postprocess([part], images.image_sizes, original)[0]
+        masks = (part["masks"][:, 0] >= mask_threshold).cpu().numpy()
+        boxes.append(part["boxes"].cpu())
+        areas.append(masks.reshape(len(masks), -1).sum(axis=1).astype(np.int64))
+        rles += encode_masks(masks)
+    return (
+        detections["boxes"].cpu(),
+        torch.cat(boxes),
+        detections["scores"].cpu(),
+        detections["labels"].cpu(),
+        np.concatenate(areas),
+        rles,
+    )
+
+
+def cache_predictions(
+    checkpoint: str | Path, out: str | Path, *, device: str | None = None, mask_threshold: float = 0.5
+) -> Path:
+    """Run a checkpoint folder's model (model.pt, config.json, categories.json) on its validation images
+    with PERMISSIVE post-processing and write a PredictionCache (pickle, atomically) to `out`.
+
+    The validation split is rebuilt as training built it (cfg.data, cfg.data_format, val_fraction, seed,
+    split_file); whole images one at a time, or tiled inference when the config has tile_size > 0.
+    """
+    from trainers.loop import load_checkpoint_model  # loop imports engine, which imports this module
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, categories = load_checkpoint_model(checkpoint, device)
+    records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
+    _, val_records = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+    if not val_records:
+        raise UserError(f"val_fraction: {checkpoint}'s config leaves no validation images to cache")
+    model.roi_heads.score_thresh = PERMISSIVE["box_score_thresh"]
+    model.roi_heads.nms_thresh = PERMISSIVE["box_nms_thresh"]
+    model.roi_heads.detections_per_img = PERMISSIVE["box_detections_per_img"]
+    ground_truth = coco_ground_truth(InstanceDataset(val_records)).dataset
+    per_image = []  # (labels, scores, nms_boxes, bboxes, areas, rles, complete_above) per image
+    started = last = time.perf_counter()
+    if cfg.tile_size:
+        # Tile outputs are cropped at once (trainers/tiled.py); one tile at a time bounds the memory of
+        # PERMISSIVE's full-tile soft masks.
+        results = predict_records(
+            model,
+            val_records,
+            device,
+            tile_size=cfg.tile_size,
+            tile_overlap=cfg.tile_overlap,
+            tile_batch=1,
+            mask_threshold=mask_threshold,
+            log_every_s=LOG_EVERY_S,
+        )
+        for index in range(len(val_records)):
+            mine = [r for r in results if r["image_id"] == index + 1]
+            order = np.argsort([-r["score"] for r in mine], kind="stable")
+            mine = [mine[i] for i in order]
+            bboxes = np.array([r["bbox"] for r in mine], dtype=np.float64).reshape(-1, 4)
+            xyxy = np.concatenate([bboxes[:, :2], bboxes[:, :2] + bboxes[:, 2:]], axis=1)
+            rles = [r["segmentation"] for r in mine]
+            per_image.append(
+                (
+                    np.array([r["category_id"] for r in mine], dtype=np.int64),
+                    np.array([r["score"] for r in mine], dtype=np.float32),
+                    xyxy.astype(np.float32),
+                    bboxes,
+                    np.array([mask_utils.area(r) for r in rles], dtype=np.int64),
+                    rles,
+                    PERMISSIVE["box_score_thresh"],  # tiles are not cut at a total per image
+                )
+            )
+    else:
+        model.eval()
+        for index, record in enumerate(val_records):
+            image = load_image(record.image_path)  # as predict_records feeds whole images
+            tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(device)
+            nms_boxes, boxes, scores, labels, areas, rles = _detect(model, tensor, mask_threshold)
+            boxes = boxes.numpy()
+            complete = PERMISSIVE["box_score_thresh"]
+            if len(scores) >= PERMISSIVE["box_detections_per_img"]:  # cut at top-k: lower ones are gone
+                complete = max(complete, float(scores.min()))
+            per_image.append(
+                (
+                    labels.numpy().astype(np.int64),
+                    scores.numpy().astype(np.float32),
+                    nms_boxes.numpy().astype(np.float32),
+                    # float32 differences, as to_coco_results computes its xywh
+                    np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64),
+                    areas,
+                    rles,
+                    complete,
+                )
+            )
+            now = time.perf_counter()
+            if now - last >= LOG_EVERY_S or index + 1 == len(val_records):
+                rate = (index + 1) / (now - started)
+                log.info(
+                    "cached %d/%d images, %.2f images/s, ETA %.0f s",
+                    index + 1,
+                    len(val_records),
+                    rate,
+                    (len(val_records) - index - 1) / rate,
+                )
+                last = now
+    counts = [len(p[0]) for p in per_image]
+    data = {
+        "version": CACHE_VERSION,
+        "config": to_dict(cfg),
+        "categories": list(categories),
+        "ground_truth": ground_truth,
+        "image_files": [str(r.image_path) for r in val_records],
+        "permissive": dict(PERMISSIVE),
+        "tiled": bool(cfg.tile_size),
+        "mask_threshold": mask_threshold,
+        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "complete_above": np.array([p[6] for p in per_image], dtype=np.float64),
+        "labels": np.concatenate([p[0] for p in per_image]),
+        "scores": np.concatenate([p[1] for p in per_image]),
+        "nms_boxes": np.concatenate([p[2].reshape(-1, 4) for p in per_image]),
+        "bboxes": np.concatenate([p[3].reshape(-1, 4) for p in per_image]),
+        "areas": np.concatenate([p[4] for p in per_image]),
+        "rles": [rle for p in per_image for rle in p[5]],
+    }
+    write_bytes_atomic(out, pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+    log.info(
+        "prediction cache %s: %d images, %d detections (%.1f s)",
+        out,
+        len(val_records),
+        sum(counts),
+        time.perf_counter() - started,
+    )
+    return out
+
+
+# ---- a trial on the cache -------------------------------------------------------------------------------
+
+
+def postprocess_config(cache: PredictionCache, params: dict) -> MaskRCNNConfig:
+    """The cached model's config with `params` applied (strings parsed and values checked as for any
+    override); UserError naming a key that is not a post-processing field."""
+    other = sorted(set(params) - set(POSTPROCESS_FIELDS))
+    if other:
+        raise UserError(
+            f"{', '.join(other)}: not post-processing fields; a search on cached predictions can change "
+            f"only {', '.join(POSTPROCESS_FIELDS)}"
+        )
+    return apply_overrides(cache.model_config, params, source="thresholds")
+
+
+def apply_postprocess(cache: PredictionCache, params: dict) -> list[dict]:
+    """COCO result dicts of the cached detections under `params` (POSTPROCESS_FIELDS; missing ones take the
+    cached model's config values), per image in torchvision's order (roi_heads.postprocess_detections):
+    score > box_score_thresh, class-wise NMS (torchvision's batched_nms) at box_nms_thresh, the first
+    box_detections_per_img by score; then the filters of keep_detections. The results share the cache's
+    RLE dicts: copy before changing them."""
+    cfg = postprocess_config(cache, params)
+    _warn_if_incomplete(cache, cfg)
+    selected = cache.scores > cfg.box_score_thresh
+    kept = []
+    for i in range(cache.images):
+        start, stop = cache.offsets[i], cache.offsets[i + 1]
+        index = start + np.flatnonzero(selected[start:stop])
+        if not len(index):
+            continue
+        # Boxes, scores and labels as roi_heads held them; remove_small_boxes already ran in the model.
+        order = box_ops.batched_nms(
+            torch.from_numpy(cache.nms_boxes[index]),
+            torch.from_numpy(cache.scores[index]),
+            torch.from_numpy(cache.labels[index]),
+            cfg.box_nms_thresh,
+        )
+        kept.append(index[order[: cfg.box_detections_per_img].numpy()])
+    if not kept:
+        return []
+    kept = np.concatenate(kept)
+    keep = keep_detections(
+        cache.labels[kept],
+        cache.scores[kept],
+        cache.areas[kept],
+        cfg.class_score_thresh,
+        cfg.mask_min_area,
+        cache.categories,
+    )
+    kept = kept[keep]
+    image_ids = np.searchsorted(cache.offsets, kept, side="right")  # row -> image index + 1
+    return [
+        {
+            "image_id": image_id,
+            "category_id": label,
+            "score": score,
+            "segmentation": cache.rles[row],
+            "bbox": bbox,
+        }
+        for row, image_id, label, score, bbox in zip(
+            kept.tolist(),
+            image_ids.tolist(),
+            cache.labels[kept].tolist(),
+            cache.scores[kept].tolist(),
+            cache.bboxes[kept].tolist(),
+            strict=True,
+        )
+    ]
+
+
+_warned: set[tuple[int, str]] = set()
+
+
+def _warn_if_incomplete(cache: PredictionCache, cfg: MaskRCNNConfig) -> None:
+    # Once per cache and kind, not once per trial.
+    def warn(kind: str, message: str, *args) -> None:
+        if (id(cache), kind) not in _warned:
+            _warned.add((id(cache), kind))
+            log.warning(message, *args)
+
+    if cfg.box_score_thresh < cache.permissive["box_score_thresh"]:
+        warn(
+            "score",
+            "box_score_thresh %g is below the cache's %g: the detections in between are not cached",
+            cfg.box_score_thresh,
+            cache.permissive["box_score_thresh"],
+        )
+    elif (cache.complete_above > cfg.box_score_thresh).any():
+        warn(
+            "cut",
+            "%d image(s) had more than %d candidates: at box_score_thresh %g their results may miss some",
+            int((cache.complete_above > cfg.box_score_thresh).sum()),
+            cache.permissive["box_detections_per_img"],
+            cfg.box_score_thresh,
+        )
+    if cfg.box_detections_per_img > cache.permissive["box_detections_per_img"]:
+        warn(
+            "topk",
+            "box_detections_per_img %d is above the cache's %d",
+            cfg.box_detections_per_img,
+            cache.permissive["box_detections_per_img"],
+        )
+
+
+def score_postprocessed(
+    cache: PredictionCache, results: list[dict], max_dets: int | None = None
+) -> dict[str, float]:
+    """COCO metrics (bbox_* and segm_*, trainers/evaluation.py's coco_report), the Kaggle metric of every
+    result (score_threshold 0: the searched thresholds already chose the detections) and `detections`.
+    max_dets: COCO's per-image limit, by default the cache's (so every result counts; results made by
+    apply_postprocess hold at most box_detections_per_img per image, and AP at that limit is the same)."""
+    gt = cache.coco
+    max_dets = max_dets or cache.permissive["box_detections_per_img"]
+    metrics = coco_report(gt, results, max_dets)[0]
+    metrics.update(kaggle_metrics(gt, results, score_threshold=0.0))
+    metrics["detections"] = float(len(results))
+    return metrics
+
+
+def evaluate_thresholds(cache: PredictionCache, params: dict) -> dict[str, float]:
+    """One trial of the `thresholds` search: score_postprocessed of apply_postprocess."""
+    return score_postprocessed(cache, apply_postprocess(cache, params))
