@@ -5,6 +5,7 @@ python -m platform.bench train --epochs 4 backbone=resnet50_fpn
 python -m platform.bench data                       # loader vs model images/s, volume slices/s
 python -m platform.bench tiled --mosaic 7000        # tiled inference: s/MP, peak RSS, stitching overhead
 python -m platform.bench eval                       # pycocotools vs faster-coco-eval on dense images
+python -m platform.bench asha                       # ASHA vs full-budget trials: best metric and compute
 """
 
 import argparse
@@ -43,14 +44,96 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval", help="COCO evaluator time on dense images: pycocotools vs faster")
     evaluation.add_argument("--images", type=int, default=4, help="dense images (sample images tiled)")
     evaluation.add_argument("--grid", type=int, default=3, help="each dense image is grid x grid samples")
+    asha = sub.add_parser(
+        "asha", help="the same random trials with ASHA and with full budgets: best metric, trial-epochs"
+    )
+    asha.add_argument("--space", default="classifier")
+    asha.add_argument("--recipe", help="default: the space's")
+    asha.add_argument("--num-samples", type=int, default=8)
+    asha.add_argument("--max-epochs", type=int, default=6)
+    asha.add_argument("--grace-period", type=int, default=1)
+    asha.add_argument("--reduction-factor", type=float, default=3)
+    asha.add_argument("--seed", type=int, default=0)
+    asha.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config fields")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}[args.which](
-        args
+    benches = {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}
+    return {**benches, "asha": bench_asha}[args.which](args)
+
+
+def bench_asha(args) -> int:
+    """Two searches drawing the same trial configs (Optuna's random sampler, same seed; its draws do not
+    depend on results): every trial to the full budget (FIFO) vs ASHA. Prints the best metric each reached
+    and the trial-epochs each spent, read back from the searches' MLflow runs."""
+    import csv
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from search_spaces import default_recipe
+    from trainers.recipes import get_recipe
+    from trainers.tasks import task_of
+
+    recipe = args.recipe or default_recipe(args.space)
+    metric = task_of(get_recipe(recipe)).metric
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        for scheduler in ("fifo", "asha"):
+            started = time.perf_counter()
+            cmd = [sys.executable, "-m", "platform.tune", "--space", args.space, "--recipe", recipe]
+            cmd += ["--searcher", "random", "--scheduler", scheduler, "--seed", str(args.seed)]
+            cmd += ["--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs)]
+            cmd += [
+                "--grace-period",
+                str(args.grace_period),
+                "--reduction-factor",
+                str(args.reduction_factor),
+            ]
+            cmd += [
+                "--tracking-uri",
+                uri,
+                "--experiment",
+                f"bench-{scheduler}",
+                "--storage-path",
+                f"{tmp}/ray",
+            ]
+            cmd += ["--recipe-out", f"{tmp}/{scheduler}.yaml", *args.overrides]
+            print(f"--- {scheduler}: {' '.join(cmd[1:])}", flush=True)
+            done = subprocess.run(cmd, cwd=_cli.REPO, check=False)
+            if done.returncode:
+                return done.returncode
+            mlflow.set_tracking_uri(uri)
+            parent = mlflow.search_runs(
+                experiment_names=[f"bench-{scheduler}"],
+                filter_string="tags.search_role = 'parent'",
+                output_format="list",
+            )[0]
+            path = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="trials.csv")
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+            out[scheduler] = dict(rows=rows, wall=time.perf_counter() - started)
+    full = args.num_samples * args.max_epochs
+    print(
+        f"\n{args.num_samples} random trials (seed {args.seed}) of space {args.space}, {recipe}, "
+        f"{args.max_epochs} epochs each; ASHA grace {args.grace_period}, reduction {args.reduction_factor:g}"
     )
+    print(f"{'scheduler':10s} {'trial-epochs':>12s} {'compute':>8s} {'best ' + metric:>18s} {'wall s':>7s}")
+    best = {}
+    for scheduler, o in out.items():
+        rows = o["rows"]
+        epochs = sum(int(r["epochs"]) for r in rows)
+        best[scheduler] = max(rows, key=lambda r: float(r[metric] or "-inf"))
+        value = float(best[scheduler][metric])
+        print(f"{scheduler:10s} {epochs:12d} {epochs / full:8.0%} {value:18.4f} {o['wall']:7.0f}")
+    params = list(best["fifo"])[1 : list(best["fifo"]).index("epochs")]  # the searched columns
+    same = all(best["fifo"][k] == best["asha"][k] for k in params)
+    print(f"same best config in both: {'yes' if same else 'no'}")
+    return 0
 
 
 def bench_tiled(args) -> int:

@@ -1,9 +1,15 @@
 """Hyperparameter search: Ray Tune + Optuna (TPE) + ASHA over Ray Train trials, tracked in MLflow; the best
-trial's model is registered in the MLflow Model Registry with the alias `champion`.
+config is written as a recipe file and the best model registered (alias `champion` if it beats the current
+champion on the same validation data).
 
     python -m platform.tune --space rpn_anchors
-    python -m platform.tune --space rpn_anchors --recipe dsb2018_demo --num-samples 8 --max-epochs 6 lr=0.005
+    python -m platform.tune --space optimizer --num-samples 8 --max-epochs 6 min_size=256
+    python -m platform.tune --space thresholds --model models:/dsb2018_demo@champion --metric kaggle_mAP
+    python -m platform.tune --space roi_heads --metric segm_AP,val_ms_per_image --mode max,min
+    python -m platform.tune --resume                       # continue the latest search after a crash
     python -m platform.tune --list-spaces
+
+key=value overrides set config fields; a searched field given this way is fixed (no longer searched).
 """
 
 import argparse
@@ -22,21 +28,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m platform.tune",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides: any config field as key=value, e.g. lr=0.005 anchor_sizes=8,16,32,64,128",
+        epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("--space", help="named search space (see --list-spaces)")
     p.add_argument("--list-spaces", action="store_true", help="list the search spaces and exit")
     p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="SEARCH",
+        help="continue a stopped search (its name, printed at its start; default: the latest)",
+    )
+    p.add_argument(
         "--recipe", help="base config: a recipe name or a YAML file (default: the space's, e.g. dsb2018_demo)"
     )
     p.add_argument("--data", help="dataset folder (default: the bundled DSB2018 sample)")
-    p.add_argument("--num-samples", type=int, default=4, help="trials (4 keep the CPU demo near 10 min)")
+    p.add_argument(
+        "--model",
+        help="thresholds space: the trained model whose validation predictions are searched "
+        "(default: models:/<register-as>@champion)",
+    )
+    p.add_argument(
+        "--num-samples", type=int, help="trials (default 4, keeping the CPU demo near 10 min; thresholds 64)"
+    )
     p.add_argument("--max-epochs", type=int, help="epochs per trial (default: the recipe's)")
     p.add_argument(
         "--metric",
-        help="metric to optimise, reported every epoch (default: segm_AP, or volume_auc for classifiers)",
+        help="metric to optimise, reported every epoch (default: segm_AP, or volume_auc for classifiers); "
+        "several, comma-separated, for a multi-objective search reported as a Pareto front",
     )
-    p.add_argument("--mode", default="max", choices=("max", "min"))
+    p.add_argument("--mode", help="max or min, one per metric (default: min for losses and times, else max)")
+    p.add_argument("--searcher", default="tpe", help="tpe (Optuna TPE, seeded), random, or grid")
+    p.add_argument("--grid-points", type=int, default=3, help="grid: values per numeric parameter")
+    p.add_argument(
+        "--scheduler", default="asha", help="asha (early stopping) or fifo (every trial its full budget)"
+    )
     p.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
     p.add_argument(
         "--reduction-factor", type=float, default=2, help="ASHA: keep 1/this of trials at each rung"
@@ -46,10 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpus-per-worker", type=float, help="CPUs per worker (default: all CPUs / concurrent workers)"
     )
-    p.add_argument("--concurrent-trials", type=int, default=1, help="trials run at the same time")
-    p.add_argument("--seed", type=int, default=0, help="seeds the searcher (TPE)")
+    p.add_argument(
+        "--concurrent-trials", type=int, help="trials run at the same time (default 1; thresholds: CPUs)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the searcher")
     p.add_argument("--experiment", help="MLflow experiment (default: the recipe name)")
     p.add_argument("--register-as", help="registered model name (default: the experiment name)")
+    p.add_argument("--recipe-out", help="best config's recipe file (default: best_recipes/<search>.yaml)")
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or .mlflow/ here)"
     )
@@ -63,66 +92,102 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MINIMISED = ("loss", "_ms", "latency", "time", "_s")
+
+
+def default_mode(metric: str) -> str:
+    return "min" if any(part in metric for part in MINIMISED) else "max"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from search_spaces import SPACES, default_recipe, get_space
+    from trainers.config import parse_overrides
 
     if args.list_spaces:
-        for name, (_, description, recipe) in sorted(SPACES.items()):
-            print(f"{name:16s} {description} (recipe {recipe})")
+        for name, space in sorted(SPACES.items()):
+            how = "on cached predictions of --model" if space.on_predictions else f"recipe {space.recipe}"
+            print(f"{name:12s} {space.description} ({how})")
         return 0
+    for flag in ("num_samples", "workers_per_trial", "concurrent_trials"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            value = getattr(args, flag)
+            raise UserError(f"--{flag.replace('_', '-')}: expected a positive integer, got {value}")
+    uri = _cli.tracking_uri(args.tracking_uri)
+    if args.resume:
+        from trainers.search import resume_search
+
+        started = time.time()
+        summary = resume_search(args.resume, uri, args.address, str(_cli.REPO))
+        return report(summary, uri, started)
     if not args.space:
         raise UserError(f"--space is required; valid: {', '.join(sorted(SPACES))}")
     space = get_space(args.space)
     recipe = args.recipe or default_recipe(args.space)
+    overrides = parse_overrides(args.overrides)
     cfg = _cli.base_config(recipe, args.data, args.overrides, args.max_epochs)
-    unknown = sorted(set(space) - set(to_dict(cfg)))
-    if unknown:
-        raise UserError(
-            f"--space {args.space}: its keys {', '.join(unknown)} are not fields of recipe {recipe} "
-            f"({type(cfg).__name__}); pick a recipe of the same kind"
-        )
-    experiment = args.experiment or Path(recipe).stem
-    for flag in ("num_samples", "workers_per_trial", "concurrent_trials"):
-        if getattr(args, flag) < 1:
+    if not space.define_by_run:
+        unknown = sorted(set(space.fn()) - set(to_dict(cfg)))
+        if unknown:
             raise UserError(
-                f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}"
+                f"--space {args.space}: its keys {', '.join(unknown)} are not fields of recipe {recipe} "
+                f"({type(cfg).__name__}); pick a recipe of the same kind"
             )
+    experiment = args.experiment or Path(recipe).stem
+    model_name = args.register_as or experiment
 
-    from trainers.search import SearchSettings, run_search
+    from trainers.search import SearchSettings, check_settings, run_search
     from trainers.tasks import task_of
 
-    metric = args.metric or task_of(cfg).metric
+    metrics = tuple((args.metric or task_of(cfg).metric).split(","))
+    modes = tuple(args.mode.split(",")) if args.mode else tuple(default_mode(m) for m in metrics)
+    import os
+
+    predictions = space.on_predictions
     settings = SearchSettings(
         space_name=args.space,
-        num_samples=args.num_samples,
-        metric=metric,
-        mode=args.mode,
+        num_samples=args.num_samples or (64 if predictions else 4),
+        metrics=metrics,
+        modes=modes,
+        experiment=experiment,
+        model_name=model_name,
+        tracking_uri=uri,
+        storage_path=_cli.storage_path(args.storage_path),
+        searcher=args.searcher,
+        scheduler=args.scheduler,
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
+        grid_points=args.grid_points,
         workers_per_trial=args.workers_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_worker=args.cpus_per_worker,
-        concurrent_trials=args.concurrent_trials,
+        concurrent_trials=args.concurrent_trials or (os.cpu_count() or 1 if predictions else 1),
         seed=args.seed,
-        experiment=experiment,
-        model_name=args.register_as or experiment,
-        tracking_uri=_cli.tracking_uri(args.tracking_uri),
-        storage_path=_cli.storage_path(args.storage_path),
+        overrides=overrides,
+        model=(args.model or f"models:/{model_name}@champion") if predictions else "",
+        recipe_out=args.recipe_out or "",
         address=args.address,
         repo=str(_cli.REPO),
     )
-    _cli.use_experiment(settings.tracking_uri, experiment)
+    check_settings(settings, space)
+    _cli.use_experiment(uri, experiment)
     started = time.time()
-    summary = run_search(cfg, space, settings)
+    return report(run_search(cfg, space, settings), uri, started)
+
+
+def report(summary, uri: str, started: float) -> int:
+    s = summary.settings
     print()
     print(summary.table)
+    if summary.pareto:
+        print(f"\nPareto front ({', '.join(f'{m} {d}' for m, d in zip(s.metrics, s.modes, strict=True))}):")
+        print(summary.pareto)
     print()
-    v = summary.registered
-    print(f"best trial: {summary.best_trial}  {metric}={summary.best_value:.4f}")
-    print(f"registered model: name={v.name} version={v.version} alias=champion  (models:/{v.name}@champion)")
-    print(f"MLflow: experiment '{experiment}', parent run {summary.parent_run_id}")
-    print(f"browse: {_cli.browse_hint(settings.tracking_uri)}")
+    print(f"best trial: {summary.best_trial}  {s.metric}={summary.best_value:.4f}")
+    print(f"best config: {summary.recipe_path}  (python -m platform.train --recipe {summary.recipe_path})")
+    print(summary.registration.message(s.metric, summary.best_value))
+    print(f"MLflow: experiment '{s.experiment}', parent run {summary.parent_run_id} (search {s.name})")
+    print(f"browse: {_cli.browse_hint(uri)}")
     print(f"wall time: {time.time() - started:.0f} s")
     return 0
 

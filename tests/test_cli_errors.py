@@ -70,8 +70,33 @@ def test_help_and_list_spaces():
     assert out.returncode == 0 and "--num-samples" in out.stdout
     out = run_cli("platform.tune", "--list-spaces")
     names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert out.returncode == 0 and names == ["classifier", "rpn_anchors"]  # sorted, one line each
+    spaces = ["augment", "backbone", "classifier", "mask_head", "optimizer", "roi_heads", "rpn_anchors"]
+    assert out.returncode == 0 and names == sorted([*spaces, "thresholds"])  # sorted, one line each
     assert "(recipe adrenal3d_cpu)" in out.stdout and "(recipe dsb2018_demo)" in out.stdout
+    assert "thresholds" in out.stdout and "cached predictions" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--searcher", "bayes"], ["--searcher", "bayes", "tpe"]),
+        (["--scheduler", "hyperband"], ["--scheduler", "asha"]),
+        (["--metric", "segm_AP,kaggle_mAP", "--mode", "max"], ["--mode", "one mode per --metric"]),
+        (["--mode", "up"], ["--mode", "max or min"]),
+        (["--searcher", "grid"], ["--searcher grid", "trials", "key=value"]),
+        (["--space", "optimizer", "--searcher", "grid"], ["conditional", "tpe or random"]),
+        (["--num-samples", "0"], ["--num-samples", "positive"]),
+    ],
+)
+def test_search_flag_errors(args, needles):
+    argv = ["--space", "rpn_anchors", *args] if "--space" not in args else args
+    _assert_user_error(run_cli("platform.tune", *argv), *needles)
+
+
+def test_resume_unknown_search(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    out = run_cli("platform.tune", "--resume", "nope-1", "--tracking-uri", uri)
+    _assert_user_error(out, "--resume", "no search named 'nope-1'")
 
 
 @pytest.mark.parametrize(

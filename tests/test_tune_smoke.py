@@ -37,6 +37,8 @@ def smoke(tmp_path_factory):
         "smoke-model",
         "--storage-path",
         str(root / "ray"),
+        "--recipe-out",
+        str(root / "best.yaml"),
         "min_size=128",
         "max_size=160",
         "box_detections_per_img=50",
@@ -70,7 +72,7 @@ def test_parent_and_nested_runs_hold_params_and_metrics(smoke):
         history = client.get_metric_history(child.info.run_id, "segm_AP")
         assert [m.step for m in history] == [1]
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"trials.csv", "trials.txt", "learning_curves.png"} <= artifacts
+    assert {"trials.csv", "trials.txt", "learning_curves.png", "search_history.png", "best.yaml"} <= artifacts
 
 
 def test_champion_loads_and_predicts(smoke):
