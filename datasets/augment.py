@@ -77,19 +77,7 @@ def extra_transforms(rotate: float, scale: float, brightness: float, contrast: f
     Gaussian blur of sigma up to `blur` pixels. A zero magnitude adds nothing."""
     out = []
     if rotate or scale:
-        out.append(
-            A.Affine(
-                rotate=(-rotate, rotate),
-                scale=(1 - scale, 1 + scale),
-                keep_ratio=True,
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=0,
-                p=1.0,
-            )
-        )
+        out.append(_affine(rotate, scale))
     if brightness or contrast:
         out.append(
             A.ColorJitter(
@@ -156,6 +144,22 @@ def apply_transform(
 #   So factor ranges below go through ColorJitter, never RandomBrightnessContrast.
 # - A.ColorJitter(hue=h) adds h of a full turn of the hue circle (torchvision's hue in [-0.5, 0.5]).
 # - A.RandomGamma(gamma_limit=(80, 120)) raises [0, 1] pixels to a power gamma in [0.8, 1.2].
+
+
+def _affine(rotate: float, scale: float) -> A.Affine:
+    """Rotation within +-rotate degrees and zoom within 1 +- scale in one warp (image bilinear, masks
+    nearest), the uncovered border black as a slice's background."""
+    return A.Affine(
+        rotate=(-rotate, rotate),
+        scale=(1 - scale, 1 + scale),
+        keep_ratio=True,
+        interpolation=cv2.INTER_LINEAR,
+        mask_interpolation=cv2.INTER_NEAREST,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        fill_mask=0,
+        p=1.0,
+    )
 
 
 @register_preset("none")
@@ -260,17 +264,7 @@ def _foramdeepslice() -> list:
     # [0.8, 1.2], hue +-0.02 are our choice (torchvision-style factors). CutMix and Mixup mix labels across
     # images, so they belong to the classifier's batch collation, not to this per-image pipeline.
     return [
-        A.Affine(
-            rotate=(-45, 45),
-            scale=(0.8, 1.2),
-            keep_ratio=True,
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=0,
-            p=1.0,
-        ),
+        _affine(45, 0.2),
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(
             brightness=(0.8, 1.2), contrast=(0.8, 1.2), saturation=(0.8, 1.2), hue=(-0.02, 0.02), p=1
