@@ -115,4 +115,16 @@ def init_ray(address: str | None, repo: str) -> None:
         excludes = [".venv", ".git", ".mlflow", ".ray_results", "**/__pycache__"]
         ray.init(address=address, runtime_env={"working_dir": repo, "excludes": excludes})
     else:
+        from ray._private.services import find_gcs_addresses
+
+        others = find_gcs_addresses()
+        if others:
+            # Measured: with two local Ray instances on one machine, Ray Train's placement-group cleaner
+            # cannot tell which to query ("Found multiple active Ray instances") and a stopped trial's
+            # CPUs are never freed, so the next trial waits forever. Sharing one Ray avoids it.
+            logging.getLogger(__name__).warning(
+                "another Ray is running on this machine (%s): two local Rays can leave a stopped trial's "
+                "CPUs reserved; run one search at a time, or `ray start --head` once and pass --address",
+                ", ".join(sorted(others)),
+            )
         ray.init(configure_logging=True, logging_level=logging.WARNING)
