@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/python -m platform.tune --space rpn_anchors
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-all: setup
 	$(BIN)/python -m pytest
