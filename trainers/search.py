@@ -605,7 +605,7 @@ def _rows(results, params: list[str], max_epochs: int, settings: SearchSettings,
 
 
 def format_table(rows: list[dict], params: list[str], metric: str, mode: str) -> str:
-    """Trials sorted best first; floats to 3 decimals."""
+    """Trials sorted best first; floats to 4 significant digits."""
     sign = -1 if mode == "max" else 1
 
     def key(row):
@@ -625,8 +625,8 @@ def format_table(rows: list[dict], params: list[str], metric: str, mode: str) ->
 def _cell(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
+    if isinstance(value, float):  # 4 significant digits: learning rates are small, AP is not
+        return f"{value:.4g}"
     return str(value)
 
 
