@@ -72,19 +72,29 @@ def detector_checkpoint(tmp_path):
     save_checkpoint(folder, cfg, build_model(cfg, 1), [{"id": 1, "name": "nucleus"}], {})
     from platform._cli import use_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_experiment(experiment_id=use_experiment(uri, "champion"))  # artifacts beside the db, in tmp
-    yield folder, cfg
+    # MLflow keeps its URIs in globals and in the environment (which subprocesses of later tests inherit):
+    # put both back afterwards.
+    saved = {
+        k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    }
+    experiment = use_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "champion")  # artifacts in tmp
+    yield folder, cfg, experiment
+    mlflow.set_registry_uri("")  # "" = follow the tracking URI again
     mlflow.set_tracking_uri(None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_champion_moves_only_to_a_better_model(detector_checkpoint):
     from trainers.champion import current_champion, evaluate_model, register_candidate
 
-    folder, cfg = detector_checkpoint
+    folder, cfg, experiment = detector_checkpoint
 
     def candidate(value, config=cfg, mode="max"):
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment):
             return register_candidate(folder, "m", config, "segm_AP", mode, value)
 
     first = candidate(0.5)

@@ -170,7 +170,7 @@ def run_search(cfg, space: Space, settings: SearchSettings) -> SearchSummary:
                 name=settings.name,
                 storage_path=settings.storage_path,
                 verbose=1,
-                callbacks=[_mlflow_callback(settings, parent.info.run_id)],
+                callbacks=[_mlflow_callback(settings, parent)],
             ),
         )
         print(f"search {settings.name} (after an interruption: --resume {settings.name})", flush=True)
@@ -419,9 +419,16 @@ class _MLflowLogger(MLflowLoggerCallback):
     it already had (found by its parent and trial name) instead of opening a second one, and metrics are
     logged at step = epoch, which a restarted trial continues (Tune's own iteration count restarts)."""
 
-    def __init__(self, *args, parent_run_id: str, **kwargs):
+    def __init__(self, *args, parent_run_id: str, experiment_id: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
+
+    def setup(self, *args, **kwargs):
+        super().setup(*args, **kwargs)
+        # Ray's set-up prefers an inherited MLFLOW_EXPERIMENT_ID over experiment_name: trials would land in
+        # whatever experiment the shell had set. They belong beside their parent run.
+        self.mlflow_util.experiment_id = self.experiment_id
 
     def log_trial_start(self, trial):
         if trial not in self._trial_runs:
@@ -443,12 +450,13 @@ class _MLflowLogger(MLflowLoggerCallback):
         self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
 
 
-def _mlflow_callback(settings: SearchSettings, parent_run_id: str) -> _MLflowLogger:
+def _mlflow_callback(settings: SearchSettings, parent) -> _MLflowLogger:
     return _MLflowLogger(
         tracking_uri=settings.tracking_uri,
         experiment_name=settings.experiment,
-        tags={"mlflow.parentRunId": parent_run_id, "search": settings.name},
-        parent_run_id=parent_run_id,
+        tags={"mlflow.parentRunId": parent.info.run_id, "search": settings.name},
+        parent_run_id=parent.info.run_id,
+        experiment_id=parent.info.experiment_id,
     )
 
 
