@@ -154,16 +154,14 @@ def validation_figures(cfg, checkpoint: Path) -> dict:
     """PR curves and prediction overlays of the final model on the validation images, by artifact name."""
     import torch
 
-    from datasets.instances import SAMPLE_DATA, InstanceDataset, coco_ground_truth, read_records
-    from datasets.splits import train_val_split
+    from datasets.instances import InstanceDataset, coco_ground_truth
     from trainers.evaluation import coco_report, predict_records
-    from trainers.loop import load_checkpoint_model
+    from trainers.loop import config_split, load_checkpoint_model
     from trainers.plots import evaluation_figures
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _, categories = load_checkpoint_model(checkpoint, device)
-    records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
-    _, val = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+    _, val = config_split(cfg)
     results = predict_records(
         model,
         val,

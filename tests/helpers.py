@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,3 +13,10 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 900, env: dict | None
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def sample_subset(dest: Path, n: int) -> Path:
+    """The first `n` images of the bundled DSB2018 sample copied into `dest` (a small dataset to train on)."""
+    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:n]:
+        shutil.copytree(folder, dest / folder.name)
+    return dest

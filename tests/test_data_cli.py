@@ -2,19 +2,17 @@
 exit code 2, and leaves no output behind."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SAMPLE, SHARED_DATA, run_cli
+from tests.helpers import SAMPLE, SHARED_DATA, run_cli, sample_subset
 from tests.test_cli_errors import _assert_user_error
 
 
 def _subset(tmp_path, n=3):
     root = tmp_path / "src"
-    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:n]:
-        shutil.copytree(folder, root / folder.name)
+    sample_subset(root, n)
     return root
 
 

@@ -2,7 +2,6 @@
 pycocotools RLEs (identical RLEs are identical masks); bad input gives messages naming file and place."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from datasets.instances import (
     write_records,
 )
 from datasets.records import image_size, load_image, record_rles
-from tests.helpers import SAMPLE, SHARED_DATA
+from tests.helpers import SAMPLE, SHARED_DATA, sample_subset
 
 CSV_WRITES = [
     ({"layout": "dsb2018"}, {}),  # column-major, the layout's default
@@ -31,8 +30,7 @@ CSV_WRITES = [
 
 def _subset(tmp_path, n=5):
     root = tmp_path / "src"
-    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:n]:
-        shutil.copytree(folder, root / folder.name)
+    sample_subset(root, n)
     return root
 
 

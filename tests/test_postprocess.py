@@ -16,7 +16,7 @@ from datasets.records import load_image, rle_to_json, write_bytes_atomic
 from datasets.splits import train_val_split
 from search_spaces import get_space, sample
 from search_spaces.thresholds import DETECTIONS_PER_IMG
-from tests.helpers import SAMPLE
+from tests.helpers import sample_subset
 from trainers import postprocess
 from trainers.config import MaskRCNNConfig, apply_overrides, to_dict
 from trainers.engine import to_coco_results
@@ -48,8 +48,7 @@ def checkpoint(tmp_path_factory):
     detections, not all; 30 proposals keep the mask head cheap on CPU."""
     root = tmp_path_factory.mktemp("pp")
     data = root / "data"
-    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:4]:
-        shutil.copytree(folder, data / folder.name)
+    sample_subset(data, 4)
     cfg = apply_overrides(
         get_recipe("dsb2018_demo"),
         {"data": str(data), "val_fraction": 0.5, "seed": 3, "rpn_post_nms_top_n_test": 30},

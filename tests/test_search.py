@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from ray import tune
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, run_cli, sample_subset
 from trainers.search import grid, grid_size
 
 
@@ -51,18 +51,15 @@ def test_default_modes():
 @pytest.fixture
 def detector_checkpoint(tmp_path):
     """A tiny random Mask R-CNN checkpoint and a config over 4 sample images (1 validation image)."""
-    import shutil
 
     import torch
 
-    from tests.helpers import SAMPLE
     from trainers.config import MaskRCNNConfig
     from trainers.loop import save_checkpoint
     from trainers.maskrcnn import build_model
 
     data = tmp_path / "data"
-    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:4]:
-        shutil.copytree(folder, data / folder.name)
+    sample_subset(data, 4)
     cfg = MaskRCNNConfig(
         data=str(data), backbone="resnet18_fpn", norm="group", min_size=64, max_size=64, box_score_thresh=0.0
     )
@@ -143,14 +140,10 @@ def _count(db, query) -> int:
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    import shutil
-
-    from tests.helpers import SAMPLE
 
     root = tmp_path_factory.mktemp("resume")
     data = root / "data"
-    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:4]:
-        shutil.copytree(folder, data / folder.name)
+    sample_subset(data, 4)
     db = root / "mlflow.db"
     uri = f"sqlite:///{db}"
     common = ["--tracking-uri", uri, "--storage-path", str(root / "ray")]

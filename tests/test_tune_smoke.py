@@ -4,20 +4,16 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, sample_subset
 from trainers.config import MaskRCNNConfig
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    import shutil
-
-    from tests.helpers import SAMPLE
 
     root = tmp_path_factory.mktemp("smoke")
     data = root / "data"
-    for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:4]:
-        shutil.copytree(folder, data / folder.name)
+    sample_subset(data, 4)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     out = run_cli(
         "platform.tune",

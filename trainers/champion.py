@@ -53,11 +53,9 @@ def validation_fingerprint(cfg) -> str:
         _, val, _ = split_rows(Path(cfg.data), cfg.val_fraction, cfg.split_seed)
         items = sorted((r["specimen"], Path(r["path"]).name, r["label"]) for r in val)
     else:
-        from datasets.instances import SAMPLE_DATA, read_records
-        from datasets.splits import train_val_split
+        from trainers.loop import config_split
 
-        records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
-        _, val = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+        _, val = config_split(cfg)
         items = sorted((r.image_id, len(r.mask_paths) + len(r.instances)) for r in val)
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
@@ -79,15 +77,14 @@ def evaluate_model(model_uri: str, cfg) -> dict[str, float]:
         probs = predictor.predict_proba(val.images())
         metrics, _ = report(probs, val.labels, val.specimens, val.classes, cfg.aggregate)
         return metrics
-    from datasets.instances import SAMPLE_DATA, InstanceDataset, coco_ground_truth, read_records
-    from datasets.splits import train_val_split
+    from datasets.instances import InstanceDataset, coco_ground_truth
     from deploy.registry import load_detector
     from trainers.engine import score_results
     from trainers.evaluation import predict_records
+    from trainers.loop import config_split
 
     detector = load_detector(model_uri)
-    records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
-    _, val = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+    _, val = config_split(cfg)
     own = detector.config
     results = predict_records(
         detector.model,

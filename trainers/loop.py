@@ -97,10 +97,15 @@ def seed_epoch(seed: int, rank: int, epoch: int, generator: torch.Generator, tra
         reseed(transform, derived)
 
 
+def config_split(cfg: MaskRCNNConfig) -> tuple[list, list]:
+    """(train, val) image records of `cfg`: its data (or the bundled sample) split as training splits it."""
+    records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
+    return train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+
+
 def run_training(cfg: MaskRCNNConfig, seam) -> None:
     """Train `cfg.epochs` epochs; each epoch rank 0 evaluates and checkpoints, and all ranks report."""
-    records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
-    train_records, val_records = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+    train_records, val_records = config_split(cfg)
     transform = augmentation(
         cfg.augment,
         cfg.seed + seam.rank,

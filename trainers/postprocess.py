@@ -37,15 +37,12 @@ from torchvision.ops import boxes as box_ops
 
 from datasets.errors import UserError
 from datasets.instances import (
-    SAMPLE_DATA,
     InstanceDataset,
     coco_ground_truth,
     encode_masks,
     quiet_pycocotools,
-    read_records,
 )
 from datasets.records import load_image, write_bytes_atomic
-from datasets.splits import train_val_split
 from trainers.config import MaskRCNNConfig, apply_overrides, from_dict, to_dict
 from trainers.evaluation import coco_report, kaggle_metrics, predict_records
 
@@ -257,13 +254,12 @@ def cache_predictions(
     The validation split is rebuilt as training built it (cfg.data, cfg.data_format, val_fraction, seed,
     split_file); whole images one at a time, or tiled inference when the config has tile_size > 0.
     """
-    from trainers.loop import load_checkpoint_model  # loop imports engine, which imports this module
+    from trainers.loop import config_split, load_checkpoint_model  # loop imports engine, which imports this
 
     checkpoint, out = Path(checkpoint), Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, categories = load_checkpoint_model(checkpoint, device)
-    records = read_records(cfg.data or SAMPLE_DATA, cfg.data_format)
-    _, val_records = train_val_split(records, cfg.val_fraction, cfg.seed, cfg.split_file)
+    _, val_records = config_split(cfg)
     if not val_records:
         raise UserError(f"val_fraction: {checkpoint}'s config leaves no validation images to cache")
     model.roi_heads.score_thresh = PERMISSIVE["box_score_thresh"]

@@ -597,14 +597,14 @@ def _rows(results, params: list[str], max_epochs: int, settings: SearchSettings,
         epochs = int(m.get("epoch", 0))
         if r.error is not None:
             status = "ERROR"
-        elif epochs >= max_epochs or "checkpoint_path" not in m:
+        elif epochs >= max_epochs or CHECKPOINT_PATH_KEY not in m:
             status = "completed"
         elif m.get("early_stopped"):
             status = f"early stop@{epochs}"
         else:
             status = f"stopped@{epochs} (ASHA)"
         row = {"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in params}}
-        if "checkpoint_path" in m:
+        if CHECKPOINT_PATH_KEY in m:
             row["epochs"] = epochs
         row.update({k: m.get(k) for k in dict.fromkeys((*headline[1:], *settings.metrics))})
         row["status"] = status
@@ -660,7 +660,7 @@ def rebuild_study(results, space: Space, settings: SearchSettings, categories) -
         dists = {k: d for k, d in _distributions(space, r.config, categories).items() if k in names}
         params = {k: r.config[k] for k in dists}
         values = [r.metrics.get(m) for m in settings.metrics]
-        stopped = "checkpoint_path" in r.metrics and r.metrics.get("epoch", 0) < r.config.get("epochs", 0)
+        stopped = CHECKPOINT_PATH_KEY in r.metrics and r.metrics.get("epoch", 0) < r.config.get("epochs", 0)
         stopped = stopped and not r.metrics.get("early_stopped")
         if r.error is not None or None in values:
             state, values = optuna.trial.TrialState.FAIL, None
