@@ -68,6 +68,7 @@ class SearchSettings:
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # key=value from the command line: fixed, not searched
     model: str = ""  # predictions spaces: the trained model whose validation predictions are searched
+    model_folder: str = ""  # its local checkpoint folder (resolved once, before the search starts)
     recipe_out: str = ""  # where the best config goes as a recipe file ("" = best_recipes/<search>.yaml)
     address: str | None = None
     repo: str | None = None  # shipped to workers as working_dir when running on a cluster
@@ -395,7 +396,7 @@ def _prepare_predictions(settings: SearchSettings):
     from trainers.config import MaskRCNNConfig, apply_overrides
     from trainers.postprocess import cache_predictions, load_cache
 
-    folder = champion.model_folder(settings.model)
+    folder = _model_folder(settings)
     if not (folder / "categories.json").is_file():
         raise UserError(f"--model {settings.model}: --space thresholds needs a Mask R-CNN, not a classifier")
     cfg = from_dict(MaskRCNNConfig, json.loads((folder / "config.json").read_text()), str(folder))
@@ -517,9 +518,18 @@ def _finish(results, cfg, space: Space, settings: SearchSettings, parent_id: str
     return SearchSummary(table, rows, trial_id, value, registration, parent_id, recipe_path, settings, pareto)
 
 
+def _model_folder(settings: SearchSettings) -> Path:
+    """The searched model's checkpoint folder: as resolved at the start, or again (a resumed search on
+    another machine, or after the download folder was cleaned)."""
+    if settings.model_folder and Path(settings.model_folder).is_dir():
+        return Path(settings.model_folder)
+    settings.model_folder = str(champion.model_folder(settings.model))
+    return Path(settings.model_folder)
+
+
 def _thresholded_checkpoint(cfg, settings: SearchSettings, tmp: Path) -> Path:
     """The searched model's checkpoint with the best post-processing thresholds in its config."""
-    folder = champion.model_folder(settings.model)
+    folder = _model_folder(settings)
     out = tmp / "checkpoint"
     shutil.copytree(folder, out)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
