@@ -74,7 +74,12 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def load_image(path: Path) -> np.ndarray:
     """HxWx3 uint8 RGB: alpha dropped, grey replicated, 16-bit grey scaled by its own range."""
-    arr = open_image(path)
+    return to_rgb8(open_image(path))
+
+
+def to_rgb8(arr: np.ndarray) -> np.ndarray:
+    """Decoded pixels (HxW or HxWxC, C 1-4, any dtype) as the HxWx3 uint8 RGB that models are trained on:
+    alpha dropped, grey replicated, other dtypes (16-bit grey, float) scaled by the image's own range."""
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float32)
         lo, hi = float(arr.min()), float(arr.max())

@@ -2,10 +2,10 @@
 model, register it under an alias, load it back by URI (`models:/NAME@champion`) and predict. Ray Serve
 deployments load through here."""
 
+import os
 import shutil
 import tempfile
 import tomllib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +22,16 @@ from trainers.ensemble import Ensemble, is_classifier_folder, load_predictor
 from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
 from trainers.postprocess import filter_output
 
-# Our predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; its advice
-# to add type hints would otherwise print on every log and load.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-
 REPO = Path(__file__).resolve().parents[1]
+LOCAL_STORE = REPO / ".mlflow"  # embedded MLflow: SQLite file + artifact folder, git-ignored
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the embedded SQLite store inside the checkout."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    LOCAL_STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
 
 
 class MaskRCNNPyfunc(mlflow.pyfunc.PythonModel):
@@ -34,6 +39,10 @@ class MaskRCNNPyfunc(mlflow.pyfunc.PythonModel):
 
     Loading needs this checkout importable (run from the repo root), as the platform itself does.
     """
+
+    # predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; without
+    # this, every import printed its advice to add type hints (its own filter overrides ours).
+    _skip_type_hint_validation = True
 
     def load_context(self, context):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,6 +92,8 @@ def log_detector(checkpoint_dir: Path, artifact_name: str = "model") -> ModelInf
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
     """`mlflow.pyfunc.load_model(uri).predict([slice, ...])` -> N x C class probabilities (a single
     classifier or an ensemble; `classes` of the unwrapped model names the columns)."""
+
+    _skip_type_hint_validation = True  # as MaskRCNNPyfunc's
 
     def load_context(self, context):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,6 +146,44 @@ def registry_version(uri: str) -> tuple[str | None, str | None]:
         return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, ref).version)
     name, _, version = name.partition("/")
     return name, version
+
+
+def resolve_registered(uri: str) -> tuple[str, str]:
+    """(name, version) that a `models:/NAME@alias` or `models:/NAME/VERSION` URI names in the registry;
+    a UserError for anything else (a run, a folder) or a name, alias or version the registry lacks."""
+    if not uri.startswith("models:/"):
+        raise UserError(f"{uri}: not a registered model; expected models:/NAME@alias or models:/NAME/VERSION")
+    try:
+        name, version = registry_version(uri)
+        mlflow.MlflowClient().get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as e:
+        raise UserError(
+            f"{uri}: not in the model registry at {mlflow.get_registry_uri()} ({str(e).splitlines()[0]})"
+        ) from None
+    return name, version
+
+
+def version_info(name: str, version: str) -> dict:
+    """What the registry says about one model version: aliases, its metrics (the run's latest values and
+    the registered validation metric, tags val_<metric>), and when it was registered."""
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(name, version)
+    metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+    for key, value in mv.tags.items():
+        if key.startswith("val_") and key != "val_data":
+            try:
+                metrics[key] = float(value)
+            except ValueError:
+                pass
+    return {
+        "name": name,
+        "version": str(version),
+        "aliases": sorted(mv.aliases),
+        "metric": mv.tags.get("metric"),
+        "metrics": {k: metrics[k] for k in sorted(metrics)},
+        "run_id": mv.run_id,
+        "registered_at_ms": mv.creation_timestamp,
+    }
 
 
 def load_classifier(value: str, device: str | None = None) -> SliceClassifier | Ensemble:

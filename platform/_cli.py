@@ -12,7 +12,6 @@ import mlflow
 from datasets.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL_STORE = REPO / ".mlflow"  # embedded MLflow: SQLite file + artifact folder, git-ignored
 LOCAL_RESULTS = REPO / ".ray_results"
 
 
@@ -37,12 +36,9 @@ def run(main: Callable[[list[str] | None], int]) -> None:
 
 def tracking_uri(cli_value: str | None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded SQLite store inside the checkout."""
-    if cli_value:
-        return cli_value
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    LOCAL_STORE.mkdir(exist_ok=True)
-    return f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
+    from deploy.registry import default_tracking_uri
+
+    return cli_value or default_tracking_uri()
 
 
 def use_experiment(uri: str, name: str) -> str:

@@ -155,8 +155,18 @@ def load_classifier_checkpoint(folder: Path, device: str = "cpu") -> SliceClassi
 def classify_volume(predictor, volume: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:
     """(kept slices, their class probabilities N x C, the volume's probabilities C) of one loaded volume,
     sliced exactly as the predictor's training slices were (`predictor.slicing`)."""
-    from datasets.volumes import VolumeRecord, volume_slices
     from trainers.classification import aggregate
+
+    kept = kept_slices(predictor, volume)
+    probs = predictor.predict_proba([s.image for s in kept])
+    _, volume_probs = aggregate(probs, ["volume"] * len(kept), predictor.aggregate)
+    return kept, probs, volume_probs[0]
+
+
+def kept_slices(predictor, volume: np.ndarray) -> list:
+    """The slices (datasets.volumes.SliceResult) of a loaded volume that the predictor classifies, cut
+    as its training slices were (`predictor.slicing`); a UserError when none has enough object."""
+    from datasets.volumes import VolumeRecord, volume_slices
 
     record = VolumeRecord(Path("volume"), "volume", "", "volume")
     kept = [s for s in volume_slices(record, volume, **predictor.slicing) if s.kept]
@@ -165,9 +175,7 @@ def classify_volume(predictor, volume: np.ndarray) -> tuple[list, np.ndarray, np
             f"volume: no slice has {predictor.slicing['min_foreground']:.0%} object or more; "
             "nothing to classify"
         )
-    probs = predictor.predict_proba([s.image for s in kept])
-    _, volume_probs = aggregate(probs, ["volume"] * len(kept), predictor.aggregate)
-    return kept, probs, volume_probs[0]
+    return kept
 
 
 def predict_volumes(predictor, records) -> tuple[np.ndarray, list[str], np.ndarray]:

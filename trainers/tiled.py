@@ -76,9 +76,9 @@ def predict_tiled(
     start = last_report = time.perf_counter()
     for first in range(0, len(tiles), batch_size):
         batch = tiles[first : first + batch_size]
-        outputs = model([_tile_tensor(image, tile, value_range).to(device) for tile in batch])
+        outputs = model([tile_tensor(image, tile, value_range).to(device) for tile in batch])
         for tile, output in zip(batch, outputs, strict=True):
-            per_tile.append(_crop_output(tile, output, score_threshold, mask_threshold))
+            per_tile.append(crop_output(tile, output, score_threshold, mask_threshold))
         del outputs
         # Each batch frees its soft masks (N x tile, ~100 MB) while the small patches kept from them stay
         # allocated in between; glibc keeps such fragmented holes resident, and the process grew by about
@@ -96,7 +96,7 @@ def predict_tiled(
     return stitch_detections(per_tile, match_threshold=match_threshold, match_metric="iou", merge=merge)
 
 
-def _tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float] | None) -> torch.Tensor:
+def tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float] | None) -> torch.Tensor:
     """3 x h x w float in [0, 1] for one tile, made the way the training data loader makes its images."""
     crop = image[tile.slices]
     if value_range is not None:
@@ -110,7 +110,7 @@ def _tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float]
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
 
-def _crop_output(tile: Tile, output: dict, score_threshold: float, mask_threshold: float) -> TileDetections:
+def crop_output(tile: Tile, output: dict, score_threshold: float, mask_threshold: float) -> TileDetections:
     """One tile's model output as TileDetections whose masks are patches cut to each mask's extent."""
     keep = output["scores"] >= score_threshold
     binary = (output["masks"][:, 0] >= mask_threshold)[keep].cpu().numpy()  # index bools, not the floats
@@ -266,7 +266,7 @@ def benchmark_tiled(
     image = sample_mosaic(mosaic_size)
     timed = _TimedModel(model)
     with torch.inference_mode():  # first call: allocations and kernel selection, kept out of the timing
-        model([_tile_tensor(image, Tile(0, 0, tile_size, tile_size), None).to(device)])
+        model([tile_tensor(image, Tile(0, 0, tile_size, tile_size), None).to(device)])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     n_tiles = len(tile_grid(mosaic_size, mosaic_size, tile_size, overlap))
     print(

@@ -1,0 +1,174 @@
+"""Serve the registered detector and classifier over HTTP with Ray Serve (deploy/app.py).
+
+    python -m platform.serve                                     # the demo's models:/dsb2018_demo@champion
+    python -m platform.serve --detector models:/nuclei@champion --classifier models:/adrenal@champion
+    python -m platform.serve --config deploy/serve.yaml --port 8080   # the file `serve run` also takes
+    curl --data-binary @image.png 'http://127.0.0.1:8000/v1/segment?score_threshold=0.5'
+    curl --data-binary @volume.nii.gz 'http://127.0.0.1:8000/v1/classify?top_k=3'
+
+Settings: ServeSettings defaults < the config file's application `args` < these flags. Only registered
+models are served (models:/NAME@alias or models:/NAME/VERSION). Ctrl-C stops the application and Ray.
+"""
+
+import argparse
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from datasets.errors import UserError
+from platform import _cli
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+DEFAULT_DETECTOR = "models:/dsb2018_demo@champion"  # what `make demo` registers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m platform.serve",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--detector", help=f"registered Mask R-CNN (default {DEFAULT_DETECTOR} if nothing is given)"
+    )
+    p.add_argument(
+        "--classifier", help="registered slice classifier or ensemble, e.g. models:/adrenal@champion"
+    )
+    p.add_argument(
+        "--config", help="a Ray Serve config YAML (deploy/serve.yaml): its first application's args"
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--address", help="Ray cluster to run on (default: a local Ray)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow store with the registry (default: MLFLOW_TRACKING_URI or .mlflow)"
+    )
+    p.add_argument(
+        "--reload-on-alias", action="store_true", default=None, help="follow the alias to new versions"
+    )
+    p.add_argument("--reload-interval", type=float, help="seconds between alias checks (default 10)")
+    p.add_argument("--detector-replicas", type=int)
+    p.add_argument("--classifier-replicas", type=int)
+    p.add_argument("--cpus-per-replica", type=float, help="per model replica (default 1)")
+    p.add_argument(
+        "--gpus-per-replica", type=float, help="per model replica; fractions share a GPU (default 0)"
+    )
+    p.add_argument(
+        "--max-batch-size", type=int, help="tiles/slices per model call; 1 = no batching (default 8)"
+    )
+    p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels")
+    p.add_argument("--max-upload-mb", type=float, help="largest request body accepted")
+    return p
+
+
+# flag -> ServeSettings field
+_FLAGS = {
+    "detector": "detector",
+    "classifier": "classifier",
+    "tracking_uri": "tracking_uri",
+    "reload_on_alias": "reload_on_alias",
+    "reload_interval": "reload_interval_s",
+    "detector_replicas": "detector_replicas",
+    "classifier_replicas": "classifier_replicas",
+    "cpus_per_replica": "cpus_per_replica",
+    "gpus_per_replica": "gpus_per_replica",
+    "max_batch_size": "max_batch_size",
+    "max_pixels": "max_pixels",
+    "max_upload_mb": "max_upload_mb",
+}
+
+
+def read_config(path: str) -> tuple[dict, dict]:
+    """(application args, http_options) of a Serve config file's first application."""
+    file = Path(path).expanduser()
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config: {path} not found") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    apps = doc.get("applications") if isinstance(doc, dict) else None
+    if not apps or not isinstance(apps[0], dict):
+        raise UserError(f"{path}: expected a Ray Serve config with an 'applications' list")
+    if apps[0].get("import_path") != "deploy.app:build_app":
+        raise UserError(f"{path}: applications[0].import_path: expected deploy.app:build_app")
+    args = apps[0].get("args") or {}
+    http = doc.get("http_options") or {}
+    if not isinstance(args, dict) or not isinstance(http, dict):
+        raise UserError(f"{path}: applications[0].args and http_options must be mappings")
+    return args, http
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(
+                f"--port: cannot listen on {host}:{port} ({e.strerror}); pick another port"
+            ) from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deploy.app import application, check_models, settings_from
+
+    args = build_parser().parse_args(argv)
+    values, http = read_config(args.config) if args.config else ({}, {})
+    source = args.config or "flags"
+    values = {
+        **values,
+        **{field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag) is not None},
+    }
+    if args.tracking_uri is None and not values.get("tracking_uri"):
+        values["tracking_uri"] = _cli.tracking_uri(None)
+    if not values.get("detector") and not values.get("classifier"):
+        values["detector"] = DEFAULT_DETECTOR
+    settings = settings_from(values, source)
+    try:
+        models = check_models(settings)
+    except UserError as e:
+        hint = "; run `make demo` first or pass --detector" if settings.detector == DEFAULT_DETECTOR else ""
+        raise UserError(f"{e}{hint}") from None
+    host = args.host or http.get("host", "127.0.0.1")
+    port = args.port if args.port is not None else int(http.get("port", 8000))
+    _check_port(host, port)
+
+    from ray import serve
+
+    from trainers.ray_seam import init_ray
+
+    init_ray(args.address, str(_cli.REPO))
+    # SIGTERM (a service manager, `kill`) stops as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(settings), name="foram", route_prefix="/")
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        for role, (name, version) in models.items():
+            print(f"serving {role}: {name} version {version} ({getattr(settings, role)})")
+        print(
+            f"ready: http://{shown}:{port}  (API docs: http://{shown}:{port}/docs; Ctrl-C stops)", flush=True
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr, flush=True)
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run(main)

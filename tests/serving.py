@@ -1,0 +1,128 @@
+"""A temporary MLflow store holding a small trained detector and slice classifier, and a real
+`python -m platform.serve` on 127.0.0.1 over them: what the serving tests and `platform.bench serve` use."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import requests
+import torch
+
+from tests.classifier_data import TINY, write_volumes
+from tests.helpers import REPO, sample_subset
+
+DETECTOR = "nuclei"
+CLASSIFIER = "slices"
+
+
+def clean_env() -> dict:
+    """This process's environment without MLflow variables a test may have left (they would win over
+    --tracking-uri in a child)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
+def train_detector(root: Path, **overrides):
+    """A ResNet-18-FPN Mask R-CNN trained for one epoch on 4 sample images at 128-160 px (~30 s on 2 CPUs)."""
+    from trainers.config import apply_overrides
+    from trainers.loop import run_training
+    from trainers.ray_seam import LocalSeam
+    from trainers.recipes import get_recipe
+
+    data = sample_subset(root / "data", 4)
+    values = {"data": str(data), "epochs": 1, "min_size": 128, "max_size": 160, "val_fraction": 0.25}
+    cfg = apply_overrides(get_recipe("dsb2018_demo"), {**values, **overrides})
+    torch.manual_seed(0)
+    checkpoint = root / "detector"
+    run_training(cfg, LocalSeam(checkpoint_dir=checkpoint))
+    return checkpoint
+
+
+def train_classifier(root: Path) -> Path:
+    """The two-class (ball/box) slice classifier of tests/classifier_data.py, 2 epochs."""
+    from trainers.classifier_loop import run_training
+    from trainers.config import apply_overrides
+    from trainers.ray_seam import LocalSeam
+    from trainers.recipes import get_recipe
+
+    labels = write_volumes(root / "volumes")
+    cfg = apply_overrides(get_recipe("adrenal3d_cpu"), {**TINY, "data": str(labels), "epochs": 2}, "test")
+    checkpoint = root / "classifier"
+    run_training(cfg, LocalSeam(checkpoint))
+    return checkpoint
+
+
+def register_models(root: Path) -> str:
+    """A SQLite store under root with DETECTOR and CLASSIFIER registered (alias champion); its URI."""
+    from deploy.registry import log_checkpoint, register
+    from platform._cli import use_experiment
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    experiment = use_experiment(uri, "serve-test")
+    try:
+        for name, checkpoint in ((DETECTOR, train_detector(root)), (CLASSIFIER, train_classifier(root))):
+            with mlflow.start_run(experiment_id=experiment, run_name=name):
+                mlflow.log_metric("val_metric", 0.5)
+                register(log_checkpoint(checkpoint).model_uri, name)
+    finally:
+        mlflow.set_tracking_uri("")
+        mlflow.set_registry_uri("")
+    return uri
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_server(uri: str, *flags: str, log: Path, timeout: float = 240) -> Server:
+    """`python -m platform.serve` on a free port; returns once /healthz answers (or raises with its log)."""
+    port = free_port()
+    out = open(log, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "platform.serve", "--tracking-uri", uri, "--port", str(port), *flags],
+        cwd=REPO,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+    )
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"platform.serve exited with {process.returncode}:\n{server.output()[-4000:]}")
+        if "ready: http" in server.output():
+            try:
+                if requests.get(f"{server.url}/healthz", timeout=5).ok:
+                    return server
+            except requests.ConnectionError:
+                pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"platform.serve did not get ready in {timeout} s:\n{server.output()[-4000:]}")
