@@ -117,7 +117,7 @@ class RegistryModel:
 
 
 @torch.inference_mode()
-def _grouped(items: list[tuple[Loaded, Any]], run: Callable[[Any, list], list]) -> list:
+def grouped(items: list[tuple[Loaded, Any]], run: Callable[[Any, list], list]) -> list:
     """run(model, inputs) once per model version among the batch's items (a reload can put two in one
     batch), results back in the items' order."""
     out: list = [None] * len(items)
@@ -129,6 +129,22 @@ def _grouped(items: list[tuple[Loaded, Any]], run: Callable[[Any, list], list]) 
         for i, result in zip(indices, run(model, [items[i][1] for i in indices]), strict=True):
             out[i] = result
     return out
+
+
+def run_detector(detector, tiles: list[tuple[Tile, torch.Tensor, float]]) -> list:
+    """(tile, its tensor, score threshold) -> the tile's detections (trainers.tiled.TileDetections), each
+    mask cut to its extent here, so a batch's full-tile soft masks (~100 MB a tile) are freed at once."""
+    from trainers.tiled import crop_output, trim_heap
+
+    outputs = detector.model([tensor.to(detector.device) for _, tensor, _ in tiles])
+    cropped = [crop_output(t, o, thr, MASK_THRESHOLD) for (t, _, thr), o in zip(tiles, outputs, strict=True)]
+    del outputs
+    trim_heap()
+    return cropped
+
+
+def run_classifier(predictor, images: list[np.ndarray]) -> list[np.ndarray]:
+    return list(predictor.predict_proba(images))
 
 
 def _configure_batching(method, settings: ServeSettings) -> None:
@@ -149,73 +165,71 @@ class DetectorDeployment:
             settings.detector, load_detector, settings.reload_on_alias, settings.reload_interval_s
         )
         _configure_batching(self.infer, settings)
-        self.window = 4 * settings.max_batch_size  # tiles in flight per request: bounds tensor memory
+        self.window = 2 * settings.max_batch_size  # tiles in flight per request: bounds tensor memory
 
     def info(self) -> dict:
         return self.registry.current.info
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def infer(self, items: list[tuple[Loaded, torch.Tensor]]) -> list[dict]:
-        def run(detector, tensors):
-            return detector.model([t.to(detector.device) for t in tensors])
-
-        return await asyncio.to_thread(_grouped, items, run)
+    async def infer(self, items: list[tuple[Loaded, tuple]]) -> list:
+        return await asyncio.to_thread(grouped, items, run_detector)
 
     async def segment(self, image: np.ndarray, score_threshold: float, max_detections: int, tile_size: int):
         """Instances of an HxWx3 uint8 image: class, score, box (xyxy), COCO RLE mask, area; counts per
         class. tile_size 0: the model's own (its training tile size; 0 = the whole image at once)."""
-        from trainers.postprocess import filter_results
-        from trainers.tiled import crop_output, detections_to_coco, tile_tensor
+        from trainers.tiled import tile_tensor
 
         loaded = self.registry.current  # the whole request uses one version, whatever a reload does
         detector = loaded.model
         cfg = detector.config
         tile = tile_size or cfg.tile_size
         height, width = image.shape[:2]
-        try:
-            tiles = tile_grid(height, width, tile, min(cfg.tile_overlap, tile // 2)) if tile else None
-        except UserError as e:
-            return _user_error(e)
-        tiles = tiles or [Tile(0, 0, width, height)]
+        # tile 0: the whole image in one call (the model resizes it as it did in training)
+        tiles = (
+            tile_grid(height, width, tile, min(cfg.tile_overlap, tile // 2))
+            if tile
+            else [Tile(0, 0, width, height)]
+        )
         per_tile = []
         for start in range(0, len(tiles), self.window):
             chunk = tiles[start : start + self.window]
-            outputs = await asyncio.gather(
-                *(self.infer((loaded, tile_tensor(image, t, None))) for t in chunk)
-            )
-            per_tile += [
-                crop_output(t, o, score_threshold, MASK_THRESHOLD)
-                for t, o in zip(chunk, outputs, strict=True)
-            ]
-        detections = stitch_detections(per_tile, match_threshold=MATCH_THRESHOLD, match_metric="iou")
-        entries = filter_results(detections_to_coco(detections, 1, height, width), cfg, detector.categories)
-        entries = sorted(entries, key=lambda r: -r["score"])[: max_detections or None]
-        names = {c["id"]: c["name"] for c in detector.categories}
-        counts = dict.fromkeys(names.values(), 0)
-        instances = []
-        for r in entries:
-            x, y, w, h = r["bbox"]
-            name = names.get(r["category_id"], str(r["category_id"]))
-            counts[name] = counts.get(name, 0) + 1
-            instances.append(
-                {
-                    "class": name,
-                    "class_id": r["category_id"],
-                    "score": r["score"],
-                    "box": [x, y, x + w, y + h],
-                    "area": int(mask_utils.area(r["segmentation"])),
-                    "mask": r["segmentation"],
-                }
-            )
-        return {
-            "width": width,
-            "height": height,
-            "tiles": len(tiles),
-            "count": len(instances),
-            "counts": counts,
-            "instances": instances,
-            "models": {"detector": {k: loaded.info[k] for k in ("name", "version")}},
-        }
+            items = ((loaded, (t, tile_tensor(image, t, None), score_threshold)) for t in chunk)
+            per_tile += await asyncio.gather(*(self.infer(item) for item in items))
+        # Stitching and RLE encoding in a thread: the replica's event loop keeps feeding batches meanwhile.
+        answer = await asyncio.to_thread(instances_json, per_tile, detector, height, width, max_detections)
+        models = {"detector": {k: loaded.info[k] for k in ("name", "version")}}
+        return {"width": width, "height": height, "tiles": len(tiles), **answer, "models": models}
+
+
+def instances_json(per_tile: list, detector, height: int, width: int, max_detections: int) -> dict:
+    """Tile detections -> {count, counts per class, instances (best first)} after stitching, the model's
+    class_score_thresh / mask_min_area filters and the max_detections cut (0 = all)."""
+    from trainers.postprocess import filter_results
+    from trainers.tiled import detections_to_coco
+
+    detections = stitch_detections(per_tile, match_threshold=MATCH_THRESHOLD, match_metric="iou")
+    entries = filter_results(
+        detections_to_coco(detections, 1, height, width), detector.config, detector.categories
+    )
+    entries = sorted(entries, key=lambda r: -r["score"])[: max_detections or None]
+    names = {c["id"]: c["name"] for c in detector.categories}
+    counts = dict.fromkeys(names.values(), 0)
+    instances = []
+    for r in entries:
+        x, y, w, h = r["bbox"]
+        name = names.get(r["category_id"], str(r["category_id"]))
+        counts[name] = counts.get(name, 0) + 1
+        instances.append(
+            {
+                "class": name,
+                "class_id": r["category_id"],
+                "score": r["score"],
+                "box": [x, y, x + w, y + h],
+                "area": int(mask_utils.area(r["segmentation"])),
+                "mask": r["segmentation"],
+            }
+        )
+    return {"count": len(instances), "counts": counts, "instances": instances}
 
 
 def _top(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
@@ -239,9 +253,7 @@ class ClassifierDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def infer(self, items: list[tuple[Loaded, np.ndarray]]) -> list[np.ndarray]:
-        return await asyncio.to_thread(
-            _grouped, items, lambda model, images: list(model.predict_proba(images))
-        )
+        return await asyncio.to_thread(grouped, items, run_classifier)
 
     async def classify(self, image: np.ndarray | None, volume: np.ndarray | None, top_k: int) -> dict:
         """Top-k classes of one slice image, or of a volume (its slices cut as the model's training slices

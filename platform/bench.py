@@ -6,6 +6,7 @@ python -m platform.bench data                       # loader vs model images/s, 
 python -m platform.bench tiled --mosaic 7000        # tiled inference: s/MP, peak RSS, stitching overhead
 python -m platform.bench eval                       # pycocotools vs faster-coco-eval on dense images
 python -m platform.bench asha                       # ASHA vs full-budget trials: best metric and compute
+python -m platform.bench serve                      # HTTP load test, Serve overhead, batching, tiled mosaic
 """
 
 import argparse
@@ -55,13 +56,43 @@ def build_parser() -> argparse.ArgumentParser:
     asha.add_argument("--reduction-factor", type=float, default=3)
     asha.add_argument("--seed", type=int, default=0)
     asha.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config fields")
+    serve = sub.add_parser(
+        "serve", help="Serve over loopback HTTP vs in-process; classifier batching on/off; a tiled mosaic"
+    )
+    serve.add_argument("--detector", help="registered detector (default: a random-init one, temporary store)")
+    serve.add_argument("--classifier", help="registered classifier (default: a random-init one)")
+    serve.add_argument("--tracking-uri", help="the store of --detector/--classifier")
+    serve.add_argument("--clients", type=int, default=8, help="concurrent clients of the segment load test")
+    serve.add_argument("--seconds", type=float, default=60, help="length of the main load test")
+    serve.add_argument("--batch-clients", type=int, default=16, help="concurrent clients, batching test")
+    serve.add_argument("--mosaic", type=int, default=2048, help="side of the tiled mosaic, pixels")
+    serve.add_argument("--tile-size", type=int, default=512)
+    serve.add_argument("--cpus-per-replica", type=float, default=1)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     benches = {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}
-    return {**benches, "asha": bench_asha}[args.which](args)
+    return {**benches, "asha": bench_asha, "serve": bench_serve}[args.which](args)
+
+
+def bench_serve(args) -> int:
+    from deploy.benchmark import benchmark_serve
+
+    tracking = _cli.tracking_uri(args.tracking_uri) if args.detector and args.classifier else None
+    benchmark_serve(
+        args.detector,
+        args.classifier,
+        tracking,
+        clients=args.clients,
+        seconds=args.seconds,
+        batch_clients=args.batch_clients,
+        mosaic=args.mosaic,
+        tile_size=args.tile_size,
+        cpus_per_replica=args.cpus_per_replica,
+    )
+    return 0
 
 
 def bench_asha(args) -> int:

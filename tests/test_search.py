@@ -182,6 +182,7 @@ def resumed(tmp_path_factory):
     return root, uri, before, out
 
 
+@pytest.mark.slow  # the killed-and-resumed search behind these takes ~5 min on 2 CPUs
 def test_resume_finishes_the_killed_search(resumed):
     root, uri, before, out = resumed
     client = mlflow.MlflowClient(uri)
@@ -209,6 +210,7 @@ def test_resume_finishes_the_killed_search(resumed):
     assert "registered model: name=resumed version=1 alias=champion" in out.stdout
 
 
+@pytest.mark.slow  # the killed-and-resumed search behind these takes ~5 min on 2 CPUs
 def test_search_results_table_recipe_and_plots(resumed):
     root, uri, _, out = resumed
     from platform._cli import base_config
@@ -237,6 +239,7 @@ def test_search_results_table_recipe_and_plots(resumed):
             assert str(value) == logged, key
 
 
+@pytest.mark.slow  # the killed-and-resumed search behind these takes ~5 min on 2 CPUs
 def test_thresholds_search_on_cached_predictions(resumed):
     root, uri, _, _ = resumed
     common = ["--tracking-uri", uri, "--storage-path", str(root / "ray"), "--experiment", "thr"]

@@ -80,11 +80,7 @@ def predict_tiled(
         for tile, output in zip(batch, outputs, strict=True):
             per_tile.append(crop_output(tile, output, score_threshold, mask_threshold))
         del outputs
-        # Each batch frees its soft masks (N x tile, ~100 MB) while the small patches kept from them stay
-        # allocated in between; glibc keeps such fragmented holes resident, and the process grew by about
-        # the masks' size per tile (+30 MB per 256-px tile measured) instead of staying at one batch.
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+        trim_heap()
         done, now = first + len(batch), time.perf_counter()
         if now - last_report >= PROGRESS_EVERY_S and done < len(tiles):
             rate = done / (now - start)
@@ -94,6 +90,15 @@ def predict_tiled(
             )
             last_report = now
     return stitch_detections(per_tile, match_threshold=match_threshold, match_metric="iou", merge=merge)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS. Call after each batch of tiles: a batch frees its soft masks
+    (N x tile, ~100 MB) while the small patches kept from them stay allocated in between; glibc keeps such
+    fragmented holes resident, and the process grew by about the masks' size per tile (+30 MB per 256-px
+    tile measured) instead of staying at one batch."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float] | None) -> torch.Tensor:
@@ -106,7 +111,8 @@ def tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float] 
         crop = crop[..., None]
     if crop.shape[2] in (2, 4):  # grey + alpha or RGBA: alpha carries no signal
         crop = crop[..., :-1]
-    tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div(255)
+    # A copy: the image may be read-only (Ray Serve hands a replica its argument from the object store).
+    tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255)
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
 
