@@ -127,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         **values,
         **{field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag) is not None},
     }
-    if args.tracking_uri is None and not values.get("tracking_uri"):
-        values["tracking_uri"] = _cli.tracking_uri(None)
     if not values.get("detector") and not values.get("classifier"):
         values["detector"] = DEFAULT_DETECTOR
     settings = settings_from(values, source)
@@ -137,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         hint = "; run `make demo` first or pass --detector" if settings.detector == DEFAULT_DETECTOR else ""
         raise UserError(f"{e}{hint}") from None
-    host = args.host or http.get("host", "127.0.0.1")
-    port = args.port if args.port is not None else int(http.get("port", 8000))
-    _check_port(host, port)
+    host = str(args.host or http.get("host", "127.0.0.1"))
+    port = args.port if args.port is not None else http.get("port", 8000)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise UserError(f"{source}: port: expected a TCP port number, got {port!r}")
+    if not args.address:  # on a cluster the proxies listen on other machines
+        _check_port(host, port)
 
     from ray import serve
 
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(settings), name="foram", route_prefix="/")
+        try:
+            serve.run(application(settings), name="foram", route_prefix="/")
+        except RuntimeError as e:  # a replica failed in __init__ (its traceback is in the log above)
+            raise UserError(f"the application did not start: {str(e).splitlines()[0]}") from None
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         for role, (name, version) in models.items():
             print(f"serving {role}: {name} version {version} ({getattr(settings, role)})")
