@@ -88,6 +88,10 @@ class Loaded:
     model: Any  # deploy.registry.Detector, or a SliceClassifier / Ensemble
     info: dict  # deploy.registry.version_info + the URI served
 
+    def ref(self) -> dict:
+        """Which model answered, as each response names it."""
+        return {"name": self.info["name"], "version": self.version}
+
 
 class RegistryModel:
     """The served version of one registered model, loaded from the registry of `settings.tracking_uri`;
@@ -198,7 +202,7 @@ class DetectorDeployment:
             per_tile += await asyncio.gather(*(self.infer(item) for item in items))
         # Stitching and RLE encoding in a thread: the replica's event loop keeps feeding batches meanwhile.
         answer = await asyncio.to_thread(instances_json, per_tile, detector, height, width, max_detections)
-        models = {"detector": {k: loaded.info[k] for k in ("name", "version")}}
+        models = {"detector": loaded.ref()}
         return {"width": width, "height": height, "tiles": len(tiles), **answer, "models": models}
 
 
@@ -262,7 +266,7 @@ class ClassifierDeployment:
         loaded = self.registry.current
         predictor = loaded.model
         classes = list(predictor.classes)
-        models = {"classifier": {k: loaded.info[k] for k in ("name", "version")}}
+        models = {"classifier": loaded.ref()}
         if volume is None:
             probs = await self.infer((loaded, image))
             return {"top": _top(probs, classes, top_k), "models": models}
@@ -397,10 +401,9 @@ class Ingress:
 def settings_from(args: dict, source: str = "args") -> ServeSettings:
     """ServeSettings from a dict (a Serve config's `args`), unknown or ill-typed keys named; the tracking
     URI made explicit here, so replicas elsewhere use the store the application was built against."""
-    settings = from_dict(ServeSettings, dict(args), source)
-    if not settings.tracking_uri:
-        settings = from_dict(ServeSettings, {**args, "tracking_uri": default_tracking_uri()}, source)
-    return settings
+    return from_dict(
+        ServeSettings, {**args, "tracking_uri": args.get("tracking_uri") or default_tracking_uri()}, source
+    )
 
 
 def check_models(settings: ServeSettings) -> dict[str, tuple[str, str]]:

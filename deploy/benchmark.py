@@ -139,7 +139,7 @@ def _memory_mb(pid: int) -> tuple[float, float]:
     return values["VmRSS"], values["VmHWM"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -213,7 +213,7 @@ def benchmark_serve(
         _row("classify, in-process, 1 caller", base_cls),
     ]
 
-    port = _free_port()
+    port = free_port()
     init_ray(None, str(Path(__file__).resolve().parents[1]))  # as platform.serve starts it
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"

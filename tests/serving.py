@@ -3,7 +3,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import mlflow
 import requests
 import torch
 
+from deploy.benchmark import free_port
 from tests.classifier_data import TINY, write_volumes
 from tests.helpers import REPO, sample_subset
 
@@ -73,12 +73,6 @@ def register_models(root: Path) -> str:
         mlflow.set_tracking_uri("")
         mlflow.set_registry_uri("")
     return uri
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
