@@ -1,6 +1,8 @@
 """The Ray Serve application: a detector deployment (a registered Mask R-CNN; tiled inference for images
-larger than its tiles), a classifier deployment (a registered slice classifier or ensemble) and a FastAPI
-ingress with the HTTP API. `python -m platform.serve` starts it; so does a Serve config file:
+larger than its tiles), a classifier deployment (a registered slice classifier or ensemble), a matcher
+deployment (a slice library built from a folder of volumes: find a slice in 3D) and a FastAPI ingress
+with the HTTP API and the web page (deploy/page/, at `/`). `python -m platform.serve` starts it; so does
+a Serve config file:
 
     serve run deploy/serve.yaml        # from the repository root; `serve deploy` for a running cluster
 
@@ -16,14 +18,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import mlflow
 import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pycocotools import mask as mask_utils
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -31,11 +36,13 @@ from ray.serve.handle import DeploymentHandle
 from datasets.errors import UserError
 from datasets.tiles import Tile, stitch_detections, tile_grid
 from deploy.inputs import BadInput, decode_image, decode_volume, is_nifti
+from deploy.library import library_paths, png, position_image, slice_image, volume_shape
 from deploy.registry import default_tracking_uri, load_detector, resolve_registered, version_info
 from trainers.config import from_dict
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log and the console
 
+PAGE = Path(__file__).parent / "page"
 MASK_THRESHOLD = 0.5
 MATCH_THRESHOLD = 0.5  # mask IoU in the tiles' shared region at which two tile pieces are one object
 
@@ -46,6 +53,8 @@ class ServeSettings:
 
     detector: str = ""  # models:/NAME@alias or models:/NAME/VERSION; "" = no /v1/segment
     classifier: str = ""  # a registered classifier or ensemble; "" = no /v1/classify
+    library: str = ""  # a folder of NIfTI volumes to find slices in; "" = no /v1/match
+    library_step: int = 1  # every n-th slice of each axis goes into the library
     tracking_uri: str = ""  # MLflow store holding the registry; "" = MLFLOW_TRACKING_URI or .mlflow/
     detector_replicas: int = 1
     classifier_replicas: int = 1
@@ -62,11 +71,13 @@ class ServeSettings:
     reload_interval_s: float = 10.0  # how often the alias is checked
 
     def validate(self) -> None:
-        if not self.detector and not self.classifier:
+        if not (self.detector or self.classifier or self.library):
             raise UserError(
-                "serve: nothing to serve; give a detector and/or a classifier (models:/NAME@alias)"
+                "serve: nothing to serve; give a detector and/or a classifier (models:/NAME@alias) "
+                "and/or a library folder"
             )
-        for key in ("detector_replicas", "classifier_replicas", "max_batch_size", "max_pixels", "max_voxels"):
+        positive = ("detector_replicas", "classifier_replicas", "max_batch_size", "max_pixels", "max_voxels")
+        for key in (*positive, "library_step"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: expected at least 1, got {getattr(self, key)}")
         for key in ("cpus_per_replica", "gpus_per_replica", "batch_wait_timeout_s"):
@@ -207,8 +218,8 @@ class DetectorDeployment:
 
 
 def instances_json(per_tile: list, detector, height: int, width: int, max_detections: int) -> dict:
-    """Tile detections -> {count, counts per class, instances (best first)} after stitching, the model's
-    class_score_thresh / mask_min_area filters and the max_detections cut (0 = all)."""
+    """Tile detections -> {count, counts per class, categories, instances (best first)} after stitching,
+    the model's class_score_thresh / mask_min_area filters and the max_detections cut (0 = all)."""
     from trainers.postprocess import filter_results
     from trainers.tiled import detections_to_coco
 
@@ -234,7 +245,8 @@ def instances_json(per_tile: list, detector, height: int, width: int, max_detect
                 "mask": r["segmentation"],
             }
         )
-    return {"count": len(instances), "counts": counts, "instances": instances}
+    categories = [{"id": c["id"], "name": c["name"]} for c in detector.categories]
+    return {"count": len(instances), "counts": counts, "categories": categories, "instances": instances}
 
 
 def _top(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
@@ -288,12 +300,74 @@ class ClassifierDeployment:
         }
 
 
+@serve.deployment
+class MatcherDeployment:
+    """The slice library of `settings.library`, built once at start (datasets.matching.build_library)."""
+
+    def __init__(self, settings: ServeSettings):
+        from datasets.matching import build_library
+
+        self.folder = settings.library
+        self.paths = {p.name: p for p in library_paths(settings.library)}
+        self.shapes = {name: volume_shape(path) for name, path in self.paths.items()}
+        self.library = build_library(list(self.paths.values()), step=settings.library_step)
+        self.step = settings.library_step
+        # the page asks for a few matched slices per query: keep the last volumes rather than re-reading
+        self._volume = lru_cache(maxsize=4)(self._load)
+        log.warning("slice library: %d slices of %d volumes", len(self.library), len(self.paths))
+
+    def _load(self, name: str) -> np.ndarray:
+        from datasets.volumes import load_volume
+
+        return load_volume(self.paths[name])
+
+    def info(self) -> dict:
+        per_volume = np.bincount(self.library.volume_ids, minlength=len(self.library.names))
+        return {
+            "folder": self.folder,
+            "step": self.step,
+            "slices": len(self.library),
+            "volumes": [
+                {"name": name, "shape": self.shapes[name], "slices": int(n)}
+                for name, n in zip(self.library.names, per_volume, strict=True)
+            ],
+        }
+
+    async def match(self, image: np.ndarray, top_k: int, volumes: list[str] | None) -> dict:
+        """The top_k library slices most like `image`, with their rotation and position in the volume."""
+        from datasets.matching import match_slice
+
+        start = time.perf_counter()
+        try:
+            matches = await asyncio.to_thread(match_slice, self.library, image, top_k, volumes)
+        except UserError as e:
+            return _user_error(e)
+        out = []
+        for m in matches:
+            shape = self.shapes[m.volume]
+            out.append({**m.__dict__, "shape": shape, "position": m.index / max(shape[m.axis] - 1, 1)})
+        return {"matches": out, "searched": len(self.library), "seconds": time.perf_counter() - start}
+
+    async def view(self, volume: str, axis: int, index: int, kind: str) -> dict:
+        """PNG of a library slice ('slice') or of where it lies in its volume ('position')."""
+        if volume not in self.paths:
+            return {"error": f"volume: {volume!r} is not in the library", "status": 404}
+        draw = slice_image if kind == "slice" else position_image
+        try:
+            pixels = draw(await asyncio.to_thread(self._volume, volume), axis, index)
+        except UserError as e:
+            return _user_error(e)
+        return {"png": await asyncio.to_thread(png, pixels)}
+
+
 api = FastAPI(
     title="foram-platform",
     version="1",
     description="Segment and count instances, classify micro-CT slices and volumes, with the models "
-    "registered in MLflow. Send the image or volume file as the raw request body.",
+    "registered in MLflow; find a slice in a library of volumes. Send the image or volume file as the raw "
+    "request body. The web page is at /.",
 )
+api.mount("/static", StaticFiles(directory=PAGE), name="static")
 # The upload is the raw body (no multipart parser needed; `curl --data-binary @image.png URL`); this tells
 # the OpenAPI page to offer a file chooser for it.
 _UPLOAD = {
@@ -315,6 +389,21 @@ async def _bad_query(request: Request, e: RequestValidationError) -> JSONRespons
     return JSONResponse({"error": "; ".join(problems)}, status_code=422)
 
 
+Sensitivity = Annotated[
+    float, Query(ge=0.0, le=1.0, description="crop: 0.5 = Otsu's threshold, 1 keeps fainter parts")
+]
+Margin = Annotated[float, Query(ge=0.0, le=1.0, description="crop: margin around the object, of its size")]
+
+
+def _crop(image: np.ndarray, sensitivity: float, margin: float):
+    from datasets.cropping import crop_object
+
+    try:
+        return crop_object(image, sensitivity, margin)
+    except UserError as e:
+        raise BadInput(422, str(e)) from None
+
+
 def _answer(result: dict) -> JSONResponse:
     if "error" in result:
         return JSONResponse({"error": result["error"]}, status_code=result["status"])
@@ -326,9 +415,13 @@ def _answer(result: dict) -> JSONResponse:
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self, detector: DeploymentHandle | None, classifier: DeploymentHandle | None, settings: ServeSettings
+        self,
+        detector: DeploymentHandle | None,
+        classifier: DeploymentHandle | None,
+        matcher: DeploymentHandle | None,
+        settings: ServeSettings,
     ):
-        self.detector, self.classifier, self.settings = detector, classifier, settings
+        self.detector, self.classifier, self.matcher, self.settings = detector, classifier, matcher, settings
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused as soon as it passes the upload limit (never held whole)."""
@@ -351,6 +444,7 @@ class Ingress:
             "status": "ok",
             "detector": self.detector is not None,
             "classifier": self.classifier is not None,
+            "library": self.matcher is not None,
         }
 
     @api.get("/v1/models")
@@ -382,10 +476,16 @@ class Ingress:
 
     @api.post("/v1/classify", openapi_extra=_UPLOAD)
     async def classify(
-        self, request: Request, top_k: int = Query(5, ge=1, le=1000, description="classes to list")
+        self,
+        request: Request,
+        top_k: int = Query(5, ge=1, le=1000, description="classes to list"),
+        crop: bool = Query(False, description="crop an image to its main object on black first"),
+        sensitivity: Sensitivity = 0.5,
+        margin: Margin = 0.05,
     ) -> JSONResponse:
-        """A slice image (PNG, JPEG, TIFF) -> its top-k classes; a NIfTI volume (.nii, .nii.gz) -> the
-        volume's top-k and each classified slice's."""
+        """A slice image (PNG, JPEG, TIFF) -> its top-k classes (with crop=true: of its main object, cut
+        out as /v1/crop shows); a NIfTI volume (.nii, .nii.gz) -> the volume's top-k and each classified
+        slice's."""
         if self.classifier is None:
             raise BadInput(
                 404, "no classifier is served (start the server with --classifier models:/NAME@alias)"
@@ -395,7 +495,67 @@ class Ingress:
             volume = await asyncio.to_thread(decode_volume, body, self.settings.max_voxels)
             return _answer(await self.classifier.classify.remote(None, volume, top_k))
         image = await asyncio.to_thread(decode_image, body, self.settings.max_pixels)
+        if crop:
+            image = (await asyncio.to_thread(_crop, image, sensitivity, margin)).image
         return _answer(await self.classifier.classify.remote(image, None, top_k))
+
+    @api.post("/v1/crop", openapi_extra=_UPLOAD, response_class=Response)
+    async def crop(self, request: Request, sensitivity: Sensitivity = 0.5, margin: Margin = 0.05):
+        """An image -> its main object cropped square onto black, as PNG (what `/v1/classify?crop=true`
+        classifies); the header X-Crop-Box has the square's x0,y0,x1,y1 in the image."""
+        image = await asyncio.to_thread(decode_image, await self._body(request), self.settings.max_pixels)
+        result = await asyncio.to_thread(_crop, image, sensitivity, margin)
+        box = ",".join(map(str, result.box))
+        body = await asyncio.to_thread(png, result.image)
+        return Response(body, media_type="image/png", headers={"X-Crop-Box": box})
+
+    @api.post("/v1/preview", openapi_extra=_UPLOAD, response_class=Response)
+    async def preview(self, request: Request):
+        """An image as the models see it (8-bit RGB), as PNG: how the page shows a TIFF."""
+        image = await asyncio.to_thread(decode_image, await self._body(request), self.settings.max_pixels)
+        return Response(await asyncio.to_thread(png, image), media_type="image/png")
+
+    def _matcher(self) -> DeploymentHandle:
+        if self.matcher is None:
+            raise BadInput(404, "no slice library is served (start the server with --library FOLDER)")
+        return self.matcher
+
+    @api.get("/v1/library")
+    async def library(self) -> dict:
+        """The slice library: its folder, volumes (name, shape, slices kept) and slice count."""
+        return await self._matcher().info.remote()
+
+    @api.get("/v1/library/view", response_class=Response)
+    async def library_view(
+        self,
+        volume: str = Query(..., description="volume file name"),
+        axis: int = Query(..., ge=0, le=2),
+        index: int = Query(..., ge=0),
+        kind: Literal["slice", "position"] = Query("slice", description="the slice, or where it lies"),
+    ):
+        """PNG of a library slice, or of its volume's projection with the slice's plane drawn in red."""
+        result = await self._matcher().view.remote(volume, axis, index, kind)
+        if "error" in result:
+            return _answer(result)
+        return Response(result["png"], media_type="image/png")
+
+    @api.post("/v1/match", openapi_extra=_UPLOAD)
+    async def match(
+        self,
+        request: Request,
+        top_k: int = Query(5, ge=1, le=50, description="matches to list"),
+        volume: Annotated[list[str] | None, Query(description="only these volumes (repeatable)")] = None,
+    ) -> JSONResponse:
+        """A slice image -> the most similar library slices: volume, axis, index, the counter-clockwise
+        rotation (degrees) that lines the image up with it, scores (SSIM, NCC, Dice, ORB matches) and the
+        slice's position along its axis (0 = first slice, 1 = last)."""
+        matcher = self._matcher()
+        image = await asyncio.to_thread(decode_image, await self._body(request), self.settings.max_pixels)
+        return _answer(await matcher.match.remote(image, top_k, volume or None))
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        return FileResponse(PAGE / "index.html")
 
 
 def settings_from(args: dict, source: str = "args") -> ServeSettings:
@@ -407,7 +567,10 @@ def settings_from(args: dict, source: str = "args") -> ServeSettings:
 
 
 def check_models(settings: ServeSettings) -> dict[str, tuple[str, str]]:
-    """{role: (name, version)} of the models to serve; a UserError for one the registry lacks."""
+    """{role: (name, version)} of the models to serve; a UserError for one the registry lacks or for a
+    library folder without volumes."""
+    if settings.library:
+        library_paths(settings.library)
     use_registry(settings.tracking_uri)
     return {
         role: resolve_registered(uri)
@@ -423,14 +586,18 @@ def application(settings: ServeSettings):
         # enough requests in a replica at once to fill a batch of slices
         "max_ongoing_requests": max(16, 2 * settings.max_batch_size),
     }
-    detector = classifier = None
+    detector = classifier = matcher = None
+    if settings.library:
+        # No CPU reserved: a query takes about half a second of one core, now and then; reserving a core
+        # would leave a 2-core laptop unable to place the two model replicas.
+        matcher = MatcherDeployment.options(ray_actor_options={"num_cpus": 0}).bind(settings)
     if settings.detector:
         detector = DetectorDeployment.options(num_replicas=settings.detector_replicas, **model_options)
         detector = detector.bind(settings)
     if settings.classifier:
         classifier = ClassifierDeployment.options(num_replicas=settings.classifier_replicas, **model_options)
         classifier = classifier.bind(settings)
-    return Ingress.bind(detector, classifier, settings)
+    return Ingress.bind(detector, classifier, matcher, settings)
 
 
 def build_app(args: dict):

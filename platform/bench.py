@@ -7,6 +7,7 @@ python -m platform.bench tiled --mosaic 7000        # tiled inference: s/MP, pea
 python -m platform.bench eval                       # pycocotools vs faster-coco-eval on dense images
 python -m platform.bench asha                       # ASHA vs full-budget trials: best metric and compute
 python -m platform.bench serve                      # HTTP load test, Serve overhead, batching, tiled mosaic
+python -m platform.bench match                      # find in 3D: hit rate, s/query vs library size
 """
 
 import argparse
@@ -68,13 +69,52 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mosaic", type=int, default=2048, help="side of the tiled mosaic, pixels")
     serve.add_argument("--tile-size", type=int, default=512)
     serve.add_argument("--cpus-per-replica", type=float, default=1)
+    match = sub.add_parser("match", help="slice matching: hit rate and time per query vs library size")
+    match.add_argument("--volumes", help="folder of .nii.gz volumes (default: ../shared/data/adrenal3d)")
+    match.add_argument("--sizes", default="5,15,50", help="library sizes in volumes, comma-separated")
+    match.add_argument("--queries", type=int, default=24, help="queries per size (one per volume)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     benches = {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}
-    return {**benches, "asha": bench_asha, "serve": bench_serve}[args.which](args)
+    return {**benches, "asha": bench_asha, "serve": bench_serve, "match": bench_match}[args.which](args)
+
+
+def bench_match(args) -> int:
+    """Libraries of the first N volumes of a folder; queries: slices of up to --queries of those volumes
+    (spread over the library), rotated and noisy (datasets.matching_eval). Prints one row per size."""
+    from datasets.errors import UserError
+    from datasets.matching import build_library
+    from datasets.matching_eval import make_queries, run_queries, summary
+
+    default = _cli.REPO.parent / "shared" / "data" / "adrenal3d" / "volumes"
+    folder = Path(args.volumes) if args.volumes else default
+    paths = sorted(folder.glob("*.nii*"))
+    try:
+        sizes = [int(n) for n in args.sizes.split(",")]
+    except ValueError:
+        raise UserError(f"--sizes: expected comma-separated numbers of volumes, got {args.sizes!r}") from None
+    if not paths or max(sizes) > len(paths) or min(sizes) < 1:
+        raise UserError(f"--sizes: {folder} has {len(paths)} volumes; sizes must be 1 to {len(paths)}")
+    header = ("volumes", "slices", "build s", "MB", "queries", "hit rate", "s/query")
+    print(" ".join(f"{h:>8}" for h in header))
+    for n in sizes:
+        start = time.perf_counter()
+        library = build_library(paths[:n])
+        built = time.perf_counter() - start
+        step = max(1, n // args.queries)
+        queries = make_queries(paths[:n:step][: args.queries])
+        outcomes = run_queries(library, queries)
+        rate, seconds = summary(outcomes)
+        mb = (library.thumbs.nbytes + library.masks.nbytes + library.hu.nbytes) / 2**20
+        row = (n, len(library), f"{built:.1f}", f"{mb:.1f}", len(queries), f"{rate:.0%}", f"{seconds:.2f}")
+        print(" ".join(f"{v:>8}" for v in row), flush=True)
+        for o in outcomes:
+            if not o.hit:
+                print(f"         {o.line()}")
+    return 0
 
 
 def bench_serve(args) -> int:

@@ -3,6 +3,8 @@
     python -m platform.serve                                     # the demo's models:/dsb2018_demo@champion
     python -m platform.serve --detector models:/nuclei@champion --classifier models:/adrenal@champion
     python -m platform.serve --config deploy/serve.yaml --port 8080   # the file `serve run` also takes
+    python -m platform.serve --classifier models:/adrenal@champion --library ../shared/data/adrenal3d/volumes
+    # then open http://127.0.0.1:8000/ : the page (segment & count, classify, find in 3D)
     curl --data-binary @image.png 'http://127.0.0.1:8000/v1/segment?score_threshold=0.5'
     curl --data-binary @volume.nii.gz 'http://127.0.0.1:8000/v1/classify?top_k=3'
 
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--classifier", help="registered slice classifier or ensemble, e.g. models:/adrenal@champion"
     )
+    p.add_argument("--library", help="a folder of NIfTI volumes to find slices in (the page's Find in 3D)")
+    p.add_argument("--library-step", type=int, help="keep every n-th slice in the library (default 1)")
     p.add_argument(
         "--config", help="a Ray Serve config YAML (deploy/serve.yaml): its first application's args"
     )
@@ -69,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {
     "detector": "detector",
     "classifier": "classifier",
+    "library": "library",
+    "library_step": "library_step",
     "tracking_uri": "tracking_uri",
     "reload_on_alias": "reload_on_alias",
     "reload_interval": "reload_interval_s",
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         **values,
         **{field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag) is not None},
     }
-    if not values.get("detector") and not values.get("classifier"):
+    if not (values.get("detector") or values.get("classifier") or values.get("library")):
         values["detector"] = DEFAULT_DETECTOR
     settings = settings_from(values, source)
     try:
@@ -158,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         for role, (name, version) in models.items():
             print(f"serving {role}: {name} version {version} ({getattr(settings, role)})")
+        if settings.library:
+            print(f"serving slice library: {settings.library}")
         print(
-            f"ready: http://{shown}:{port}  (API docs: http://{shown}:{port}/docs; Ctrl-C stops)", flush=True
+            f"ready: http://{shown}:{port}  (the page; API docs: http://{shown}:{port}/docs; Ctrl-C stops)",
+            flush=True,
         )
         while True:
             time.sleep(3600)

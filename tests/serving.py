@@ -15,10 +15,12 @@ import torch
 
 from deploy.benchmark import free_port
 from tests.classifier_data import TINY, write_volumes
-from tests.helpers import REPO, sample_subset
+from tests.helpers import REPO, SHARED_DATA, sample_subset
 
 DETECTOR = "nuclei"
 CLASSIFIER = "slices"
+SHELL = SHARED_DATA / "microct_shell" / "shell_225x128x128.nii.gz"
+ADRENAL = sorted((SHARED_DATA / "adrenal3d" / "volumes").glob("*.nii.gz"))
 
 
 def clean_env() -> dict:
@@ -73,6 +75,25 @@ def register_models(root: Path) -> str:
         mlflow.set_tracking_uri("")
         mlflow.set_registry_uri("")
     return uri
+
+
+def library_folder(root: Path, volumes: list[Path]) -> Path:
+    """A folder holding (links to) `volumes`: a slice library as a user would configure one."""
+    root.mkdir(parents=True, exist_ok=True)
+    for volume in volumes:
+        (root / volume.name).symlink_to(volume)
+    return root
+
+
+def served_config(root: Path, **args) -> Path:
+    """A copy of deploy/serve.yaml (as a user would edit it) with these application args."""
+    import yaml
+
+    doc = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
+    doc["applications"][0]["args"].update(args)
+    config = root / "serve.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    return config
 
 
 @dataclass

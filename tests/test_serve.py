@@ -1,6 +1,7 @@
 """`python -m platform.serve` for real: a small trained detector and slice classifier registered in a
-temporary MLflow store, the Ray Serve application started by the CLI (local Ray, settings from a Serve
-config file), every endpoint called over HTTP on 127.0.0.1, the alias moved while requests run, Ctrl-C."""
+temporary MLflow store and a slice library, the Ray Serve application started by the CLI (local Ray,
+settings from a Serve config file; the `store` and `server` fixtures of conftest.py), every endpoint
+called over HTTP on 127.0.0.1, the alias moved while requests run, Ctrl-C."""
 
 import io
 import threading
@@ -9,40 +10,15 @@ import time
 import numpy as np
 import pytest
 import requests
-import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tests.helpers import REPO, SHARED_DATA, run_cli
-from tests.serving import CLASSIFIER, DETECTOR, clean_env, register_models, start_server
+from tests.helpers import SHARED_DATA, run_cli
+from tests.serving import ADRENAL, CLASSIFIER, DETECTOR, SHELL, clean_env, library_folder, start_server
 from tests.test_cli_errors import _assert_user_error as assert_user_error
 
 IMAGES = sorted((SHARED_DATA / "dsb2018" / "stage1_train").glob("*/images/*.png"))
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return register_models(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    """The CLI on a free port, its settings from a copy of deploy/serve.yaml (as a user would edit it)."""
-    root = tmp_path_factory.mktemp("server")
-    doc = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
-    doc["applications"][0]["args"].update(
-        detector=f"models:/{DETECTOR}@champion",
-        classifier=f"models:/{CLASSIFIER}@champion",
-        max_upload_mb=1,
-        reload_on_alias=True,
-        reload_interval_s=1,
-    )
-    config = root / "serve.yaml"
-    config.write_text(yaml.safe_dump(doc))
-    server = start_server(store, "--config", str(config), log=root / "serve.log")
-    yield server
-    server.stop()
 
 
 def post(server, path: str, body: bytes, **params) -> requests.Response:
@@ -153,6 +129,7 @@ def test_models_health_and_docs(server):
         "status": "ok",
         "detector": True,
         "classifier": True,
+        "library": True,
     }
     models = requests.get(f"{server.url}/v1/models", timeout=10).json()["models"]
     assert [(m["role"], m["name"]) for m in models] == [("detector", DETECTOR), ("classifier", CLASSIFIER)]
@@ -162,7 +139,8 @@ def test_models_health_and_docs(server):
     docs = requests.get(f"{server.url}/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     paths = requests.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
-    assert {"/v1/segment", "/v1/classify", "/v1/models", "/healthz"} <= set(paths)
+    expected = {"/v1/segment", "/v1/classify", "/v1/crop", "/v1/preview", "/v1/match", "/v1/library"}
+    assert expected | {"/v1/library/view", "/v1/models", "/healthz"} <= set(paths)
 
 
 def test_bad_inputs_are_4xx_json_and_the_replicas_survive(server):
@@ -241,9 +219,21 @@ def test_reload_on_alias_without_dropping_requests(server, store):
     assert set(versions[:switched]) == {"1"} and set(versions[switched:]) == {"2"}, versions
 
 
-def test_ctrl_c_stops_cleanly(server):
-    """Last in this module: it stops the shared server."""
-    assert server.stop() == 0
+def test_a_library_only_server_and_ctrl_c(tmp_path):
+    """No model at all: the page's Find in 3D alone; model endpoints say what is missing. Ctrl-C stops it."""
+    library = library_folder(tmp_path / "library", ADRENAL[:1])
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    server = start_server(empty, "--library", str(library), log=tmp_path / "log")
+    try:
+        health = requests.get(f"{server.url}/healthz", timeout=10).json()
+        assert health == {"status": "ok", "detector": False, "classifier": False, "library": True}
+        response = post(server, "/v1/segment", IMAGES[0].read_bytes())
+        assert response.status_code == 404 and "--detector" in response.json()["error"]
+        assert requests.get(f"{server.url}/v1/models", timeout=10).json() == {"models": []}
+        volumes = requests.get(f"{server.url}/v1/library", timeout=10).json()["volumes"]
+        assert [v["name"] for v in volumes] == [ADRENAL[0].name]
+    finally:
+        assert server.stop() == 0
     assert "stopped" in server.output()
 
 
@@ -260,3 +250,105 @@ def test_cli_errors_are_one_line(store, tmp_path):
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     result = run_cli("platform.serve", "--tracking-uri", empty, env=env, timeout=120)
     assert_user_error(result, "models:/dsb2018_demo@champion", "run `make demo` first")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def decoded_png(response: requests.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def test_match_finds_a_rotated_slice_and_shows_where_it_lies(server):
+    from scipy import ndimage
+
+    from datasets.volumes import load_volume
+
+    library = requests.get(f"{server.url}/v1/library", timeout=10).json()
+    names = [v["name"] for v in library["volumes"]]
+    assert names == sorted([SHELL.name, *(p.name for p in ADRENAL[:3])])
+    assert library["slices"] == sum(v["slices"] for v in library["volumes"]) > 0
+
+    volume = load_volume(SHELL)
+    query = ndimage.rotate(volume[:, 70, :], 90, reshape=True, order=1)  # axis 1, index 70, turned 90 CCW
+    response = post(server, "/v1/match", png_bytes(query), top_k=3)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["searched"] == library["slices"] and len(result["matches"]) == 3
+    best = result["matches"][0]
+    assert (best["volume"], best["axis"]) == (SHELL.name, 1) and abs(best["index"] - 70) <= 2, best
+    assert min(abs(best["angle"] - 270), 360 - abs(best["angle"] - 270)) <= 10, best  # (-90) % 360
+    assert best["shape"] == list(volume.shape) and best["position"] == pytest.approx(best["index"] / 127)
+
+    # only the adrenal volumes: the shell cannot be found
+    only = [ADRENAL[0].name, ADRENAL[1].name]
+    restricted = post(server, "/v1/match", png_bytes(query), top_k=5, volume=only).json()
+    assert {m["volume"] for m in restricted["matches"]} <= set(only)
+
+    # the matched slice as PNG is the volume's slice; its position is a projection with the plane in red
+    view = f"{server.url}/v1/library/view"
+    params = {"volume": SHELL.name, "axis": 1, "index": 70}
+    assert np.array_equal(decoded_png(requests.get(view, params=params, timeout=30)), volume[:, 70, :])
+    position = decoded_png(requests.get(view, params={**params, "kind": "position"}, timeout=30))
+    assert position.shape == (volume.shape[0], volume.shape[1], 3)  # projected along axis 2
+    assert (position[:, 70] == [255, 64, 64]).all()  # axis 1 is the projection's columns
+    assert np.array_equal(position[:, 69, 0], volume[:, 69, :].max(axis=1))
+
+
+def test_match_and_library_errors(server):
+    image = IMAGES[0].read_bytes()
+
+    def view(**params):
+        return requests.get(f"{server.url}/v1/library/view", params=params, timeout=10)
+
+    cases = [
+        (post(server, "/v1/match", image, volume="nope.nii.gz"), 422, "unknown volume"),
+        (post(server, "/v1/match", png_bytes(np.full((32, 32), 9, np.uint8))), 422, "uniform"),
+        (post(server, "/v1/match", image, top_k=0), 422, "top_k"),
+        (view(volume="nope", axis=0, index=0), 404, "nope"),
+        (view(volume=SHELL.name, axis=0, index=999), 422, "index"),
+        (view(volume=SHELL.name, axis=3, index=0), 422, "axis"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
+
+
+def test_crop_preview_and_classify_the_cropped_object(server):
+    from datasets.cropping import crop_object
+    from deploy.inputs import decode_image
+
+    body = IMAGES[3].read_bytes()
+    image = decode_image(body, 10**8)
+    assert np.array_equal(decoded_png(post(server, "/v1/preview", body)), image)
+
+    response = post(server, "/v1/crop", body, sensitivity=0.7)
+    expected = crop_object(image, sensitivity=0.7)
+    assert np.array_equal(decoded_png(response), expected.image)
+    assert response.headers["x-crop-box"] == ",".join(map(str, expected.box))
+
+    # classify?crop=true classifies exactly what /v1/crop showed
+    cropped = post(server, "/v1/classify", body, crop="true", sensitivity=0.7, top_k=2).json()
+    direct = post(server, "/v1/classify", png_bytes(expected.image), top_k=2).json()
+    assert [t["class"] for t in cropped["top"]] == [t["class"] for t in direct["top"]]
+    for a, b in zip(cropped["top"], direct["top"], strict=True):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+
+    uniform = post(server, "/v1/crop", png_bytes(np.zeros((20, 20), np.uint8)))
+    assert uniform.status_code == 422 and "uniform" in uniform.json()["error"]
+
+
+def test_the_page_and_its_files_are_served(server):
+    page = requests.get(server.url, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    # everything it loads comes from the application itself (it must work offline)
+    assert "http" not in page.text.split("<body>")[0].replace('name="viewport"', "")
+    for name, kind in (("page.js", "javascript"), ("page.css", "text/css")):
+        response = requests.get(f"{server.url}/static/{name}", timeout=10)
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+    assert requests.get(f"{server.url}/static/../app.py", timeout=10).status_code == 404
