@@ -86,6 +86,7 @@ def test_train_ensemble_register_evaluate(setting):
     assert rows[0] == "specimen,label,predicted,p_ball,p_box" and len(rows) == 17
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; the search driver is also run by test_tune_smoke and test_search
 def test_classifier_search(setting):
     root, labels, uri, env = setting
     out = run_cli(

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from tests.helpers import REPO
 
@@ -111,6 +112,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_dataset, tmp_path):
     assert train_worker_pids() == []
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; resuming a run is also covered in-process by tests/test_resume.py
 def test_interrupted_run_resumes_into_the_same_mlflow_run(tiny_dataset, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
