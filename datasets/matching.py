@@ -54,6 +54,7 @@ HU_WEIGHT = 0.05  # coarse stage: Dice minus this times the Hu distance (Hu is w
 W_SSIM, W_NCC, W_DICE, W_ORB = 0.35, 0.3, 0.25, 0.1
 SCREEN_ANGLES = 3  # coarse angles (best by NCC + Dice) that also get SSIM; 3 covers 2-fold symmetry
 FINE_DIVISIONS = 5  # the refinement around the best coarse angle uses angle_step / FINE_DIVISIONS
+COARSE_CHUNK = 8192  # library slices per matrix product in the coarse stage (bounds its memory)
 
 
 @dataclass(frozen=True)
@@ -382,12 +383,17 @@ def match_slice(
         raise UserError(f"query image has no object (fewer than {MIN_OBJECT_PIXELS} pixels above Otsu)")
     rotations = _Rotations(query)
 
-    # Coarse: Dice of the query's mask at each coarse angle against every library mask, as one product.
+    # Coarse: Dice of the query's mask at each coarse angle against every library mask, as matrix products.
     angles = np.arange(0.0, 360.0, angle_step)
     qmasks = np.stack([rotations(a)[1].ravel() for a in angles]).astype(np.float32)  # (A, P)
-    lmasks = library.masks[rows].reshape(len(rows), -1).astype(np.float32)  # (N, P)
-    inter = lmasks @ qmasks.T  # (N, A)
-    dice = 2 * inter / np.maximum(lmasks.sum(1, keepdims=True) + qmasks.sum(1)[None, :], 1)
+    dice = np.empty((len(rows), len(angles)), np.float32)
+    # In chunks: the float copy of 100k library masks would take 1.6 GB at once.
+    for start in range(0, len(rows), COARSE_CHUNK):
+        lmasks = library.masks[rows[start : start + COARSE_CHUNK]].reshape(-1, size * size)
+        lmasks = lmasks.astype(np.float32)  # (n, P)
+        inter = lmasks @ qmasks.T  # (n, A)
+        union = lmasks.sum(1, keepdims=True) + qmasks.sum(1)[None, :]
+        dice[start : start + COARSE_CHUNK] = 2 * inter / np.maximum(union, 1)
     hu_dist = np.abs(library.hu[rows, :4] - _hu(query.mask)[:4]).sum(1)  # h1-h4 are >= 0: sign-stable
     coarse_score = dice.max(1) - HU_WEIGHT * hu_dist
     order = np.argsort(-coarse_score)[:coarse]

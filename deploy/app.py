@@ -346,7 +346,11 @@ class MatcherDeployment:
         for m in matches:
             shape = self.shapes[m.volume]
             out.append({**m.__dict__, "shape": shape, "position": m.index / max(shape[m.axis] - 1, 1)})
-        return {"matches": out, "searched": len(self.library), "seconds": time.perf_counter() - start}
+        searched = len(self.library)
+        if volumes:
+            chosen = [self.library.names.index(v) for v in volumes]
+            searched = int(np.isin(self.library.volume_ids, chosen).sum())
+        return {"matches": out, "searched": searched, "seconds": time.perf_counter() - start}
 
     async def view(self, volume: str, axis: int, index: int, kind: str) -> dict:
         """PNG of a library slice ('slice') or of where it lies in its volume ('position')."""

@@ -23,10 +23,11 @@ def store(tmp_path_factory) -> str:
     return register_models(tmp_path_factory.mktemp("serve"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
     """`python -m platform.serve` over `store` with a slice library (the shell and three adrenal volumes),
-    its settings from a copy of deploy/serve.yaml; shared by the serving and the page tests."""
+    its settings from a copy of deploy/serve.yaml. One per test module, stopped at its end: a server left
+    running would be a second local Ray beside the next tests' own (see trainers.ray_seam.init_ray)."""
     from tests.serving import ADRENAL, CLASSIFIER, DETECTOR, SHELL, library_folder, served_config
     from tests.serving import start_server as start
 

@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tests.helpers import REPO, SHARED_DATA
-from tests.serving import SHELL
+from tests.serving import ADRENAL, SHELL
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -216,6 +216,20 @@ def test_find_in_3d(server, browser, tmp_path):
     )
     assert loaded and all(loaded)
     screenshot(browser, "find_in_3d")
+
+    # restricted to one adrenal volume: every match comes from it
+    browser.find_element(By.CSS_SELECTOR, "#match-restrict summary").click()
+    browser.find_element(By.CSS_SELECTOR, f'#match-volumes input[value="{ADRENAL[0].name}"]').click()
+    assert text(browser, "match-chosen") == "1 chosen"
+    again = tmp_path / "again.png"  # another file: choosing the same one again is no change for the page
+    again.write_bytes(query.read_bytes())
+    browser.find_element(By.ID, "match-file").send_keys(str(again))
+
+    def only_chosen(d) -> bool:
+        titles = [h.text for h in d.find_elements(By.CSS_SELECTOR, "#match-results h3")]
+        return bool(titles) and all(ADRENAL[0].name in t for t in titles)
+
+    wait_for(browser, only_chosen, "matches in the chosen volume")
 
 
 def test_models_panel(server, browser):

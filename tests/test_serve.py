@@ -289,6 +289,8 @@ def test_match_finds_a_rotated_slice_and_shows_where_it_lies(server):
     only = [ADRENAL[0].name, ADRENAL[1].name]
     restricted = post(server, "/v1/match", png_bytes(query), top_k=5, volume=only).json()
     assert {m["volume"] for m in restricted["matches"]} <= set(only)
+    slices = {v["name"]: v["slices"] for v in library["volumes"]}
+    assert restricted["searched"] == slices[only[0]] + slices[only[1]]
 
     # the matched slice as PNG is the volume's slice; its position is a projection with the plane in red
     view = f"{server.url}/v1/library/view"
