@@ -32,6 +32,7 @@ def train(setting, name: str, *extra: str):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # ~3 min on 2 cores; the ensemble itself is tested in tests/test_ensemble.py
 def test_train_ensemble_register_evaluate(setting):
     root, labels, uri, env = setting
     first = train(setting, "tiny-a", *overrides(seed=0))

@@ -13,6 +13,12 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # where Tune's results carry the reported checkpoint (Train V2)
+# Left out when the checkout is shipped to a cluster (init_ray, platform.launch); Ray also leaves out what
+# .gitignore lists (caches, local stores).
+WORKING_DIR_EXCLUDES = [".venv", ".git", ".mlflow", ".ray_results", "**/__pycache__"]
+# Set by Ray's job manager in the environment of a job's driver (`ray job submit`, platform.launch, a
+# KubeRay RayJob), beside RAY_ADDRESS: the job's runtime_env, which already holds the working_dir.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 class RaySeam:
@@ -97,7 +103,8 @@ class LocalSeam:
 
 def init_ray(address: str | None, repo: str) -> None:
     """Start a local Ray, or join the cluster at `address` shipping this checkout as the working_dir
-    (workers import trainers/ and datasets/ from it). The dashboard stays on: Train's placement-group
+    (workers import trainers/ and datasets/ from it); a Ray job's driver (platform.launch) joins its job's
+    cluster with the job's runtime_env. The dashboard stays on: Train's placement-group
     clean-up queries actor state through it, and without it a finished trial's resources were never freed."""
     import logging
     import os
@@ -111,9 +118,13 @@ def init_ray(address: str | None, repo: str) -> None:
     # at nice 0 on 2 cores. The training workers are the point of the machine, so run them at normal
     # priority (as Ray's own job manager does for job drivers). Read when the local Ray starts.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    if address:
-        excludes = [".venv", ".git", ".mlflow", ".ray_results", "**/__pycache__"]
-        ray.init(address=address, runtime_env={"working_dir": repo, "excludes": excludes})
+    if os.environ.get(RAY_JOB_ENV):
+        # A job's driver runs on the job's cluster whatever `address` says ("auto" reads the RAY_ADDRESS the
+        # job manager set; it never starts a Ray of its own) and keeps the job's runtime_env: Ray refuses a
+        # second working_dir ("Failed to merge the Job's runtime env").
+        ray.init(address="auto")
+    elif address:
+        ray.init(address=address, runtime_env={"working_dir": repo, "excludes": WORKING_DIR_EXCLUDES})
     else:
         from ray._private.services import find_gcs_addresses
 

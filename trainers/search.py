@@ -172,6 +172,9 @@ def run_search(cfg, space: Space, settings: SearchSettings) -> SearchSummary:
                 storage_path=settings.storage_path,
                 verbose=1,
                 callbacks=[_mlflow_callback(settings, parent)],
+                # A trial whose own process is lost with its node is started again (its Train run then
+                # continues from its last checkpoint); a failure inside training is retried by Train.
+                failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
             ),
         )
         print(f"search {settings.name} (after an interruption: --resume {settings.name})", flush=True)
@@ -337,8 +340,11 @@ def _resources(settings: SearchSettings) -> dict:
     workers = settings.workers_per_trial
     use_gpu = settings.gpus_per_trial > 0
     cpus = settings.cpus_per_worker
-    if cpus is None:  # share the machine's CPUs between the concurrently running workers
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // (workers * settings.concurrent_trials))
+    if cpus is None:  # share the cluster's CPUs between the concurrently running workers
+        total = int(ray.cluster_resources().get("CPU", 1))
+        # ... but a worker runs on one node: never ask for more than the largest node has
+        largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
+        cpus = max(1, min(total // (workers * settings.concurrent_trials), largest))
     return dict(
         num_workers=workers,
         use_gpu=use_gpu,
