@@ -1,3 +1,5 @@
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -20,3 +22,23 @@ def sample_subset(dest: Path, n: int) -> Path:
     for folder in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:n]:
         shutil.copytree(folder, dest / folder.name)
     return dest
+
+
+@contextlib.contextmanager
+def mlflow_uris_restored():
+    """MLflow keeps its URIs in globals and in the environment (which subprocesses of later tests inherit):
+    put both back afterwards."""
+    import mlflow
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        mlflow.set_registry_uri("")  # "" = follow the tracking URI again
+        mlflow.set_tracking_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -2,13 +2,13 @@
 through the MLflow client as the platform uses it (nested runs, artifacts through the server's proxy, the
 Model Registry with an alias), and the platform's default tracking URI pointing at it. No Ray."""
 
-import os
 import subprocess
 
 import mlflow
 import pytest
 
 from tests.cluster_fixtures import SERVER_SH, MlflowServer, mlflow_server, postgres_cluster
+from tests.helpers import mlflow_uris_restored
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +20,8 @@ def server(tmp_path_factory) -> MlflowServer:
 
 @pytest.fixture(autouse=True)
 def restore_mlflow_uris():
-    """MLflow keeps its URIs in globals and in the environment (which subprocesses of later tests inherit):
-    put both back after each test."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    mlflow.set_registry_uri("")  # "" = follow the tracking URI again
-    mlflow.set_tracking_uri(None)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with mlflow_uris_restored():
+        yield
 
 
 class Doubler(mlflow.pyfunc.PythonModel):

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from ray import tune
 
-from tests.helpers import REPO, run_cli, sample_subset
+from tests.helpers import REPO, mlflow_uris_restored, run_cli, sample_subset
 from trainers.search import grid, grid_size
 
 
@@ -69,20 +69,9 @@ def detector_checkpoint(tmp_path):
     save_checkpoint(folder, cfg, build_model(cfg, 1), [{"id": 1, "name": "nucleus"}], {})
     from platform._cli import use_experiment
 
-    # MLflow keeps its URIs in globals and in the environment (which subprocesses of later tests inherit):
-    # put both back afterwards.
-    saved = {
-        k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
-    }
-    experiment = use_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "champion")  # artifacts in tmp
-    yield folder, cfg, experiment
-    mlflow.set_registry_uri("")  # "" = follow the tracking URI again
-    mlflow.set_tracking_uri(None)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with mlflow_uris_restored():
+        experiment = use_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "champion")  # artifacts in tmp
+        yield folder, cfg, experiment
 
 
 def test_champion_moves_only_to_a_better_model(detector_checkpoint):
