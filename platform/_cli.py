@@ -65,10 +65,26 @@ def browse_hint(uri: str) -> str:
 
 
 def storage_path(value: str | None) -> str:
-    """--storage-path: a local folder made absolute (workers run elsewhere), or a URI such as s3://..."""
+    """--storage-path: a local folder made absolute (workers run elsewhere), or a URI such as s3://...
+    that is checked here, so that a wrong bucket or missing credentials is one line, not a Ray traceback."""
     if not value:
         return str(LOCAL_RESULTS)
-    return value if "://" in value else str(Path(value).expanduser().resolve())
+    if "://" not in value:
+        return str(Path(value).expanduser().resolve())
+    from trainers.ray_seam import storage_filesystem
+
+    try:
+        filesystem, path = storage_filesystem(value)
+        filesystem.create_dir(path)
+    except (OSError, ValueError) as e:  # pyarrow: OSError for storage errors, ArrowInvalid for bad URIs
+        hint = ""
+        if value.startswith("s3://"):
+            hint = (
+                " (credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the machine's role; "
+                "an S3-compatible store other than AWS needs AWS_ENDPOINT_URL)"
+            )
+        raise UserError(f"--storage-path {value}: {str(e).splitlines()[0]}{hint}") from None
+    return value
 
 
 def base_config(recipe: str, data: str | None, overrides: list[str], max_epochs: int | None = None):

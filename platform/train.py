@@ -11,6 +11,7 @@ alias `champion` when --register-as is given.
 
 import argparse
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ def train_run(
     from trainers.config import to_dict
     from trainers.loop import make_trainer, mlflow_epoch_callback
     from trainers.plots import log_figure, loss_curves
+    from trainers.ray_seam import checkpoint_folder
 
     cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
     storage = _cli.storage_path(args.storage_path)
@@ -131,20 +133,22 @@ def train_run(
             max_failures=args.max_failures,
         )
         result = trainer.fit()
-        info = log_checkpoint(Path(result.checkpoint.path))
-        log_figure(loss_curves(curve_history(uri, run.info.run_id, cfg)), "plots/loss_curves.png")
-        metrics = {
-            k: v
-            for k, v in (result.metrics or {}).items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-        if isinstance(cfg, ClassifierConfig):
-            # The run's model is its best epoch (restore_best): its own numbers, as best_<metric>
-            figures, model_metrics = classifier_figures(cfg, Path(result.checkpoint.path))
-            mlflow.log_metrics({f"best_{k}": v for k, v in model_metrics.items()})
-            metrics.update(model_metrics)
-        else:
-            figures = validation_figures(cfg, Path(result.checkpoint.path))
+        with tempfile.TemporaryDirectory() as tmp:  # a checkpoint in object storage is downloaded once
+            checkpoint = checkpoint_folder(result.checkpoint, Path(tmp))
+            info = log_checkpoint(checkpoint)
+            log_figure(loss_curves(curve_history(uri, run.info.run_id, cfg)), "plots/loss_curves.png")
+            metrics = {
+                k: v
+                for k, v in (result.metrics or {}).items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            if isinstance(cfg, ClassifierConfig):
+                # The run's model is its best epoch (restore_best): its own numbers, as best_<metric>
+                figures, model_metrics = classifier_figures(cfg, checkpoint)
+                mlflow.log_metrics({f"best_{k}": v for k, v in model_metrics.items()})
+                metrics.update(model_metrics)
+            else:
+                figures = validation_figures(cfg, checkpoint)
         for name, fig in figures.items():
             log_figure(fig, name)
     return Outcome(cfg, run.info.run_id, info.model_uri, metrics)

@@ -1,7 +1,7 @@
 """Real servers for the cluster tests: a throw-away PostgreSQL on 127.0.0.1 (`mlflow/server.sh
-local-postgres`), an MLflow tracking server on it (`mlflow/server.sh serve`), and a local two-node Ray
-cluster (`ray start --head` plus a second `ray start --address`), each torn down with every process it
-started."""
+local-postgres`), an MLflow tracking server on it (`mlflow/server.sh serve`), an S3-compatible object
+store (moto's server), and a local two-node Ray cluster (`ray start --head` plus a second
+`ray start --address`), each torn down with every process it started."""
 
 import contextlib
 import glob
@@ -148,19 +148,22 @@ def postgres_cluster() -> Iterator[str]:
 class MlflowServer:
     url: str  # tracking URI of the server: http://127.0.0.1:PORT
     backend_uri: str  # its PostgreSQL backend store
-    artifacts: Path  # its artifact destination (a local folder here)
+    artifacts: str  # its artifact destination: a local folder or an s3:// URI
     log: Path
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, root: Path) -> Iterator[MlflowServer]:
-    """`mlflow/server.sh serve` on a free 127.0.0.1 port over `backend_uri`, artifacts under `root`; one
+def mlflow_server(
+    backend_uri: str, root: Path, artifacts: str | None = None, env: dict | None = None
+) -> Iterator[MlflowServer]:
+    """`mlflow/server.sh serve` on a free 127.0.0.1 port over `backend_uri`, artifacts under `root` (or at
+    the `artifacts` destination, such as s3://..., with `env` added to the server's environment); one
     uvicorn worker (this runs on 2-core CI machines). Yields once /health answers; every process of the
     server is gone afterwards."""
     port = free_port()
-    artifacts = root / "artifacts"
-    log = root / "mlflow-server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    artifacts = artifacts or str(root / "artifacts")
+    log = root / f"mlflow-server-{port}.log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(SERVER_SH), "serve", "--backend-store-uri", backend_uri, "--port", str(port),
@@ -178,6 +181,68 @@ def mlflow_server(backend_uri: str, root: Path) -> Iterator[MlflowServer]:
             assert time.time() < deadline, "MLflow server not healthy after 120 s:\n" + log_tail(log)
             time.sleep(0.5)
         yield MlflowServer(url, backend_uri, artifacts, log)
+    finally:
+        kill_tree(proc)
+
+
+# ---- an S3-compatible object store ---------------------------------------------------------------------
+
+
+@dataclass
+class S3Store:
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+    env: dict  # what a client needs: endpoint, (dummy) credentials, region
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials(self.env))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def read(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+def _boto_credentials(env: dict) -> dict:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_REGION"],
+    }
+
+
+@contextlib.contextmanager
+def s3_store(root: Path, bucket: str = "foram-results") -> Iterator[S3Store]:
+    """moto's S3 server (a real HTTP server speaking the S3 API, objects in memory) on a free 127.0.0.1
+    port with one bucket; clients reach it through AWS_ENDPOINT_URL, as they would MinIO or Ceph."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,  # boto3 (MLflow) and pyarrow (Ray) both read it
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance metadata service to ask here
+    }
+    log = root / f"s3-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not _answers(f"{endpoint}/moto-api/"):
+            assert proc.poll() is None, "moto server exited:\n" + log_tail(log)
+            assert time.time() < deadline, "moto server not answering after 60 s:\n" + log_tail(log)
+            time.sleep(0.3)
+        store = S3Store(endpoint, bucket, env)
+        store.client().create_bucket(Bucket=bucket)
+        yield store
     finally:
         kill_tree(proc)
 

@@ -4,6 +4,7 @@ checkpoints, and the checkpoint loads."""
 from pathlib import Path
 
 import pytest
+import ray
 
 from trainers.config import apply_overrides, to_dict
 from trainers.loop import load_checkpoint_model, make_trainer
@@ -12,8 +13,6 @@ from trainers.recipes import get_recipe
 
 @pytest.fixture
 def local_ray():
-    import ray
-
     ray.init(num_cpus=2, include_dashboard=True)
     yield
     ray.shutdown()
@@ -30,5 +29,8 @@ def test_two_workers_shard_the_data(local_ray, tiny_dataset, tmp_path):
     # 4 images, val_fraction 0.25 -> 3 training images; DistributedSampler pads to 4, 2 per rank
     assert metrics["train_images"] == 2
     assert "segm_AP" in metrics and "bbox_AP" in metrics
+    # both ranks' nodes, gathered: one machine, one node (this driver's)
+    assert metrics["ray_nodes"] == ray.get_runtime_context().get_node_id()
+    assert metrics["ray_node_ips"] == ray.util.get_node_ip_address()
     model, loaded, _ = load_checkpoint_model(Path(result.checkpoint.path))
     assert loaded == cfg and not model.training

@@ -1,7 +1,9 @@
 """Faults for real: a Ray Train worker process is SIGKILLed mid-run and the run completes from its last
-checkpoint; a driver stopped with Ctrl-C (SIGINT) is continued with `--resume` into the same MLflow run."""
+checkpoint (kept in S3-compatible object storage: a real S3 server on 127.0.0.1); a driver stopped with
+Ctrl-C (SIGINT) is continued with `--resume` into the same MLflow run."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from tests.cluster_fixtures import s3_store
 from tests.helpers import REPO
 
 EPOCHS = 3
@@ -21,10 +24,11 @@ SMALL = ["min_size=128", "max_size=160", "anchor_sizes=8,16,32,64,128", "batch_s
 class TrainProcess:
     """`python -m platform.train` in the background, its output collected as it comes."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict | None = None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "platform.train", *args],
             cwd=REPO,
+            env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -46,7 +50,7 @@ class TrainProcess:
         return "".join(self.lines)[-6000:]
 
 
-def train_args(dataset: Path, tmp_path: Path, *extra: str) -> list[str]:
+def train_args(dataset: Path, tmp_path: Path, *extra: str, storage: str | None = None) -> list[str]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return [
         "--data",
@@ -54,7 +58,7 @@ def train_args(dataset: Path, tmp_path: Path, *extra: str) -> list[str]:
         "--tracking-uri",
         uri,
         "--storage-path",
-        str(tmp_path / "ray"),
+        storage or str(tmp_path / "ray"),
         "--experiment",
         "faults",
         *extra,
@@ -93,16 +97,26 @@ def epochs_logged(client, run_id: str) -> list[int]:
 
 
 def test_killed_worker_restarts_from_last_checkpoint(tiny_dataset, tmp_path):
+    """With --storage-path in object storage: the restarted worker downloads the checkpoint it continues
+    from, and the driver downloads the final one to log it as the run's model."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    proc = TrainProcess(*train_args(tiny_dataset, tmp_path, "--max-failures", "1"))
-    run_id = proc.run_id()
-    done_before_kill = wait_for_epochs(client, run_id, proc, at_least=1)
-    pids = train_worker_pids()
-    assert len(pids) == 1, pids
-    os.kill(pids[0], signal.SIGKILL)
-    proc.proc.wait(timeout=600)
-    assert proc.proc.returncode == 0, proc.output()
+    with s3_store(tmp_path) as store:
+        storage = f"s3://{store.bucket}/ray"
+        args = train_args(tiny_dataset, tmp_path, "--max-failures", "1", storage=storage)
+        proc = TrainProcess(*args, env=store.env)
+        run_id = proc.run_id()
+        done_before_kill = wait_for_epochs(client, run_id, proc, at_least=1)
+        pids = train_worker_pids()
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        proc.proc.wait(timeout=600)
+        assert proc.proc.returncode == 0, proc.output()
+        run = client.get_run(run_id)
+        assert run.data.tags["ray_storage_path"] == storage
+        name = run.data.tags["ray_run_name"]
+        last = max(key for key in store.keys(f"ray/{name}/checkpoint_") if key.endswith("/model.pt"))
+        final_weights = store.read(last)
 
     assert epochs_logged(client, run_id) == list(range(1, EPOCHS + 1))  # every epoch once, none lost
     resumed = [m.value for m in client.get_metric_history(run_id, "resumed_at_epoch")]
@@ -110,6 +124,17 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_dataset, tmp_path):
     # kill cost at most the epoch that was running.
     assert max(resumed) >= done_before_kill, resumed
     assert train_worker_pids() == []
+    assert not (tmp_path / "ray").exists(), "nothing went to a local folder"
+    # The run's logged model is the bucket's last checkpoint (downloaded by the driver).
+    mlflow.set_tracking_uri(uri)
+    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert model.source_run_id == run_id
+    logged = Path(mlflow.artifacts.download_artifacts(f"{model.artifact_location}/artifacts/checkpoint"))
+    assert (logged / "model.pt").read_bytes() == final_weights
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/loss_curves.png"}
+    # Where the workers ran: this machine's one Ray node (its 56-hex-digit id).
+    assert re.fullmatch(r"[0-9a-f]{56}", run.data.tags["ray_nodes"]), run.data.tags["ray_nodes"]
+    assert run.data.tags["ray_node_ips"]
 
 
 @pytest.mark.slow  # ~2 min on 2 cores; resuming a run is also covered in-process by tests/test_resume.py

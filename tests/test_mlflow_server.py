@@ -1,13 +1,16 @@
 """The shared tracking server for real: `mlflow/server.sh` over a throw-away PostgreSQL on 127.0.0.1, used
 through the MLflow client as the platform uses it (nested runs, artifacts through the server's proxy, the
-Model Registry with an alias), and the platform's default tracking URI pointing at it. No Ray."""
+Model Registry with an alias), artifacts in S3-compatible storage, and the platform's default tracking URI
+pointing at it. No Ray."""
 
+import os
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.cluster_fixtures import SERVER_SH, MlflowServer, mlflow_server, postgres_cluster
+from tests.cluster_fixtures import SERVER_SH, MlflowServer, mlflow_server, postgres_cluster, s3_store
 from tests.helpers import mlflow_uris_restored
 
 
@@ -76,7 +79,32 @@ def test_nested_runs_artifacts_and_registry(server, tmp_path):
         assert conn.execute(query, (int(experiment),)).fetchone()[0] == 3
         aliases = conn.execute("select name, alias, version from registered_model_aliases").fetchall()
     assert ("server-check-model", "champion", int(version.version)) in aliases
-    assert list(server.artifacts.rglob("table.txt")), "artifact not in the server's artifact destination"
+    assert list(Path(server.artifacts).rglob("table.txt")), "not in the server's artifact destination"
+
+
+def test_artifacts_in_s3_compatible_storage(server, tmp_path):
+    """The same database, a server whose artifact destination is a bucket (a real S3 server on 127.0.0.1):
+    clients without any S3 credentials log and read artifacts through the server, and they are objects
+    in the bucket."""
+    with (
+        s3_store(tmp_path) as store,
+        mlflow_server(
+            server.backend_uri, tmp_path, artifacts=f"s3://{store.bucket}/mlflow", env=store.env
+        ) as s3_server,
+    ):
+        assert not {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"} & set(os.environ)  # this client has no S3 access
+        mlflow.set_tracking_uri(s3_server.url)
+        experiment = mlflow.create_experiment("server-s3")
+        (tmp_path / "curve.txt").write_text("epoch segm_AP\n1 0.25\n")
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_artifact(str(tmp_path / "curve.txt"), "plots")
+        keys = [k for k in store.keys("mlflow/") if k.endswith("/plots/curve.txt")]
+        assert len(keys) == 1 and run.info.run_id in keys[0], keys
+        assert store.read(keys[0]) == (tmp_path / "curve.txt").read_bytes()
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="plots/curve.txt", dst_path=tmp_path / "dl"
+        )
+        assert Path(local).read_bytes() == (tmp_path / "curve.txt").read_bytes()
 
 
 def test_platform_default_tracking_uri_is_the_server(server, monkeypatch):

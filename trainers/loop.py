@@ -27,6 +27,7 @@ from trainers.config import MaskRCNNConfig, from_dict, to_dict, write_json
 from trainers.engine import predict, score_results, train_one_epoch
 from trainers.evaluation import predict_records
 from trainers.maskrcnn import build_model
+from trainers.ray_seam import NODE_KEYS
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,7 @@ def mlflow_epoch_callback(tracking_uri: str, run_id: str):
     evaluation) to the MLflow run `run_id`, with step = epoch. It runs in Ray Train's controller process,
     so it talks to the tracking server by URI and run id, not through the driver's active run."""
     import mlflow
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
     from ray.train import UserCallback
 
     class MLflowEpochCallback(UserCallback):
@@ -356,6 +357,8 @@ def mlflow_epoch_callback(tracking_uri: str, run_id: str):
                 for key, value in values.items()
                 if isinstance(value, int | float) and not isinstance(value, bool)
             ]
-            mlflow.MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+            # the nodes' tags each epoch: a restarted worker group may run elsewhere
+            tags = [RunTag(key, values[key]) for key in NODE_KEYS if key in values]
+            mlflow.MlflowClient(tracking_uri).log_batch(run_id, metrics=batch, tags=tags)
 
     return MLflowEpochCallback()

@@ -19,6 +19,9 @@ WORKING_DIR_EXCLUDES = [".venv", ".git", ".mlflow", ".ray_results", "**/__pycach
 # Set by Ray's job manager in the environment of a job's driver (`ray job submit`, platform.launch, a
 # KubeRay RayJob), beside RAY_ADDRESS: the job's runtime_env, which already holds the working_dir.
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Reported with every epoch and kept as MLflow tags: the Ray nodes (ids as `ray list nodes` shows them, and
+# their IPs) the run's Train workers ran on, so a user can tell where a trial ran or was moved to.
+NODE_KEYS = ("ray_nodes", "ray_node_ips")
 
 
 class RaySeam:
@@ -32,6 +35,13 @@ class RaySeam:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self._download = None  # the temporary folder a checkpoint from object storage is downloaded to
+        here = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
+        nodes = [here]
+        if self.world_size > 1:  # Ray Train has set up the process group before the loop starts
+            nodes = [None] * self.world_size
+            torch.distributed.all_gather_object(nodes, here)
+        self.nodes = {key: ",".join(sorted({n[i] for n in nodes})) for i, key in enumerate(NODE_KEYS)}
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return self._torch.prepare_model(model)  # moves to the device, wraps in DDP when world_size > 1
@@ -49,10 +59,14 @@ class RaySeam:
 
     def latest_checkpoint(self) -> Path | None:
         checkpoint = self._train.get_checkpoint()
-        return Path(checkpoint.path) if checkpoint is not None else None
+        if checkpoint is None:
+            return None
+        self._download = tempfile.TemporaryDirectory()  # removed with the seam
+        return checkpoint_folder(checkpoint, Path(self._download.name))
 
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None] | None) -> None:
         """All ranks must call this once per epoch (it is a barrier); rank 0 passes `write_checkpoint`."""
+        metrics = {**metrics, **self.nodes}
         if write_checkpoint is None:
             self._train.report(metrics)
             return
@@ -99,6 +113,38 @@ class LocalSeam:
         self.reports.append(metrics)
         if self.on_report:
             self.on_report(metrics)
+
+
+def storage_filesystem(storage_path: str):
+    """The pyarrow filesystem and path of a storage path: a local (or mounted shared) folder, or a URI
+    such as s3://bucket/prefix (an S3-compatible store's endpoint comes from AWS_ENDPOINT_URL, or from
+    `?endpoint_override=host:port&scheme=http` after the URI), gs://..., the way Ray reads it."""
+    import pyarrow.fs
+
+    if "://" not in storage_path:
+        return pyarrow.fs.LocalFileSystem(), storage_path
+    return pyarrow.fs.FileSystem.from_uri(storage_path)
+
+
+def experiment_path(storage_path: str, name: str) -> str:
+    """Where Ray keeps the run or search `name` under `storage_path` (a URI's query stays at its end)."""
+    base, sep, query = storage_path.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def checkpoint_at(storage_path: str, path: str):
+    """The Ray checkpoint at `path` of the storage (Tune's results carry only the path of a trial's)."""
+    from ray.train import Checkpoint
+
+    return Checkpoint(path, filesystem=storage_filesystem(storage_path)[0])
+
+
+def checkpoint_folder(checkpoint, tmp: Path) -> Path:
+    """A Ray checkpoint as a folder on this machine: where it is on a local or mounted shared filesystem,
+    else downloaded from object storage into `tmp`."""
+    if checkpoint.filesystem.type_name == "local":
+        return Path(checkpoint.path)
+    return Path(checkpoint.to_directory(str(tmp / "checkpoint")))
 
 
 def init_ray(address: str | None, repo: str) -> None:

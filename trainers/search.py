@@ -34,7 +34,14 @@ from search_spaces import Space, distributions, get_space, optuna_space
 from trainers import champion
 from trainers.config import config_class, from_dict, to_dict
 from trainers.loop import tune_trial
-from trainers.ray_seam import CHECKPOINT_PATH_KEY, init_ray
+from trainers.ray_seam import (
+    CHECKPOINT_PATH_KEY,
+    NODE_KEYS,
+    checkpoint_at,
+    checkpoint_folder,
+    experiment_path,
+    init_ray,
+)
 from trainers.tasks import task_of
 
 log = logging.getLogger(__name__)
@@ -193,7 +200,7 @@ def resume_search(name: str, tracking_uri: str, address: str | None, repo: str |
     settings.metrics, settings.modes = tuple(settings.metrics), tuple(settings.modes)
     space = get_space(settings.space_name)
     cfg = from_dict(config_class(state["config"]), state["config"], "search state")
-    path = f"{settings.storage_path.rstrip('/')}/{settings.name}"
+    path = experiment_path(settings.storage_path, settings.name)
     if not tune.Tuner.can_restore(path):
         raise UserError(f"--resume {name}: no Tune experiment state at {path} (moved or deleted?)")
     init_ray(address, repo)
@@ -430,6 +437,7 @@ class _MLflowLogger(MLflowLoggerCallback):
         super().__init__(*args, **kwargs)
         self.parent_run_id = parent_run_id
         self.experiment_id = experiment_id
+        self._nodes: dict = {}  # the NODE_KEYS tags last set per trial
 
     def setup(self, *args, **kwargs):
         super().setup(*args, **kwargs)
@@ -454,7 +462,14 @@ class _MLflowLogger(MLflowLoggerCallback):
 
     def log_trial_result(self, iteration: int, trial, result: dict):
         step = int(result.get("epoch") or iteration)
-        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
+        run_id = self._trial_runs[trial]
+        self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=result, step=step)
+        nodes = {k: result[k] for k in NODE_KEYS if k in result}
+        if nodes and nodes != self._nodes.get(trial):  # set again only when a restart moved the trial
+            self._nodes[trial] = nodes
+            client = mlflow.MlflowClient(self.tracking_uri)
+            for key, value in nodes.items():
+                client.set_tag(run_id, key, value)
 
 
 def _mlflow_callback(settings: SearchSettings, parent) -> _MLflowLogger:
@@ -502,7 +517,8 @@ def _finish(results, cfg, space: Space, settings: SearchSettings, parent_id: str
             checkpoint = _thresholded_checkpoint(best_cfg, settings, Path(tmp))
             baseline = _baseline_on_cache(cache, settings)
         else:
-            checkpoint, baseline = Path(best.metrics[CHECKPOINT_PATH_KEY]), None
+            trained = checkpoint_at(settings.storage_path, best.metrics[CHECKPOINT_PATH_KEY])
+            checkpoint, baseline = checkpoint_folder(trained, Path(tmp)), None
         registration = champion.register_candidate(
             checkpoint,
             settings.model_name,
