@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (train: workers of the run)")
     p.add_argument(
         "--storage-path",
-        help="checkpoints and Tune state: a path every node mounts (EFS, NFS, a ReadWriteMany volume)",
+        help="checkpoints and Tune state: a path every node mounts (EFS, NFS, a ReadWriteMany volume) "
+        "or a bucket, s3://BUCKET/PREFIX",
     )
     p.add_argument("--tracking-uri", help="MLflow server the job records to (default: $MLFLOW_TRACKING_URI)")
     p.add_argument(

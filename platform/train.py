@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or .mlflow/ here)"
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--storage-path", help="Ray results and checkpoints (default: .ray_results/ here)")
+    p.add_argument(
+        "--storage-path",
+        help="Ray results and checkpoints (default: .ray_results/ here); a shared filesystem or s3:// URI "
+        "on a cluster",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return p
 

@@ -2,7 +2,8 @@
 second `ray start --address`, 1 CPU each), a PostgreSQL-backed MLflow server, and a small search submitted
 with `python -m platform.launch`. Checks that the job succeeds, its trials run on both nodes, the server
 holds the parent and nested runs and the registered model; and that a search whose second node is killed
-mid-way still finishes every trial, the lost one continuing on the head from its last epoch checkpoint.
+mid-way still finishes every trial, the lost one continuing on the head from its last epoch checkpoint in
+S3-compatible object storage.
 
 Several minutes each on 2 CPU cores: marked slow (not in the default CI run) and cluster."""
 
@@ -17,10 +18,12 @@ import pytest
 from tests.cluster_fixtures import (
     MlflowServer,
     RayCluster,
+    S3Store,
     kill_tree,
     log_tail,
     mlflow_server,
     postgres_cluster,
+    s3_store,
     two_node_ray,
 )
 from tests.helpers import REPO, run_cli, sample_subset
@@ -44,14 +47,15 @@ def cluster(tmp_path) -> RayCluster:
         yield running
 
 
-def launch_argv(cluster: RayCluster, server: MlflowServer, root: Path, name: str, epochs: int) -> list[str]:
+def launch_argv(
+    cluster: RayCluster, server: MlflowServer, root: Path, name: str, epochs: int, storage: str, *extra: str
+) -> list[str]:
     """platform.launch of a tiny search: TRIALS trials at once, `epochs` epochs each (FIFO: every trial its
-    full budget), 1 CPU per trial, checkpoints in a folder both nodes see (one machine: a local path is
-    shared storage here)."""
+    full budget), 1 CPU per trial, checkpoints in `storage`, which both nodes reach."""
     data = sample_subset(root / "data", 4)
     return [
         "platform.launch", "--address", cluster.dashboard, "--tracking-uri", server.url,
-        "--storage-path", str(root / "ray-results"), "--",
+        "--storage-path", storage, *extra, "--",
         "tune", "--space", "rpn_anchors", "--num-samples", str(TRIALS), "--max-epochs", str(epochs),
         "--scheduler", "fifo", "--concurrent-trials", str(TRIALS), "--cpus-per-worker", "1",
         "--data", str(data), "--experiment", name, "--register-as", f"{name}-model",
@@ -104,8 +108,9 @@ def search_runs(server: MlflowServer, experiment: str) -> tuple[list, list]:
 def test_launched_search_spreads_over_both_nodes_and_records_on_the_server(server, cluster, tmp_path):
     import psycopg
 
+    storage = str(tmp_path / "ray-results")  # one machine: a local folder is shared storage here
     out = run_cli(
-        *launch_argv(cluster, server, tmp_path, "twonode", 1), env=launch_env(cluster), timeout=1500
+        *launch_argv(cluster, server, tmp_path, "twonode", 1, storage), env=launch_env(cluster), timeout=1500
     )
     log = out.stdout[-6000:] + out.stderr[-6000:]
     assert out.returncode == 0, log
@@ -117,6 +122,8 @@ def test_launched_search_spreads_over_both_nodes_and_records_on_the_server(serve
     assert {w.node_id for w in workers} == {ids["head"], ids["node2"]}, "trials ran on both nodes"
 
     parents, nested = search_runs(server, "twonode")
+    # each trial's MLflow run says where it ran
+    assert {r.data.tags["ray_nodes"] for r in nested} == {ids["head"], ids["node2"]}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(nested) == TRIALS and all(r.info.status == "FINISHED" for r in nested)
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in nested)
@@ -132,13 +139,25 @@ def test_launched_search_spreads_over_both_nodes_and_records_on_the_server(serve
         assert conn.execute(query, ("twonode",)).fetchone()[0] == len(client.search_runs([experiment_id]))
 
 
-def test_search_survives_losing_a_node(server, cluster, tmp_path):
+@pytest.fixture
+def store(tmp_path) -> S3Store:
+    with s3_store(tmp_path) as running:
+        yield running
+
+
+def test_search_survives_losing_a_node(server, cluster, store, tmp_path):
+    """Checkpoints in S3-compatible object storage (a real S3 server on 127.0.0.1), its endpoint and test
+    credentials handed to the job with --env (real ones come from the nodes' role or environment): the
+    lost trial continues on the head from the bucket."""
     epochs = 3
     ids = node_ids(cluster)
+    storage = f"s3://{store.bucket}/ray"
+    env = [arg for key, value in store.env.items() for arg in ("--env", f"{key}={value}")]
+    argv = launch_argv(cluster, server, tmp_path, "lostnode", epochs, storage, *env)
     log_path = tmp_path / "launch.log"
     with open(log_path, "w") as log:
         launch = subprocess.Popen(
-            [sys.executable, "-m", *launch_argv(cluster, server, tmp_path, "lostnode", epochs)],
+            [sys.executable, "-m", *argv],
             cwd=REPO, env=launch_env(cluster), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -191,3 +210,10 @@ def test_search_survives_losing_a_node(server, cluster, tmp_path):
     ]
     assert max(resumed) >= 1, "the lost trial continued from its checkpoint, not from scratch"
     assert output.count("completed") >= TRIALS, output[-4000:]
+    # ... and says where it ran last: the head (node 2 is gone)
+    moved = nested[resumed.index(max(resumed))]
+    assert moved.data.tags["ray_nodes"] == ids["head"], moved.data.tags
+    # ... from its checkpoints in the bucket (a trial's Train run is named after the trial, which its id ends)
+    trial_id = moved.data.tags["trial_name"].rsplit("_", 1)[-1]
+    assert any(trial_id in key and "/checkpoint_" in key for key in store.keys("ray/")), store.keys("ray/")
+    assert not (tmp_path / "ray-results").exists(), "nothing went to a local folder"
