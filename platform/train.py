@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-failures: expected -1 (no limit) or more, got {args.max_failures}")
     if args.resume and (args.overrides or args.seeds > 1):
         raise UserError("--resume: a resumed run keeps its config; leave out key=value overrides and --seeds")
+    if args.storage_path:  # a bucket that is missing or out of reach: one line, before Ray starts
+        args.storage_path = _cli.storage_path(args.storage_path)
     uri = _cli.tracking_uri(args.tracking_uri)
     if args.resume:
         cfg, experiment, run_name = resumed_run(uri, args.resume)

@@ -86,6 +86,7 @@ def test_help_and_list_spaces():
         (["--searcher", "grid"], ["--searcher grid", "trials", "key=value"]),
         (["--space", "optimizer", "--searcher", "grid"], ["conditional", "tpe or random"]),
         (["--num-samples", "0"], ["--num-samples", "positive"]),
+        (["--storage-path", "nope://x/ray"], ["--storage-path nope://x/ray: ", "Unrecognized filesystem"]),
     ],
 )
 def test_search_flag_errors(args, needles):
@@ -106,6 +107,7 @@ def test_resume_unknown_search(tmp_path):
         (["--resume", "deadbeef", "epochs=3"], ["--resume", "keeps its config"]),
         (["--seeds", "0"], ["--seeds", "positive integer"]),
         (["tile_size=16"], ["tile_size", ">= 32 pixels"]),
+        (["--storage-path", "nope://x/ray"], ["--storage-path nope://x/ray: ", "Unrecognized filesystem"]),
     ],
 )
 def test_train_resume_seeds_and_tile_mistakes(tmp_path, args, needles):
