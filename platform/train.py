@@ -102,7 +102,7 @@ def train_run(
     from trainers.ray_seam import checkpoint_folder
 
     cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
-    storage = _cli.storage_path(args.storage_path)
+    storage = args.storage_path or str(_cli.LOCAL_RESULTS)  # a given one was checked by main()
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,

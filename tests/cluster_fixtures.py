@@ -197,7 +197,13 @@ class S3Store:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials(self.env))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_REGION"],
+        )
 
     def keys(self, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
@@ -205,14 +211,6 @@ class S3Store:
 
     def read(self, key: str) -> bytes:
         return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
-
-
-def _boto_credentials(env: dict) -> dict:
-    return {
-        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-        "region_name": env["AWS_REGION"],
-    }
 
 
 @contextlib.contextmanager
