@@ -23,6 +23,7 @@ import mlflow
 import optuna
 import ray
 import yaml
+from mlflow.entities import RunTag
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -437,7 +438,6 @@ class _MLflowLogger(MLflowLoggerCallback):
         super().__init__(*args, **kwargs)
         self.parent_run_id = parent_run_id
         self.experiment_id = experiment_id
-        self._nodes: dict = {}  # the NODE_KEYS tags last set per trial
 
     def setup(self, *args, **kwargs):
         super().setup(*args, **kwargs)
@@ -464,12 +464,9 @@ class _MLflowLogger(MLflowLoggerCallback):
         step = int(result.get("epoch") or iteration)
         run_id = self._trial_runs[trial]
         self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=result, step=step)
-        nodes = {k: result[k] for k in NODE_KEYS if k in result}
-        if nodes and nodes != self._nodes.get(trial):  # set again only when a restart moved the trial
-            self._nodes[trial] = nodes
-            client = mlflow.MlflowClient(self.tracking_uri)
-            for key, value in nodes.items():
-                client.set_tag(run_id, key, value)
+        tags = [RunTag(key, result[key]) for key in NODE_KEYS if key in result]
+        if tags:  # every epoch, as platform.train's callback does: a restart may have moved the trial
+            mlflow.MlflowClient(self.tracking_uri).log_batch(run_id, tags=tags)
 
 
 def _mlflow_callback(settings: SearchSettings, parent) -> _MLflowLogger:
