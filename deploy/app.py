@@ -151,9 +151,9 @@ def grouped(items: list[tuple[Loaded, Any]], run: Callable[[Any, list], list]) -
 
 
 def run_detector(detector, tiles: list[tuple[Tile, torch.Tensor, float]]) -> list:
-    """(tile, its tensor, score threshold) -> the tile's detections (trainers.tiled.TileDetections), each
+    """(tile, its tensor, score threshold) -> the tile's detections (trainers.detection.inference.TileDetections), each
     mask cut to its extent here, so a batch's full-tile soft masks (~100 MB a tile) are freed at once."""
-    from trainers.tiled import crop_output, trim_heap
+    from trainers.detection.inference import crop_output, trim_heap
 
     outputs = detector.model([tensor.to(detector.device) for _, tensor, _ in tiles])
     cropped = [crop_output(t, o, thr, MASK_THRESHOLD) for (t, _, thr), o in zip(tiles, outputs, strict=True)]
@@ -193,7 +193,7 @@ class DetectorDeployment:
     async def segment(self, image: np.ndarray, score_threshold: float, max_detections: int, tile_size: int):
         """Instances of an HxWx3 uint8 image: class, score, box (xyxy), COCO RLE mask, area; counts per
         class. tile_size 0: the model's own (its training tile size; 0 = the whole image at once)."""
-        from trainers.tiled import tile_tensor
+        from trainers.detection.inference import tile_tensor
 
         loaded = self.registry.current  # the whole request uses one version, whatever a reload does
         detector = loaded.model
@@ -220,8 +220,8 @@ class DetectorDeployment:
 def instances_json(per_tile: list, detector, height: int, width: int, max_detections: int) -> dict:
     """Tile detections -> {count, counts per class, categories, instances (best first)} after stitching,
     the model's class_score_thresh / mask_min_area filters and the max_detections cut (0 = all)."""
-    from trainers.postprocess import filter_results
-    from trainers.tiled import detections_to_coco
+    from trainers.detection.inference import detections_to_coco
+    from trainers.detection.postprocess import filter_results
 
     detections = stitch_detections(per_tile, match_threshold=MATCH_THRESHOLD, match_metric="iou")
     entries = filter_results(
@@ -272,8 +272,8 @@ class ClassifierDeployment:
     async def classify(self, image: np.ndarray | None, volume: np.ndarray | None, top_k: int) -> dict:
         """Top-k classes of one slice image, or of a volume (its slices cut as the model's training slices
         were, classified one by one, then aggregated as in training) with each slice's top-k."""
-        from trainers.classification import aggregate
-        from trainers.classifier import kept_slices
+        from trainers.classification.metrics import aggregate
+        from trainers.classification.model import kept_slices
 
         loaded = self.registry.current
         predictor = loaded.model

@@ -38,10 +38,10 @@ SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sample" / "dsb2018"
 def random_models(root: Path) -> tuple[str, str, str]:
     """(tracking URI, detector URI, classifier URI) of untrained models registered under root."""
     from deploy.registry import log_checkpoint, register
-    from trainers.classifier import build_classifier, save_classifier
+    from trainers.classification.model import build_classifier, save_classifier
     from trainers.config import apply_overrides
-    from trainers.loop import save_checkpoint
-    from trainers.maskrcnn import build_model
+    from trainers.detection.model import build_model
+    from trainers.detection.train import save_checkpoint
     from trainers.recipes import get_recipe
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -176,8 +176,8 @@ def benchmark_serve(
     from ray import serve
 
     from datasets.records import load_image
+    from platform.benchmarks.tiled import sample_mosaic
     from trainers.ray_seam import init_ray
-    from trainers.tiled import sample_mosaic
 
     tmp = tempfile.TemporaryDirectory()
     if not detector or not classifier:

@@ -16,11 +16,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models.model import ModelInfo
 
 from datasets.errors import UserError
-from trainers.classifier import SliceClassifier
+from trainers.classification.ensemble import Ensemble, is_classifier_folder, load_predictor
+from trainers.classification.model import SliceClassifier
 from trainers.config import MaskRCNNConfig
-from trainers.ensemble import Ensemble, is_classifier_folder, load_predictor
-from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
-from trainers.postprocess import filter_output
+from trainers.detection.model import CHECKPOINT_FILES, load_checkpoint_model
+from trainers.detection.postprocess import filter_output
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_STORE = REPO / ".mlflow"  # embedded MLflow: SQLite file + artifact folder, git-ignored
@@ -197,7 +197,7 @@ def predict_image(
     detector, image: np.ndarray, score_threshold: float = 0.0, mask_threshold: float = 0.5
 ) -> dict:
     """HxWx3 uint8 (or HxW grey) -> {boxes Nx4 xyxy, labels N, scores N, masks NxHxW bool, class_names N}.
-    The detector config's class_score_thresh and mask_min_area apply (trainers/postprocess.py), then
+    The detector config's class_score_thresh and mask_min_area apply (trainers/detection/postprocess.py), then
     `score_threshold`."""
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)

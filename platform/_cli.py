@@ -93,7 +93,7 @@ def base_config(recipe: str, data: str | None, overrides: list[str], max_epochs:
     from datasets.instances import SAMPLE_DATA, read_records
     from datasets.slices import SAMPLE_VOLUMES, slice_index, split_rows
     from datasets.splits import train_val_split
-    from trainers.classifier import check_model_name
+    from trainers.classification.model import check_model_name
     from trainers.config import ClassifierConfig, apply_overrides, parse_overrides
     from trainers.recipes import get_recipe
 

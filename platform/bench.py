@@ -208,14 +208,14 @@ def bench_asha(args) -> int:
 
 
 def bench_tiled(args) -> int:
-    from trainers.tiled import benchmark_tiled
+    from platform.benchmarks.tiled import benchmark_tiled
 
     benchmark_tiled(args.mosaic, args.tile_size, args.overlap, args.batch, args.backbone, device=args.device)
     return 0
 
 
 def bench_eval(args) -> int:
-    from trainers.evaluation import benchmark_evaluators
+    from platform.benchmarks.evaluation import benchmark_evaluators
 
     benchmark_evaluators(images=args.images, grid=args.grid)
     return 0
@@ -228,9 +228,8 @@ def bench_data(args) -> int:
 
     from datasets.augment import loader_benchmark
     from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
-    from trainers.engine import train_one_epoch
-    from trainers.loop import build_optimizer, build_scheduler
-    from trainers.maskrcnn import build_model
+    from trainers.detection.model import build_model
+    from trainers.detection.train import build_optimizer, build_scheduler, train_one_epoch
     from trainers.recipes import get_recipe
 
     loader = loader_benchmark(preset=args.preset, passes=2, num_workers=args.loader_workers)
@@ -300,7 +299,7 @@ def _summary(reports: list[dict]) -> dict:
 def _plain(cfg, threads: int) -> dict:
     import torch
 
-    from trainers.loop import run_training
+    from trainers.detection.train import run_training
     from trainers.ray_seam import LocalSeam
 
     torch.set_num_threads(threads)
@@ -315,8 +314,8 @@ def _ray(cfg, threads: int) -> dict:
     import ray
 
     from trainers.config import to_dict
-    from trainers.loop import make_trainer
     from trainers.ray_seam import init_ray
+    from trainers.tasks import make_trainer
 
     init_ray(None, str(_cli.REPO))  # as platform.tune and platform.train start it
     with tempfile.TemporaryDirectory() as storage:

@@ -67,8 +67,8 @@ def validation_predictions(members, data: str | None):
     """(N x C probabilities of each member, specimen of each slice, label of each slice) on the
     validation data."""
     from datasets.volumes import read_volumes
-    from trainers.classifier import predict_volumes
-    from trainers.classifier_loop import slice_sets
+    from trainers.classification.model import predict_volumes
+    from trainers.classification.train import slice_sets
     from trainers.config import to_dict
 
     if data is None:
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from deploy.registry import classifier_folder, log_classifier, register
-    from trainers.classification import format_report, report
-    from trainers.classifier import SliceClassifier
-    from trainers.ensemble import (
+    from trainers.classification.ensemble import (
         Ensemble,
         combine,
         fit_class_weights,
@@ -112,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         load_predictor,
         save_ensemble,
     )
+    from trainers.classification.metrics import format_report, report
+    from trainers.classification.model import SliceClassifier
     from trainers.plots import classification_figures, log_figure
 
     folders = [classifier_folder(m) for m in args.models]

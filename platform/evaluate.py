@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model(value: str, device: str):
     """(model, config, categories) from a checkpoint folder or an MLflow model URI; UserError naming what
     failed."""
-    from trainers.loop import CHECKPOINT_FILES, load_checkpoint_model
+    from trainers.detection.model import CHECKPOINT_FILES, load_checkpoint_model
 
     path = Path(value).expanduser()
     if path.is_dir() and not (path / "MLmodel").is_file():
@@ -155,7 +155,7 @@ def classifier_data(args, predictor):
 
     from datasets.slices import SliceDataset, is_slice_index
     from datasets.volumes import read_index, read_volumes
-    from trainers.classifier import predict_volumes
+    from trainers.classification.model import predict_volumes
 
     path = Path(args.data).expanduser().resolve()
     if not path.exists():
@@ -179,7 +179,7 @@ def is_classifier_model(value: str) -> bool:
     """A classifier checkpoint/ensemble folder, or a URI of one; a local path is checked without importing
     the registry (whose MLflow import prints to stderr before a one-line error could)."""
     if ":/" not in value:
-        from trainers.ensemble import is_classifier_folder
+        from trainers.classification.ensemble import is_classifier_folder
 
         path = Path(value).expanduser()
         return path.is_dir() and is_classifier_folder(path)
@@ -192,7 +192,7 @@ def evaluate_classifier(args, uri: str | None) -> int:
     import numpy as np
 
     from deploy.registry import load_classifier
-    from trainers.classification import aggregate, format_report, report
+    from trainers.classification.metrics import aggregate, format_report, report
     from trainers.plots import classification_figures
 
     predictor = load_classifier(args.model)
@@ -234,13 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from datasets.instances import InstanceDataset, coco_ground_truth
     from datasets.records import write_json_atomic
-    from trainers.evaluation import (
-        category_ids_without,
-        coco_report,
-        format_table,
-        kaggle_metrics,
-        predict_records,
-    )
+    from trainers.detection.inference import predict_records
+    from trainers.evaluation import category_ids_without, coco_report, format_table, kaggle_metrics
     from trainers.plots import evaluation_figures
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines

@@ -97,9 +97,10 @@ def train_run(
 
     from deploy.registry import log_checkpoint
     from trainers.config import to_dict
-    from trainers.loop import make_trainer, mlflow_epoch_callback
     from trainers.plots import log_figure, loss_curves
     from trainers.ray_seam import checkpoint_folder
+    from trainers.tasks import make_trainer
+    from trainers.tracking import mlflow_epoch_callback
 
     cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
     storage = args.storage_path or str(_cli.LOCAL_RESULTS)  # a given one was checked by main()
@@ -163,8 +164,10 @@ def validation_figures(cfg, checkpoint: Path) -> dict:
     import torch
 
     from datasets.instances import InstanceDataset, coco_ground_truth
-    from trainers.evaluation import coco_report, predict_records
-    from trainers.loop import config_split, load_checkpoint_model
+    from trainers.detection.inference import predict_records
+    from trainers.detection.model import load_checkpoint_model
+    from trainers.detection.train import config_split
+    from trainers.evaluation import coco_report
     from trainers.plots import evaluation_figures
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,9 +191,9 @@ def classifier_figures(cfg, checkpoint: Path) -> tuple[dict, dict]:
     validation specimens, and its metrics; the report table goes to the run as text."""
     import mlflow
 
-    from trainers.classification import format_report, report
-    from trainers.classifier import load_classifier_checkpoint
-    from trainers.classifier_loop import slice_sets
+    from trainers.classification.metrics import format_report, report
+    from trainers.classification.model import load_classifier_checkpoint
+    from trainers.classification.train import slice_sets
     from trainers.plots import classification_figures
 
     predictor = load_classifier_checkpoint(checkpoint)

@@ -32,7 +32,7 @@ def clean_env() -> dict:
 def train_detector(root: Path, **overrides):
     """A ResNet-18-FPN Mask R-CNN trained for one epoch on 4 sample images at 128-160 px (~30 s on 2 CPUs)."""
     from trainers.config import apply_overrides
-    from trainers.loop import run_training
+    from trainers.detection.train import run_training
     from trainers.ray_seam import LocalSeam
     from trainers.recipes import get_recipe
 
@@ -47,7 +47,7 @@ def train_detector(root: Path, **overrides):
 
 def train_classifier(root: Path) -> Path:
     """The two-class (ball/box) slice classifier of tests/classifier_data.py, 2 epochs."""
-    from trainers.classifier_loop import run_training
+    from trainers.classification.train import run_training
     from trainers.config import apply_overrides
     from trainers.ray_seam import LocalSeam
     from trainers.recipes import get_recipe

@@ -1,4 +1,4 @@
-"""trainers/classification.py and the classification plots: metrics against hand-computed cases and
+"""trainers/classification/metrics.py and the classification plots: metrics against hand-computed cases and
 brute-force references (not sklearn checked against itself), slice-to-volume aggregation, figure contents."""
 
 import io
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from trainers.classification import (
+from trainers.classification.metrics import (
     aggregate,
     classification_metrics,
     confusion,

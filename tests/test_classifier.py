@@ -14,7 +14,7 @@ from datasets.errors import UserError
 from datasets.slices import SliceDataset, evenly_spaced, slice_index, split_rows
 from datasets.volumes import VolumeRecord, read_volumes, volume_slices, whole_slice_box
 from tests.classifier_data import TINY, ball_or_box, write_volumes
-from trainers.classifier import (
+from trainers.classification.model import (
     build_classifier,
     classify_volume,
     freeze_backbone,
@@ -22,7 +22,7 @@ from trainers.classifier import (
     lr_at,
     predict_volumes,
 )
-from trainers.classifier_loop import run_training
+from trainers.classification.train import run_training
 from trainers.config import ClassifierConfig, apply_overrides
 from trainers.ray_seam import LocalSeam
 from trainers.recipes import get_recipe
@@ -76,7 +76,7 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
 
 
 def test_head_only_phase_trains_only_the_head_and_keeps_batchnorm_statistics():
-    from trainers.classifier import backbone_norms_eval
+    from trainers.classification.model import backbone_norms_eval
 
     model = build_classifier(ClassifierConfig(model_name="resnet18", in_chans=1), 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}

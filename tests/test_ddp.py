@@ -7,8 +7,9 @@ import pytest
 import ray
 
 from trainers.config import apply_overrides, to_dict
-from trainers.loop import load_checkpoint_model, make_trainer
+from trainers.detection.model import load_checkpoint_model
 from trainers.recipes import get_recipe
+from trainers.tasks import make_trainer
 
 
 @pytest.fixture

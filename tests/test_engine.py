@@ -11,7 +11,8 @@ from pycocotools.cocoeval import COCOeval
 
 from datasets.instances import InstanceDataset, coco_ground_truth, read_records
 from tests.helpers import SAMPLE
-from trainers.engine import coco_metrics, to_coco_results
+from trainers.detection.inference import to_coco_results
+from trainers.evaluation import coco_metrics
 
 
 @pytest.fixture(scope="module")

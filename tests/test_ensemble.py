@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from datasets.errors import UserError
-from trainers.classifier import SliceClassifier, build_classifier, save_classifier
-from trainers.config import ClassifierConfig
-from trainers.ensemble import (
+from trainers.classification.ensemble import (
     Ensemble,
     combine,
     fit_class_weights,
@@ -20,6 +18,8 @@ from trainers.ensemble import (
     reweight,
     save_ensemble,
 )
+from trainers.classification.model import SliceClassifier, build_classifier, save_classifier
+from trainers.config import ClassifierConfig
 
 CLASSES = ["a", "b", "c"]
 

@@ -16,8 +16,8 @@ from datasets.errors import UserError
 from datasets.mask_folders import CATEGORIES
 from tests.helpers import run_cli
 from trainers.config import MaskRCNNConfig
-from trainers.loop import save_checkpoint
-from trainers.maskrcnn import build_model
+from trainers.detection.model import build_model
+from trainers.detection.train import save_checkpoint
 
 
 @pytest.fixture

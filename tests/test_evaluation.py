@@ -14,12 +14,11 @@ from pycocotools.cocoeval import COCOeval
 
 from datasets.errors import UserError
 from datasets.instances import InstanceDataset, coco_ground_truth, read_records
+from platform.benchmarks.evaluation import benchmark_evaluators, dense_case
 from tests.helpers import SAMPLE
 from trainers.evaluation import (
-    benchmark_evaluators,
     coco_report,
     coco_summary,
-    dense_case,
     format_table,
     kaggle_image_score,
     kaggle_metrics,

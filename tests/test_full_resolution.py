@@ -10,8 +10,8 @@ from datasets.splits import train_val_split
 from datasets.tiles import tile_grid
 from tests.helpers import SAMPLE
 from trainers.config import MaskRCNNConfig, apply_overrides
-from trainers.loop import run_training
-from trainers.maskrcnn import build_model
+from trainers.detection.model import build_model
+from trainers.detection.train import run_training
 from trainers.ray_seam import LocalSeam
 from trainers.recipes import get_recipe
 

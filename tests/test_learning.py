@@ -9,8 +9,8 @@ from datasets.augment import augmentation
 from datasets.instances import InstanceDataset, collate, read_records
 from tests.helpers import SAMPLE
 from trainers.config import apply_overrides
-from trainers.engine import train_one_epoch
-from trainers.loop import build_optimizer, load_checkpoint_model, run_training, seed_everything
+from trainers.detection.model import load_checkpoint_model
+from trainers.detection.train import build_optimizer, run_training, seed_everything, train_one_epoch
 from trainers.ray_seam import LocalSeam
 from trainers.recipes import get_recipe
 
@@ -20,7 +20,7 @@ SMALL = {"min_size": 128, "max_size": 160, "anchor_sizes": "8,16,32,64,128", "ep
 def test_training_loss_falls_on_real_images():
     seed_everything(0)
     cfg = apply_overrides(get_recipe("dsb2018_demo"), SMALL)
-    from trainers.maskrcnn import build_model
+    from trainers.detection.model import build_model
 
     model = build_model(cfg, num_classes=1)
     loader = DataLoader(

@@ -3,7 +3,7 @@ import torch
 
 from tests.helpers import SAMPLE
 from trainers.config import BACKBONES, apply_overrides
-from trainers.maskrcnn import build_model
+from trainers.detection.model import build_model
 from trainers.recipes import get_recipe
 
 TINY = {
@@ -140,7 +140,7 @@ def test_default_config_builds_torchvisions_model(backbone):
 def test_mask_loss_weight_reaches_the_gradient():
     """train_one_epoch weighs loss_mask in the optimised sum only: weight 0 leaves the mask head without
     gradient, weight 2 doubles it, and the logged loss_mask stays the unweighted term."""
-    from trainers.engine import train_one_epoch
+    from trainers.detection.train import train_one_epoch
 
     torch.manual_seed(0)
     model = build_model(apply_overrides(get_recipe("dsb2018_demo"), TINY), num_classes=1)

@@ -6,8 +6,8 @@ import torch
 
 from datasets.errors import UserError
 from trainers.config import apply_overrides
-from trainers.loop import run_training, seed_everything
-from trainers.maskrcnn import build_model
+from trainers.detection.model import build_model
+from trainers.detection.train import run_training, seed_everything
 from trainers.ray_seam import LocalSeam
 from trainers.recipes import get_recipe
 from trainers.schedules import max_trainable_layers, phase_at, set_trainable_layers

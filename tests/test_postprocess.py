@@ -17,22 +17,22 @@ from datasets.splits import train_val_split
 from search_spaces import get_space, sample
 from search_spaces.thresholds import DETECTIONS_PER_IMG
 from tests.helpers import sample_subset
-from trainers import postprocess
 from trainers.config import MaskRCNNConfig, apply_overrides, to_dict
-from trainers.engine import to_coco_results
-from trainers.evaluation import kaggle_metrics
-from trainers.loop import save_checkpoint
-from trainers.maskrcnn import build_model
-from trainers.postprocess import (
+from trainers.detection import postprocess
+from trainers.detection.inference import to_coco_results
+from trainers.detection.model import build_model
+from trainers.detection.postprocess import filter_output
+from trainers.detection.thresholds import (
     PERMISSIVE,
     PredictionCache,
     apply_postprocess,
     cache_predictions,
     evaluate_thresholds,
-    filter_output,
     load_cache,
     score_postprocessed,
 )
+from trainers.detection.train import save_checkpoint
+from trainers.evaluation import kaggle_metrics
 from trainers.recipes import get_recipe
 
 TWO = [{"id": 1, "name": "nucleus"}, {"id": 2, "name": "debris"}]
@@ -68,7 +68,7 @@ def test_tiled_cache_and_filters(checkpoint, tmp_path):
     """Full-resolution mode: the cache holds the stitched detections of tiled inference, and the filters
     apply to them as predict_records applies them at inference. 256-px tiles: the 256 x 320 validation
     image is two tiles (stitched), the 256 x 256 one a single tile (cheap on CPU)."""
-    from trainers.evaluation import predict_records
+    from trainers.detection.inference import predict_records
 
     folder, cfg, model, _ = checkpoint
     tiled = apply_overrides(cfg, {"tile_size": 256, "tile_overlap": 32})

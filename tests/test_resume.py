@@ -8,9 +8,10 @@ from torch.utils.data import DataLoader
 
 from datasets.augment import augmentation
 from trainers.config import apply_overrides
-from trainers.loop import run_training, seed_epoch
+from trainers.detection.train import run_training
 from trainers.ray_seam import LocalSeam
 from trainers.recipes import get_recipe
+from trainers.run import seed_epoch
 
 SMALL = {"min_size": 128, "max_size": 160, "anchor_sizes": "8,16,32,64,128", "batch_size": 1}
 

@@ -8,8 +8,7 @@ import torch
 
 from datasets.errors import UserError
 from trainers.config import MaskRCNNConfig, apply_overrides
-from trainers.engine import train_one_epoch
-from trainers.loop import build_optimizer, build_scheduler, scaled_lr
+from trainers.detection.train import build_optimizer, build_scheduler, scaled_lr, train_one_epoch
 from trainers.schedules import lr_factor
 
 
@@ -143,7 +142,7 @@ def test_accumulated_gradient_is_the_mean_of_the_group():
 
 
 def test_amp_on_cpu_is_a_user_error_naming_the_field():
-    from trainers.loop import autocast_dtype
+    from trainers.detection.train import autocast_dtype
 
     cfg = apply_overrides(MaskRCNNConfig(), {"amp": "bf16"})
     with pytest.raises(UserError, match="amp"):

@@ -55,8 +55,8 @@ def detector_checkpoint(tmp_path):
     import torch
 
     from trainers.config import MaskRCNNConfig
-    from trainers.loop import save_checkpoint
-    from trainers.maskrcnn import build_model
+    from trainers.detection.model import build_model
+    from trainers.detection.train import save_checkpoint
 
     data = tmp_path / "data"
     sample_subset(data, 4)

@@ -11,9 +11,9 @@ from datasets.augment import apply_transform, augmentation
 from datasets.errors import UserError
 from search_spaces import get_space, sample
 from tests.test_model import TINY, _batch
-from trainers import loop
 from trainers.config import apply_overrides
-from trainers.maskrcnn import build_model
+from trainers.detection import train as loop
+from trainers.detection.model import build_model
 from trainers.ray_seam import LocalSeam
 from trainers.recipes import get_recipe
 

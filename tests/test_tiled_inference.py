@@ -11,10 +11,10 @@ from datasets.mask_folders import read_mask_folders
 from datasets.records import load_image
 from datasets.tiles import Detections, dense_masks, tile_grid
 from tests.helpers import SAMPLE
-from trainers import tiled
 from trainers.config import MaskRCNNConfig
-from trainers.maskrcnn import build_model
-from trainers.tiled import detections_to_coco, patch_rle, predict_tiled
+from trainers.detection import inference as tiled
+from trainers.detection.inference import detections_to_coco, patch_rle, predict_tiled
+from trainers.detection.model import build_model
 
 
 class BlobDetector(torch.nn.Module):

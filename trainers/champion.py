@@ -53,7 +53,7 @@ def validation_fingerprint(cfg) -> str:
         _, val, _ = split_rows(Path(cfg.data), cfg.val_fraction, cfg.split_seed)
         items = sorted((r["specimen"], Path(r["path"]).name, r["label"]) for r in val)
     else:
-        from trainers.loop import config_split
+        from trainers.detection.train import config_split
 
         _, val = config_split(cfg)
         items = sorted((r.image_id, len(r.mask_paths) + len(r.instances)) for r in val)
@@ -69,8 +69,8 @@ def evaluate_model(model_uri: str, cfg) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(cfg, ClassifierConfig):
         from deploy.registry import load_classifier
-        from trainers.classification import report
-        from trainers.classifier_loop import slice_sets
+        from trainers.classification.metrics import report
+        from trainers.classification.train import slice_sets
 
         predictor = load_classifier(model_uri, device)
         _, val, _ = slice_sets(cfg)
@@ -79,9 +79,8 @@ def evaluate_model(model_uri: str, cfg) -> dict[str, float]:
         return metrics
     from datasets.instances import InstanceDataset, coco_ground_truth
     from deploy.registry import load_detector
-    from trainers.engine import score_results
-    from trainers.evaluation import predict_records
-    from trainers.loop import config_split
+    from trainers.detection.inference import predict_records
+    from trainers.detection.train import config_split, score_results
 
     detector = load_detector(model_uri)
     _, val = config_split(cfg)

@@ -179,8 +179,6 @@ class MaskRCNNConfig:
         self._validate_phases()
 
     def _validate_phases(self) -> None:
-        from trainers.schedules import parse_phase
-
         starts = []
         for entry in self.phases:
             try:
@@ -434,3 +432,11 @@ def write_json(config: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def parse_phase(entry: str) -> tuple[int, int, float]:
+    """ "EPOCH:TRAINABLE_LAYERS[:LR_FACTOR]" -> (epoch, layers, lr factor); ValueError if malformed."""
+    parts = entry.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(entry)
+    return int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0

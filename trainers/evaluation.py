@@ -10,21 +10,15 @@ recall arrays, the way pycocotools' own `summarize` does.
 import copy
 import logging
 import re
-import time
-from pathlib import Path
 
 import faster_coco_eval
 import numpy as np
-import torch
 from faster_coco_eval import COCOeval_faster as COCOeval
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from scipy.optimize import linear_sum_assignment
 
 from datasets.errors import UserError
-from datasets.instances import SAMPLE_DATA, quiet_pycocotools
-from datasets.records import ImageRecord, load_image
-from trainers.tiled import detections_to_coco, predict_tiled
 
 log = logging.getLogger(__name__)
 
@@ -245,164 +239,13 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-@torch.inference_mode()
-def predict_records(
-    model,
-    records: list[ImageRecord],
-    device,
-    *,
-    tile_size: int = 0,
-    tile_overlap: int = 64,
-    tile_batch: int = 4,
-    mask_threshold: float = 0.5,
-    log_every_s: float = 5.0,
-    cfg=None,
-    categories=None,
-) -> list[dict]:
-    """COCO result dicts for every image of `records`, image_id = position + 1 (coco_ground_truth's ids),
-    one image at a time (images differ in size), with a progress line every `log_every_s` seconds.
-    tile_size > 0: tiled inference at native resolution (trainers/tiled.py), `tile_batch` tiles per call.
-    With a MaskRCNNConfig `cfg`, its class_score_thresh and mask_min_area filters apply to each image's
-    detections (trainers/postprocess.py); class_score_thresh is in the order of the model's `categories`
-    (default: the records' categories, which are the model's when it was trained on this dataset)."""
-    # engine and postprocess import this module for its metrics
-    from trainers.engine import to_coco_results
-    from trainers.postprocess import filter_results
-
-    categories = records[0].categories if categories is None and records else categories
-
-    model.eval()
-    results = []
-    started = last = time.perf_counter()
-    for index, record in enumerate(records):
-        image = load_image(record.image_path)
-        if tile_size:
-            detections = predict_tiled(
-                model,
-                image,
-                tile_size=tile_size,
-                overlap=tile_overlap,
-                batch_size=tile_batch,
-                device=device,
-                mask_threshold=mask_threshold,
-            )
-            entries = detections_to_coco(detections, index + 1, *image.shape[:2])
-            # After stitching: a mask's area is that of the whole object, not of a tile's piece of it.
-            results.extend(filter_results(entries, cfg, categories) if cfg is not None else entries)
-        else:
-            tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
-            output = model([tensor.to(device)])[0]
-            results.extend(to_coco_results(output, index + 1, mask_threshold, cfg=cfg, categories=categories))
-        now = time.perf_counter()
-        if now - last >= log_every_s or index + 1 == len(records):
-            rate = (index + 1) / (now - started)
-            eta = (len(records) - index - 1) / rate
-            log.info("predicted %d/%d images, %.2f images/s, ETA %.0f s", index + 1, len(records), rate, eta)
-            last = now
-    return results
+def coco_metrics(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[str, float]:
+    """bbox_* and segm_* COCO metrics (AP, AP50, AP75, AR100, per class, ...: trainers/evaluation.py's
+    coco_report) for `results` against `gt`, AP and AR at most `max_dets` detections per image."""
+    return coco_report(gt, results, max_dets)[0]
 
 
-def dense_case(
-    data: str | Path = SAMPLE_DATA, images: int = 4, grid: int = 3, seed: int = 0
-) -> tuple[COCO, list[dict]]:
-    """Dense ground truth and predictions made from real masks, for timing evaluators.
-
-    Each image is a grid x grid mosaic of the sample's densest images' instance masks (hundreds of nuclei).
-    Predictions: every mask kept (90 %), dilated, eroded or unchanged by one pixel, plus false positives
-    (10 %: masks moved to a random place in their tile), all with random scores.
-    """
-    import cv2
-
-    from datasets.instances import instance_masks, read_records
-    from datasets.records import image_size
-
-    rng = np.random.default_rng(seed)
-    records = sorted(read_records(data), key=lambda r: -len(r.mask_paths))[: images * grid * grid]
-    tile_h = max(image_size(r.image_path)[0] for r in records)
-    tile_w = max(image_size(r.image_path)[1] for r in records)
-    height, width = grid * tile_h, grid * tile_w
-    kernel = np.ones((3, 3), np.uint8)
-    annotations, results = [], []
-
-    def add(masks: list[np.ndarray], image_id: int, y: int, x: int, out: list[dict]) -> None:
-        masks = [m for m in masks if m.any()]  # erosion can empty a tiny mask
-        if not masks:
-            return
-        canvas = np.zeros((height, width, len(masks)), np.uint8, order="F")
-        canvas[y : y + masks[0].shape[0], x : x + masks[0].shape[1]] = np.stack(masks, axis=2)
-        for rle in mask_utils.encode(canvas):
-            rle["counts"] = rle["counts"].decode()
-            entry = {"image_id": image_id, "category_id": 1, "segmentation": rle}
-            entry["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
-            if out is annotations:
-                entry.update(id=len(annotations) + 1, area=float(mask_utils.area(rle)), iscrowd=0)
-            else:
-                entry["score"] = float(rng.random())
-            out.append(entry)
-
-    for image_index in range(images):
-        for position in range(grid * grid):
-            record = records[(image_index * grid * grid + position) % len(records)]
-            truth = list(instance_masks(record, image_size(record.image_path))[0].astype(np.uint8))
-            predicted = []
-            for mask in truth:
-                if rng.random() < 0.9:  # found, its outline exact or one pixel off
-                    outline = (mask, cv2.dilate(mask, kernel), cv2.erode(mask, kernel))
-                    predicted.append(outline[rng.integers(3)])
-                if rng.random() < 0.1:  # a false positive: the same shape elsewhere in the tile
-                    shift = (int(rng.integers(mask.shape[0])), int(rng.integers(mask.shape[1])))
-                    predicted.append(np.roll(mask, shift, axis=(0, 1)))
-            y, x = (position // grid) * tile_h, (position % grid) * tile_w
-            add(truth, image_index + 1, y, x, annotations)
-            add(predicted, image_index + 1, y, x, results)
-    gt = COCO()
-    gt.dataset = {
-        "images": [{"id": i + 1, "height": height, "width": width} for i in range(images)],
-        "annotations": annotations,
-        "categories": [{"id": 1, "name": "nucleus"}],
-    }
-    with quiet_pycocotools():
-        gt.createIndex()
-    return gt, results
-
-
-def benchmark_evaluators(
-    data: str | Path = SAMPLE_DATA, images: int = 4, grid: int = 3, max_dets: int = 1000
-) -> dict:
-    """Time pycocotools' COCOeval against run_cocoeval (faster-coco-eval) on dense_case images, bbox + segm,
-    results loading, evaluate and accumulate; print and return the seconds and the largest difference
-    between their coco_summary numbers. Also times kaggle_metrics on the same predictions."""
-    from pycocotools.cocoeval import COCOeval as ReferenceCOCOeval
-
-    gt, results = dense_case(data, images, grid)
-    out = {"images": images, "instances": len(gt.anns), "detections": len(results), "max_dets": max_dets}
-    print(
-        f"dense case: {images} images of {gt.dataset['images'][0]['width']}x"
-        f"{gt.dataset['images'][0]['height']}, {out['instances']} ground-truth instances "
-        f"({out['instances'] / images:.0f} per image), {out['detections']} predictions"
-    )
-    started = time.perf_counter()
-    reference = {}
-    for iou_type in IOU_TYPES:
-        with quiet_pycocotools():
-            ev = ReferenceCOCOeval(gt, gt.loadRes(copy.deepcopy(results)), iou_type)
-            ev.params.maxDets = max_dets_list(max_dets)
-            ev.evaluate()
-            ev.accumulate()
-        reference[iou_type] = coco_summary(ev)
-    out["pycocotools_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    fast = {t: coco_summary(run_cocoeval(gt, results, t, max_dets)) for t in IOU_TYPES}
-    out["faster_coco_eval_s"] = time.perf_counter() - started
-    out["largest_difference"] = max(abs(fast[t][k] - v) for t in IOU_TYPES for k, v in reference[t].items())
-    started = time.perf_counter()
-    kaggle_metrics(gt, results)
-    out["kaggle_s"] = time.perf_counter() - started
-    print(f"pycocotools:      {out['pycocotools_s']:.2f} s (bbox + segm, maxDets {max_dets})")
-    print(
-        f"faster-coco-eval: {out['faster_coco_eval_s']:.2f} s ({faster_coco_eval.__version__}, "
-        f"{out['pycocotools_s'] / out['faster_coco_eval_s']:.1f}x faster, what run_cocoeval uses); "
-        f"largest metric difference {out['largest_difference']:.2g}"
-    )
-    print(f"kaggle metric:    {out['kaggle_s']:.2f} s (Kaggle score + matched mask IoU)")
-    return out
+def score_results(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[str, float]:
+    """COCO metrics and the Kaggle DSB2018/Sartorius metric (kaggle_mAP, matched_mask_IoU, at score 0.5) of
+    COCO result dicts from any inference path (whole images, tiles)."""
+    return {**coco_metrics(gt, results, max_dets), **kaggle_metrics(gt, results)}

@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from datasets.records import load_image
-from trainers.classification import sanitise
+from trainers.classification.metrics import sanitise
 from trainers.evaluation import PR_IOUS, coco_stat
 
 OVERLAY_IMAGES = 4  # images drawn with their predictions
@@ -223,7 +223,7 @@ def f1_bars_figure(metrics: dict, classes, title: str = "") -> Figure:
 
 def classification_figures(details: dict, metrics: dict, classes) -> dict[str, Figure]:
     """By artifact name: the slice- and volume-level confusion matrices and ROC curves and the per-class F1
-    bars of a `trainers.classification.report` (its details and metrics)."""
+    bars of a `trainers.classification.metrics.report` (its details and metrics)."""
     out = {}
     for level in ("slice", "volume"):
         d = details[level]

@@ -7,7 +7,7 @@ schedule fields multiply together, so e.g. warm-up combines with any decay.
 
 import math
 
-from trainers.config import MaskRCNNConfig
+from trainers.config import MaskRCNNConfig, parse_phase
 
 # torchvision's ResNet stages counted from the top, as resnet_fpn_backbone(trainable_layers=n) reads them
 # (backbone_utils.py: ["layer4", "layer3", "layer2", "layer1", "conv1"][:n], plus "bn1" when n == 5).
@@ -40,14 +40,6 @@ def _cosine_restarts(cfg: MaskRCNNConfig, step: int, steps_per_epoch: int) -> fl
         period *= cfg.cosine_period_mult
     floor = cfg.lr_min / cfg.lr
     return floor + (1 - floor) * (1 + math.cos(math.pi * t / period)) / 2
-
-
-def parse_phase(entry: str) -> tuple[int, int, float]:
-    """ "EPOCH:TRAINABLE_LAYERS[:LR_FACTOR]" -> (epoch, layers, lr factor); ValueError if malformed."""
-    parts = entry.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(entry)
-    return int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0
 
 
 def phase_at(cfg: MaskRCNNConfig, epoch: int) -> tuple[int, float]:

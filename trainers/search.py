@@ -34,7 +34,6 @@ from datasets.records import write_text_atomic
 from search_spaces import Space, distributions, get_space, optuna_space
 from trainers import champion
 from trainers.config import config_class, from_dict, to_dict
-from trainers.loop import tune_trial
 from trainers.ray_seam import (
     CHECKPOINT_PATH_KEY,
     NODE_KEYS,
@@ -43,7 +42,7 @@ from trainers.ray_seam import (
     experiment_path,
     init_ray,
 )
-from trainers.tasks import task_of
+from trainers.tasks import task_of, tune_trial
 
 log = logging.getLogger(__name__)
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for each trial's driver function
@@ -387,7 +386,8 @@ def search_trial(config: dict, **trainer_kwargs) -> None:
 
 def thresholds_trial(config: dict, cache: str) -> None:
     """One trial of a predictions space: post-process the cached validation predictions and score them."""
-    from trainers.postprocess import POSTPROCESS_FIELDS, evaluate_thresholds
+    from trainers.detection.postprocess import POSTPROCESS_FIELDS
+    from trainers.detection.thresholds import evaluate_thresholds
 
     params = {k: v for k, v in config_fields(config).items() if k in POSTPROCESS_FIELDS}
     tune.report({**evaluate_thresholds(_load_cache(cache), params), "epoch": 1})
@@ -398,7 +398,7 @@ _CACHES: dict[str, object] = {}
 
 def _load_cache(path: str):
     # Reused trial actors keep the (read-only) predictions between trials.
-    from trainers.postprocess import load_cache
+    from trainers.detection.thresholds import load_cache
 
     if path not in _CACHES:
         _CACHES[path] = load_cache(Path(path))
@@ -408,7 +408,7 @@ def _load_cache(path: str):
 def _prepare_predictions(settings: SearchSettings):
     """The model's config and categories, and its validation predictions cached once for all trials."""
     from trainers.config import MaskRCNNConfig, apply_overrides
-    from trainers.postprocess import cache_predictions, load_cache
+    from trainers.detection.thresholds import cache_predictions, load_cache
 
     folder = _model_folder(settings)
     if not (folder / "categories.json").is_file():
@@ -558,7 +558,8 @@ def _thresholded_checkpoint(cfg, settings: SearchSettings, tmp: Path) -> Path:
 def _baseline_on_cache(cache: str, settings: SearchSettings) -> tuple[str, float]:
     """The searched model with its own thresholds, scored on the same cached predictions: the number a
     registered version must beat when that model is the champion."""
-    from trainers.postprocess import POSTPROCESS_FIELDS, evaluate_thresholds
+    from trainers.detection.postprocess import POSTPROCESS_FIELDS
+    from trainers.detection.thresholds import evaluate_thresholds
 
     data = _load_cache(cache)
     own = {k: data.config[k] for k in POSTPROCESS_FIELDS}

@@ -4,7 +4,6 @@ validation loss; each epoch rank 0 validates at slice and volume level and check
 
 import itertools
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,12 @@ import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from datasets.augment import augmentation, seed_worker
+from datasets.augment import augmentation
 from datasets.slices import SAMPLE_VOLUMES, SliceDataset, evenly_spaced, slice_index, split_rows
-from trainers.classification import report
-from trainers.classifier import (
+from trainers.classification.metrics import report
+from trainers.classification.model import (
     backbone_norms_eval,
     build_classifier,
     freeze_backbone,
@@ -26,7 +25,8 @@ from trainers.classifier import (
     save_classifier,
 )
 from trainers.config import ClassifierConfig, from_dict
-from trainers.loop import autocast_dtype, seed_epoch, seed_everything
+from trainers.ray_seam import RaySeam
+from trainers.run import autocast_dtype, run_epochs, seed_everything, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +67,14 @@ def mixing(cfg: ClassifierConfig, num_classes: int) -> Mixup | None:
 
 
 def run_training(cfg: ClassifierConfig, seam) -> None:
+    """Train `cfg.epochs` epochs (trainers/run.py); each epoch rank 0 validates and checkpoints, and stops
+    early when the validation loss has not improved for `early_stop_patience` epochs."""
     train_set, val_set, bare = slice_sets(cfg, seam.rank)
     classes = train_set.classes
     bare = bare.to(seam.device)
     generator = torch.Generator()
-    loader = seam.prepare_loader(
-        DataLoader(
-            train_set,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            drop_last=True,  # Mixup/CutMix pair each batch with its reverse: it needs an even batch
-            num_workers=cfg.loader_workers,
-            worker_init_fn=seed_worker,
-            generator=generator,
-        )
-    )
+    # drop_last: Mixup/CutMix pair each batch with its reverse, so it needs an even batch
+    loader = train_loader(seam, train_set, cfg.batch_size, cfg.loader_workers, generator, drop_last=True)
     # Over every parameter: frozen ones get no gradient (grad None), which AdamW skips entirely.
     optimizer = torch.optim.AdamW(
         bare.parameters(), lr=lr_at(cfg, 0.0, seam.world_size), weight_decay=cfg.weight_decay
@@ -93,39 +86,20 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         SoftTargetCrossEntropy() if mixer else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     )
     val_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, best_loss, bad_epochs, best_epoch = 0, float("inf"), 0, 0
-    best_weights = None  # restore_best: the weights of the lowest validation loss so far (rank 0)
-    resume = seam.latest_checkpoint()
-    if resume is not None:
-        state = torch.load(resume / "train_state.pt", map_location=seam.device, weights_only=True)
-        bare.load_state_dict(state["model"])
-        if cfg.restore_best:
-            best_weights = torch.load(resume / "model.pt", map_location=seam.device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best_loss, bad_epochs = state["epoch"], state["best_val_loss"], state["bad_epochs"]
-        best_epoch = state["best_epoch"]
-        log.info("resumed from %s at epoch %d", resume, start_epoch)
-    head_only = start_epoch < cfg.head_epochs
-    freeze_backbone(bare, head_only)
-    model = seam.prepare_model(bare)
+    # best: the lowest validation loss so far, its epoch, epochs since, and (restore_best) its weights
+    best = {"loss": float("inf"), "epoch": 0, "bad_epochs": 0, "weights": None}
+    start_epoch = _resume(cfg, seam, bare, optimizer, scaler, best)
     if seam.rank == 0:
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers)
-    for epoch in range(start_epoch, cfg.epochs):
-        seed_epoch(cfg.seed, seam.rank, epoch, generator, train_set.transform)
+
+    def set_phase(head_only: bool) -> None:
+        freeze_backbone(bare, head_only)
+        log.info("backbone %s", "frozen" if head_only else "trainable")
+
+    def train_epoch(model, epoch: int) -> dict:
         # the same draw on every rank: DistributedSampler then shards one epoch list
         train_set.resample(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
-        if head_only != (epoch < cfg.head_epochs):
-            head_only = epoch < cfg.head_epochs
-            freeze_backbone(bare, head_only)
-            if seam.world_size > 1:  # DDP all-reduces the parameters that required grad when it was built
-                model = seam.prepare_model(bare)
-            log.info("epoch %d: backbone %s", epoch, "frozen" if head_only else "trainable")
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        started = time.perf_counter()
+        head_only = epoch < cfg.head_epochs
         model.train()
         if head_only:
             backbone_norms_eval(bare)
@@ -147,50 +121,72 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
                 loss.backward()
                 optimizer.step()
             total += loss.item()
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": total / max(steps, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": time.perf_counter() - started,
-            "train_slices": len(train_set),
-            "world_size": seam.world_size,
-            "resumed_at_epoch": start_epoch,
-        }
-        write = None
-        stop = False
         if not head_only and cfg.precise_bn_batches > 0:
             # every rank, from its own batches; DDP then broadcasts rank 0's buffers at the next forward
             update_bn(itertools.islice(loader, cfg.precise_bn_batches), bare, seam.device)
-        if seam.rank == 0:
-            metrics.update(validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate))
-            if metrics["val_loss"] < best_loss - 1e-6:
-                best_loss, bad_epochs, best_epoch = metrics["val_loss"], 0, epoch + 1
-                if cfg.restore_best:
-                    best_weights = {k: v.detach().clone() for k, v in bare.state_dict().items()}
-            else:
-                bad_epochs += 1
-            stop = cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience
-            metrics.update(best_val_loss=best_loss, best_epoch=best_epoch, early_stopped=float(stop))
-            state = {
-                "model": bare.state_dict(),  # the weights training continues from
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "best_val_loss": best_loss,
-                "bad_epochs": bad_epochs,
-                "best_epoch": best_epoch,
-            }
-            # model.pt is the model this run hands over now: the best so far, or the latest
-            weights = best_weights if cfg.restore_best else state["model"]
+        lr = optimizer.param_groups[0]["lr"]
+        return {"train_loss": total / max(steps, 1), "lr": lr, "train_slices": len(train_set)}
 
-            def write(folder: Path, state=state, weights=weights) -> None:
-                save_classifier(folder, cfg, weights, classes)
-                torch.save(state, folder / "train_state.pt")
+    def end_epoch(epoch: int, metrics: dict):
+        metrics.update(validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate))
+        if metrics["val_loss"] < best["loss"] - 1e-6:
+            best.update(loss=metrics["val_loss"], bad_epochs=0, epoch=epoch + 1)
+            if cfg.restore_best:
+                best["weights"] = {k: v.detach().clone() for k, v in bare.state_dict().items()}
+        else:
+            best["bad_epochs"] += 1
+        stop = cfg.early_stop_patience > 0 and best["bad_epochs"] >= cfg.early_stop_patience
+        metrics.update(best_val_loss=best["loss"], best_epoch=best["epoch"], early_stopped=float(stop))
+        state = {
+            "model": bare.state_dict(),  # the weights training continues from
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch + 1,
+            "best_val_loss": best["loss"],
+            "bad_epochs": best["bad_epochs"],
+            "best_epoch": best["epoch"],
+        }
+        # model.pt is the model this run hands over now: the best so far, or the latest
+        weights = best["weights"] if cfg.restore_best else state["model"]
 
-        seam.report(metrics, write)
-        if seam.share(stop):
-            log.info("early stop after epoch %d: no lower val_loss for %d epochs", epoch + 1, bad_epochs)
-            break
+        def write(folder: Path) -> None:
+            save_classifier(folder, cfg, weights, classes)
+            torch.save(state, folder / "train_state.pt")
+
+        return write, stop
+
+    run_epochs(
+        seam,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        start_epoch=start_epoch,
+        bare=bare,
+        loader=loader,
+        generator=generator,
+        transform=train_set.transform,
+        phase_of=lambda epoch: epoch < cfg.head_epochs,
+        set_phase=set_phase,
+        train_epoch=train_epoch,
+        end_epoch=end_epoch,
+    )
+
+
+def _resume(cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: dict) -> int:
+    """Load the seam's latest checkpoint, if any, into the model, the training state and `best`; the epoch
+    to start at."""
+    resume = seam.latest_checkpoint()
+    if resume is None:
+        return 0
+    state = torch.load(resume / "train_state.pt", map_location=seam.device, weights_only=True)
+    bare.load_state_dict(state["model"])
+    if cfg.restore_best:
+        best["weights"] = torch.load(resume / "model.pt", map_location=seam.device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    best.update(loss=state["best_val_loss"], bad_epochs=state["bad_epochs"], epoch=state["best_epoch"])
+    log.info("resumed from %s at epoch %d", resume, state["epoch"])
+    return state["epoch"]
 
 
 @torch.inference_mode()
@@ -211,6 +207,4 @@ def validate(model, loader, dataset: SliceDataset, loss_fn, device, method: str)
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point on each worker."""
-    from trainers.ray_seam import RaySeam
-
     run_training(from_dict(ClassifierConfig, config, "trial config"), RaySeam())

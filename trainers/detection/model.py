@@ -1,7 +1,10 @@
-"""Mask R-CNN from a MaskRCNNConfig: every field reaches the torchvision model."""
+"""Mask R-CNN from a MaskRCNNConfig (every field reaches the torchvision model), and its checkpoint folder:
+saved by training, loaded by inference and the registry."""
 
+import json
 import logging
 from functools import partial
+from pathlib import Path
 
 import torch
 import torchvision
@@ -15,7 +18,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
 from datasets.errors import UserError
-from trainers.config import MaskRCNNConfig
+from trainers.config import MaskRCNNConfig, from_dict, to_dict, write_json
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +149,30 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
             "weights: %d tensors re-initialised (shape or name differs): %s", len(fresh), ", ".join(heads)
         )
     return fresh
+
+
+CHECKPOINT_FILES = ("model.pt", "config.json", "categories.json")  # what inference needs (no optimizer state)
+
+
+def save_checkpoint(folder: Path, cfg: MaskRCNNConfig, model, categories, train_state: dict) -> None:
+    """model.pt (a state_dict, loads with weights_only=True), config.json, categories.json, train_state.pt."""
+    torch.save(model.state_dict(), folder / "model.pt")
+    torch.save(train_state, folder / "train_state.pt")
+    write_json(cfg, folder / "config.json")
+    (folder / "categories.json").write_text(json.dumps(list(categories), indent=2) + "\n")
+
+
+def load_checkpoint_model(folder: Path, device="cpu") -> tuple[torch.nn.Module, MaskRCNNConfig, list[dict]]:
+    """The model of a checkpoint folder, in eval mode, with its config and categories."""
+    cfg = from_dict(
+        MaskRCNNConfig, json.loads((folder / "config.json").read_text()), str(folder / "config.json")
+    )
+    categories = json.loads((folder / "categories.json").read_text())
+    model = build_model(_without_weights(cfg), num_classes=len(categories))
+    model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
+    return model.to(device).eval(), cfg, categories
+
+
+def _without_weights(cfg: MaskRCNNConfig) -> MaskRCNNConfig:
+    # The checkpoint's own tensors replace any initial weights: never download or read them again.
+    return from_dict(MaskRCNNConfig, {**to_dict(cfg), "weights": "", "weights_backbone": ""}, "checkpoint")

@@ -1,186 +1,19 @@
-"""Tiled inference: a detection model run over overlapping native-resolution tiles of an image of any
-size, the pieces of objects cut by tile borders merged mask-aware (datasets/tiles.py), and a benchmark.
+"""Benchmark of tiled inference on a large mosaic of the sample images (`python -m platform.bench tiled`):
+s/MP, peak memory, the stitching's overhead over the raw forward calls, and SAHI's slicer beside it when
+installed."""
 
-Memory is bounded by one batch of tiles plus the detections: each tile's soft masks are thresholded and
-cut to each mask's extent as soon as the model returns them, so no dense N x H x W array of the whole
-image ever exists. The image is only ever sliced, so it may be a np.memmap of a file larger than memory.
-
-The model: torchvision's detection models resize every input to min_size/max_size. For tiles at native
-resolution build the model with min_size = max_size = tile_size (MaskRCNNConfig min_size=, max_size=);
-otherwise each tile is rescaled inside the model (the outputs still come back in tile pixels).
-"""
-
-import ctypes
-import logging
 import resource
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 
-from datasets.errors import UserError
-from datasets.records import load_image, rle_to_json
-from datasets.tiles import Detections, Tile, TileDetections, stitch_detections, tile_grid
+from datasets.records import load_image
+from datasets.tiles import Tile, tile_grid
+from trainers.detection.inference import predict_tiled, tile_tensor
 
-log = logging.getLogger(__name__)
-
-PROGRESS_EVERY_S = 30.0  # seconds between progress lines of predict_tiled
-try:  # glibc's; see predict_tiled
-    _malloc_trim = ctypes.CDLL(None).malloc_trim
-except (AttributeError, OSError, TypeError):
-    _malloc_trim = None
-SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "datasets" / "sample" / "dsb2018"
-
-
-@torch.inference_mode()
-def predict_tiled(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    *,
-    tile_size: int = 512,
-    overlap: int = 64,
-    batch_size: int = 4,
-    device: str | torch.device = "cpu",
-    score_threshold: float = 0.0,
-    mask_threshold: float = 0.5,
-    match_threshold: float = 0.5,
-    merge: str = "union",
-    progress: Callable[[str], None] | None = None,
-) -> Detections:
-    """Detections of a torchvision-style detection model on `image`, tile by tile, in image coordinates.
-
-    image: HxW grey or HxWxC (C = 1, 3, or 2/4 with alpha, which is dropped), uint8; other dtypes are
-    scaled to 0..255 by the whole image's range, as `datasets.records.load_image` does for training.
-    model: list of CHW float tensors in [0, 1] -> list of dicts with boxes (xyxy), scores, labels and
-    masks (N x 1 x h x w soft); put on `device` by the caller. Set to eval mode here.
-    Tiles of tile_size x tile_size pixels share `overlap` pixels (`datasets.tiles.tile_grid`); an image no
-    larger than one tile is one model call on the whole image. Detections scoring below score_threshold
-    are dropped, masks are binarised at mask_threshold, and the pieces several tiles saw of one object are
-    merged when their masks match with IoU >= match_threshold inside the tiles' shared region
-    (`datasets.tiles.stitch_detections`; merge="union" joins the pieces, "nms" keeps the best one).
-    progress: receives a line (tiles done, tiles/s, ETA) every PROGRESS_EVERY_S seconds; default: log.
-    """
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 2, 3, 4)):
-        raise UserError(f"predict_tiled: expected an HxW or HxWxC image (C 1-4), got shape {image.shape}")
-    if batch_size < 1:
-        raise UserError(f"batch_size: must be at least 1, got {batch_size}")
-    tiles = tile_grid(image.shape[0], image.shape[1], tile_size, overlap)
-    # The range of the whole image, not of each tile: a per-tile range would change contrast tile to tile.
-    value_range = (float(image.min()), float(image.max())) if image.dtype != np.uint8 else None
-    report = progress or log.info
-    model.eval()
-    per_tile: list[TileDetections] = []
-    start = last_report = time.perf_counter()
-    for first in range(0, len(tiles), batch_size):
-        batch = tiles[first : first + batch_size]
-        outputs = model([tile_tensor(image, tile, value_range).to(device) for tile in batch])
-        for tile, output in zip(batch, outputs, strict=True):
-            per_tile.append(crop_output(tile, output, score_threshold, mask_threshold))
-        del outputs
-        trim_heap()
-        done, now = first + len(batch), time.perf_counter()
-        if now - last_report >= PROGRESS_EVERY_S and done < len(tiles):
-            rate = done / (now - start)
-            report(
-                f"tiled inference: {done}/{len(tiles)} tiles, {rate:.2f} tiles/s, "
-                f"ETA {(len(tiles) - done) / rate:.0f} s"
-            )
-            last_report = now
-    return stitch_detections(per_tile, match_threshold=match_threshold, match_metric="iou", merge=merge)
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS. Call after each batch of tiles: a batch frees its soft masks
-    (N x tile, ~100 MB) while the small patches kept from them stay allocated in between; glibc keeps such
-    fragmented holes resident, and the process grew by about the masks' size per tile (+30 MB per 256-px
-    tile measured) instead of staying at one batch."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float] | None) -> torch.Tensor:
-    """3 x h x w float in [0, 1] for one tile, made the way the training data loader makes its images."""
-    crop = image[tile.slices]
-    if value_range is not None:
-        lo, hi = value_range
-        crop = ((crop.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255).round().astype(np.uint8)
-    if crop.ndim == 2:
-        crop = crop[..., None]
-    if crop.shape[2] in (2, 4):  # grey + alpha or RGBA: alpha carries no signal
-        crop = crop[..., :-1]
-    # A copy: the image may be read-only (Ray Serve hands a replica its argument from the object store).
-    tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255)
-    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
-
-
-def crop_output(tile: Tile, output: dict, score_threshold: float, mask_threshold: float) -> TileDetections:
-    """One tile's model output as TileDetections whose masks are patches cut to each mask's extent."""
-    keep = output["scores"] >= score_threshold
-    binary = (output["masks"][:, 0] >= mask_threshold)[keep].cpu().numpy()  # index bools, not the floats
-    rows, cols = binary.any(axis=2), binary.any(axis=1)
-    patches, origins = [], []
-    for i in range(len(binary)):
-        r, c = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
-        if not len(r):  # nothing above the threshold: an empty patch, kept so that the box survives
-            patches.append(np.zeros((0, 0), dtype=bool))
-            origins.append((0, 0))
-            continue
-        # a copy, so that the tile-sized array is freed with this batch
-        patches.append(binary[i, r[0] : r[-1] + 1, c[0] : c[-1] + 1].copy())
-        origins.append((int(c[0]), int(r[0])))
-    return TileDetections(
-        tile=tile,
-        boxes=output["boxes"][keep].cpu().numpy(),
-        scores=output["scores"][keep].cpu().numpy(),
-        labels=output["labels"][keep].cpu().numpy(),
-        masks=patches,
-        mask_origins=np.asarray(origins, dtype=np.int64).reshape(-1, 2),
-    )
-
-
-def patch_rle(patch: np.ndarray, x: int, y: int, height: int, width: int) -> dict:
-    """COCO RLE (compressed, JSON-ready) of a bool patch placed at column x, row y of a height x width
-    image, without a full-image mask: RLE runs go down the columns, so the columns the patch spans are one
-    contiguous stretch of the image's runs, and everything before and after it is a single zero run."""
-    block = np.zeros((height, patch.shape[1]), dtype=bool)  # the patch's columns, full height
-    block[y : y + patch.shape[0]] = patch
-    flat = block.ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        runs.insert(0, 0)  # RLE counts start with a run of zeros, possibly empty
-    runs[0] += x * height
-    after = (width - x - patch.shape[1]) * height
-    if len(runs) % 2:  # odd number of runs: the last one is zeros
-        runs[-1] += after
-    elif after:  # pycocotools writes no empty run at the end
-        runs.append(after)
-    return rle_to_json(mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width))
-
-
-def detections_to_coco(detections: Detections, image_id: int, height: int, width: int) -> list[dict]:
-    """COCO result dicts (bbox xywh, RLE segmentation when there are masks, score, category_id = label)."""
-    results = []
-    for i, ((x1, y1, x2, y2), score, label) in enumerate(
-        zip(detections.boxes.tolist(), detections.scores.tolist(), detections.labels.tolist(), strict=True)
-    ):
-        entry = {
-            "image_id": image_id,
-            "category_id": int(label),
-            "score": float(score),
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-        }
-        if detections.masks is not None:
-            x, y = detections.mask_origins[i].tolist()
-            entry["segmentation"] = patch_rle(detections.masks[i], x, y, height, width)
-        results.append(entry)
-    return results
-
-
-# ---- benchmark ----------------------------------------------------------------------------------------
+SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "dsb2018"
 
 
 def sample_mosaic(size: int, cell: int = 256) -> np.ndarray:
@@ -258,7 +91,7 @@ def benchmark_tiled(
     on the same image, slices and overlap, and the two results are compared box to box.
     """
     from trainers.config import MaskRCNNConfig
-    from trainers.maskrcnn import build_model
+    from trainers.detection.model import build_model
 
     torch.manual_seed(0)
     cfg = MaskRCNNConfig(

@@ -155,7 +155,7 @@ def load_classifier_checkpoint(folder: Path, device: str = "cpu") -> SliceClassi
 def classify_volume(predictor, volume: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:
     """(kept slices, their class probabilities N x C, the volume's probabilities C) of one loaded volume,
     sliced exactly as the predictor's training slices were (`predictor.slicing`)."""
-    from trainers.classification import aggregate
+    from trainers.classification.metrics import aggregate
 
     kept = kept_slices(predictor, volume)
     probs = predictor.predict_proba([s.image for s in kept])

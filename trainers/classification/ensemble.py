@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.errors import UserError
-from trainers.classification import aggregate, classification_metrics, sanitise
-from trainers.classifier import SliceClassifier, load_classifier_checkpoint
+from trainers.classification.metrics import aggregate, classification_metrics, sanitise
+from trainers.classification.model import SliceClassifier, load_classifier_checkpoint
 
 METHODS = ("soft", "vote", "patch")
 THRESHOLDS = tuple(np.round(np.arange(0.5, 1.0, 0.05), 2))  # candidate switching confidences

@@ -1,4 +1,4 @@
-"""What happens to Mask R-CNN detections after the network, and a search of it without retraining.
+"""The `thresholds` search: post-processing searched on cached predictions, without retraining.
 
 Post-processing settings (POSTPROCESS_FIELDS) change which detections a trained model reports, not its
 weights, so the `thresholds` search space tunes them on CACHED predictions: `cache_predictions` runs the
@@ -16,10 +16,6 @@ cannot bring back what the cache dropped, and an image whose cache was cut at PE
 is complete only above its lowest cached score (`complete_above`); both are logged. A tiled cache
 (tile_size > 0) holds the stitched detections of whole images: NMS and top-k then run per image on the
 stitched boxes, where the model runs them per tile, an approximation.
-
-`filter_output` / `filter_results` apply class_score_thresh and mask_min_area wherever a detector's output
-becomes results (trainers/engine.py, trainers/evaluation.py, deploy/registry.py), after the model's own
-post-processing, exactly as apply_postprocess does; with the defaults ((), 0) they change nothing.
 """
 
 import logging
@@ -36,127 +32,27 @@ from pycocotools.coco import COCO
 from torchvision.ops import boxes as box_ops
 
 from datasets.errors import UserError
-from datasets.instances import (
-    InstanceDataset,
-    coco_ground_truth,
-    encode_masks,
-    quiet_pycocotools,
-)
+from datasets.instances import InstanceDataset, coco_ground_truth, quiet_pycocotools
+from datasets.progress import Progress
 from datasets.records import load_image, write_bytes_atomic
 from trainers.config import MaskRCNNConfig, apply_overrides, from_dict, to_dict
-from trainers.evaluation import coco_report, kaggle_metrics, predict_records
+from trainers.detection.inference import detect_candidates, image_tensor, predict_records
+from trainers.detection.model import load_checkpoint_model
+from trainers.detection.postprocess import POSTPROCESS_FIELDS, keep_detections
+from trainers.detection.train import config_split
+from trainers.evaluation import coco_report, kaggle_metrics
 
 log = logging.getLogger(__name__)
 
-POSTPROCESS_FIELDS = (
-    "box_score_thresh",
-    "class_score_thresh",
-    "box_nms_thresh",
-    "box_detections_per_img",
-    "mask_min_area",
-)
 # What the cache is made with. Score 0.001 rather than 0: a random or weak model gives thousands of
 # near-zero candidates that no search would keep; NMS at IoU 1.0 suppresses nothing.
 PERMISSIVE = {"box_score_thresh": 0.001, "box_nms_thresh": 1.0, "box_detections_per_img": 1000}
+
+
 CACHE_VERSION = 1
-MASK_CHUNK = 100  # masks pasted to image size at a time: 1000 full-size float masks would be GBs
+
+
 LOG_EVERY_S = 5.0
-
-
-# ---- the filters applied after the model, at inference and on caches -----------------------------------
-
-
-def class_thresholds(thresholds, categories) -> np.ndarray | None:
-    """class_score_thresh as a lookup table indexed by label (category id), or None when it is empty.
-    UserError naming the field and the categories when there is not one threshold per category."""
-    thresholds = tuple(thresholds)
-    if not thresholds:
-        return None
-    if categories is None:
-        raise ValueError("class_score_thresh needs the model's categories to map labels to thresholds")
-    if len(thresholds) != len(categories):
-        names = ", ".join(str(c["name"]) for c in categories)
-        raise UserError(
-            f"class_score_thresh: {len(thresholds)} threshold(s) {thresholds} for {len(categories)} "
-            f"categories ({names}); give one per category, in this order, or none"
-        )
-    ids = [int(c["id"]) for c in categories]
-    # Labels outside the categories (none expected) get -inf: only box_score_thresh applies to them.
-    table = np.full(max(ids) + 1, -np.inf)
-    table[ids] = thresholds
-    return table
-
-
-def keep_detections(
-    labels: np.ndarray,
-    scores: np.ndarray,
-    areas: np.ndarray | None,
-    class_score_thresh,
-    mask_min_area: int,
-    categories,
-) -> np.ndarray:
-    """Which detections survive the filters after the model: a score of at least its class's threshold
-    (class_score_thresh, in category order; empty = no extra threshold) and a mask of at least
-    mask_min_area pixels (areas None: no masks, the area filter does not apply)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    keep = np.ones(len(labels), dtype=bool)
-    table = class_thresholds(class_score_thresh, categories)
-    if table is not None and len(labels):
-        inside = labels < len(table)
-        threshold = np.where(inside, table[np.where(inside, labels, 0)], -np.inf)
-        keep &= np.asarray(scores) >= threshold
-    if mask_min_area > 0 and areas is not None:
-        keep &= np.asarray(areas) >= mask_min_area
-    return keep
-
-
-def filter_output(
-    output: dict[str, torch.Tensor], cfg, categories, mask_threshold: float = 0.5
-) -> dict[str, torch.Tensor]:
-    """One torchvision detection output (boxes, labels, scores, masks N x 1 x H x W soft) without the
-    detections that cfg's class_score_thresh and mask_min_area drop; the mask area is the pixel count of
-    the mask binarised at `mask_threshold`, as the results store it. The output itself when nothing is set."""
-    if not cfg.class_score_thresh and not cfg.mask_min_area:
-        return output
-    areas = None
-    if cfg.mask_min_area and "masks" in output:
-        areas = (output["masks"][:, 0] >= mask_threshold).sum(dim=(1, 2)).cpu().numpy()
-    keep = keep_detections(
-        output["labels"].cpu().numpy(),
-        output["scores"].cpu().numpy(),
-        areas,
-        cfg.class_score_thresh,
-        cfg.mask_min_area,
-        categories,
-    )
-    if keep.all():
-        return output
-    index = torch.from_numpy(np.flatnonzero(keep))
-    return {k: v[index.to(v.device)] if torch.is_tensor(v) else v for k, v in output.items()}
-
-
-def filter_results(results: list[dict], cfg, categories) -> list[dict]:
-    """COCO result dicts (e.g. stitched tiled inference) without those cfg's filters drop (see
-    filter_output); a result without a segmentation has no mask area and passes mask_min_area."""
-    if not cfg.class_score_thresh and not cfg.mask_min_area or not results:
-        return results
-    areas = None
-    if cfg.mask_min_area:
-        areas = np.array(
-            [mask_utils.area(r["segmentation"]) if "segmentation" in r else np.inf for r in results]
-        )
-    keep = keep_detections(
-        [r["category_id"] for r in results],
-        [r["score"] for r in results],
-        areas,
-        cfg.class_score_thresh,
-        cfg.mask_min_area,
-        categories,
-    )
-    return [r for r, k in zip(results, keep, strict=True) if k]
-
-
-# ---- the cache ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -216,35 +112,6 @@ def load_cache(path: str | Path) -> PredictionCache:
     return PredictionCache(**{f.name: data[f.name] for f in fields(PredictionCache)})
 
 
-@torch.inference_mode()
-def _detect(model, image: torch.Tensor, mask_threshold: float):
-    """model([image])[0] taken apart, with the masks pasted, binarised and RLE-encoded MASK_CHUNK at a time
-    (the same numbers: torchvision pastes every mask on its own), plus the boxes in the model's input
-    coordinates (where roi_heads ran NMS). Returns nms_boxes, boxes, scores, labels (tensors), mask areas
-    and RLEs."""
-    original = [tuple(image.shape[-2:])]
-    images, _ = model.transform([image])  # GeneralizedRCNN.forward, step by step
-    features = model.backbone(images.tensors)
-    proposals, _ = model.rpn(images, features)
-    detections = model.roi_heads(features, proposals, images.image_sizes)[0][0]
-    boxes, areas, rles = [torch.zeros((0, 4))], [np.zeros(0, dtype=np.int64)], []
-    for start in range(0, len(detections["boxes"]), MASK_CHUNK):
-        part = {k: v[start : start + MASK_CHUNK] for k, v in detections.items()}
-        part = model.transform.postprocess([part], images.image_sizes, original)[0]
-        masks = (part["masks"][:, 0] >= mask_threshold).cpu().numpy()
-        boxes.append(part["boxes"].cpu())
-        areas.append(masks.reshape(len(masks), -1).sum(axis=1).astype(np.int64))
-        rles += encode_masks(masks)
-    return (
-        detections["boxes"].cpu(),
-        torch.cat(boxes),
-        detections["scores"].cpu(),
-        detections["labels"].cpu(),
-        np.concatenate(areas),
-        rles,
-    )
-
-
 def cache_predictions(
     checkpoint: str | Path, out: str | Path, *, device: str | None = None, mask_threshold: float = 0.5
 ) -> Path:
@@ -254,8 +121,6 @@ def cache_predictions(
     The validation split is rebuilt as training built it (cfg.data, cfg.data_format, val_fraction, seed,
     split_file); whole images one at a time, or tiled inference when the config has tile_size > 0.
     """
-    from trainers.loop import config_split, load_checkpoint_model  # loop imports engine, which imports this
-
     checkpoint, out = Path(checkpoint), Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, categories = load_checkpoint_model(checkpoint, device)
@@ -265,79 +130,17 @@ def cache_predictions(
     model.roi_heads.score_thresh = PERMISSIVE["box_score_thresh"]
     model.roi_heads.nms_thresh = PERMISSIVE["box_nms_thresh"]
     model.roi_heads.detections_per_img = PERMISSIVE["box_detections_per_img"]
-    ground_truth = coco_ground_truth(InstanceDataset(val_records)).dataset
-    per_image = []  # (labels, scores, nms_boxes, bboxes, areas, rles, complete_above) per image
-    started = last = time.perf_counter()
+    started = time.perf_counter()
     if cfg.tile_size:
-        # Tile outputs are cropped at once (trainers/tiled.py); one tile at a time bounds the memory of
-        # PERMISSIVE's full-tile soft masks.
-        results = predict_records(
-            model,
-            val_records,
-            device,
-            tile_size=cfg.tile_size,
-            tile_overlap=cfg.tile_overlap,
-            tile_batch=1,
-            mask_threshold=mask_threshold,
-            log_every_s=LOG_EVERY_S,
-        )
-        for index in range(len(val_records)):
-            mine = [r for r in results if r["image_id"] == index + 1]
-            order = np.argsort([-r["score"] for r in mine], kind="stable")
-            mine = [mine[i] for i in order]
-            bboxes = np.array([r["bbox"] for r in mine], dtype=np.float64).reshape(-1, 4)
-            xyxy = np.concatenate([bboxes[:, :2], bboxes[:, :2] + bboxes[:, 2:]], axis=1)
-            rles = [r["segmentation"] for r in mine]
-            per_image.append(
-                (
-                    np.array([r["category_id"] for r in mine], dtype=np.int64),
-                    np.array([r["score"] for r in mine], dtype=np.float32),
-                    xyxy.astype(np.float32),
-                    bboxes,
-                    np.array([mask_utils.area(r) for r in rles], dtype=np.int64),
-                    rles,
-                    PERMISSIVE["box_score_thresh"],  # tiles are not cut at a total per image
-                )
-            )
+        per_image = _tiled_candidates(model, val_records, cfg, device, mask_threshold)
     else:
-        model.eval()
-        for index, record in enumerate(val_records):
-            image = load_image(record.image_path)  # as predict_records feeds whole images
-            tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(device)
-            nms_boxes, boxes, scores, labels, areas, rles = _detect(model, tensor, mask_threshold)
-            boxes = boxes.numpy()
-            complete = PERMISSIVE["box_score_thresh"]
-            if len(scores) >= PERMISSIVE["box_detections_per_img"]:  # cut at top-k: lower ones are gone
-                complete = max(complete, float(scores.min()))
-            per_image.append(
-                (
-                    labels.numpy().astype(np.int64),
-                    scores.numpy().astype(np.float32),
-                    nms_boxes.numpy().astype(np.float32),
-                    # float32 differences, as to_coco_results computes its xywh
-                    np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64),
-                    areas,
-                    rles,
-                    complete,
-                )
-            )
-            now = time.perf_counter()
-            if now - last >= LOG_EVERY_S or index + 1 == len(val_records):
-                rate = (index + 1) / (now - started)
-                log.info(
-                    "cached %d/%d images, %.2f images/s, ETA %.0f s",
-                    index + 1,
-                    len(val_records),
-                    rate,
-                    (len(val_records) - index - 1) / rate,
-                )
-                last = now
+        per_image = _whole_image_candidates(model, val_records, device, mask_threshold)
     counts = [len(p[0]) for p in per_image]
     data = {
         "version": CACHE_VERSION,
         "config": to_dict(cfg),
         "categories": list(categories),
-        "ground_truth": ground_truth,
+        "ground_truth": coco_ground_truth(InstanceDataset(val_records)).dataset,
         "image_files": [str(r.image_path) for r in val_records],
         "permissive": dict(PERMISSIVE),
         "tiled": bool(cfg.tile_size),
@@ -362,7 +165,70 @@ def cache_predictions(
     return out
 
 
-# ---- a trial on the cache -------------------------------------------------------------------------------
+# One image's candidates: labels, scores, nms_boxes, bboxes (xywh), mask areas, RLEs, complete_above.
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list, float]
+
+
+def _tiled_candidates(model, records, cfg, device, mask_threshold: float) -> list[Candidates]:
+    # Tile outputs are cropped at once (detect_tiles); one tile at a time bounds the memory of
+    # PERMISSIVE's full-tile soft masks.
+    results = predict_records(
+        model,
+        records,
+        device,
+        tile_size=cfg.tile_size,
+        tile_overlap=cfg.tile_overlap,
+        tile_batch=1,
+        mask_threshold=mask_threshold,
+        log_every_s=LOG_EVERY_S,
+    )
+    per_image = []
+    for index in range(len(records)):
+        mine = [r for r in results if r["image_id"] == index + 1]
+        order = np.argsort([-r["score"] for r in mine], kind="stable")
+        mine = [mine[i] for i in order]
+        bboxes = np.array([r["bbox"] for r in mine], dtype=np.float64).reshape(-1, 4)
+        xyxy = np.concatenate([bboxes[:, :2], bboxes[:, :2] + bboxes[:, 2:]], axis=1)
+        rles = [r["segmentation"] for r in mine]
+        per_image.append(
+            (
+                np.array([r["category_id"] for r in mine], dtype=np.int64),
+                np.array([r["score"] for r in mine], dtype=np.float32),
+                xyxy.astype(np.float32),
+                bboxes,
+                np.array([mask_utils.area(r) for r in rles], dtype=np.int64),
+                rles,
+                PERMISSIVE["box_score_thresh"],  # tiles are not cut at a total per image
+            )
+        )
+    return per_image
+
+
+def _whole_image_candidates(model, records, device, mask_threshold: float) -> list[Candidates]:
+    model.eval()
+    per_image = []
+    with Progress(len(records), "cached", "images", log.info, every_s=LOG_EVERY_S) as bar:
+        for record in records:
+            image = image_tensor(load_image(record.image_path)).to(device)  # as predict_image feeds it
+            nms_boxes, boxes, scores, labels, areas, rles = detect_candidates(model, image, mask_threshold)
+            boxes = boxes.numpy()
+            complete = PERMISSIVE["box_score_thresh"]
+            if len(scores) >= PERMISSIVE["box_detections_per_img"]:  # cut at top-k: lower ones are gone
+                complete = max(complete, float(scores.min()))
+            per_image.append(
+                (
+                    labels.numpy().astype(np.int64),
+                    scores.numpy().astype(np.float32),
+                    nms_boxes.numpy().astype(np.float32),
+                    # float32 differences, as to_coco_results computes its xywh
+                    np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64),
+                    areas,
+                    rles,
+                    complete,
+                )
+            )
+            bar.update()
+    return per_image
 
 
 def postprocess_config(cache: PredictionCache, params: dict) -> MaskRCNNConfig:

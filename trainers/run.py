@@ -1,0 +1,120 @@
+"""The one per-worker training skeleton both tasks (Mask R-CNN, slice classifier) run, on a Ray Train
+worker (RaySeam) or in a plain process (LocalSeam): per-epoch seeding, the trainable-phase switch with its
+DDP re-wrap, the distributed sampler's epoch, rank 0's validation and checkpoint, the report (a barrier)
+and early stopping. A task supplies what differs as plain functions (trainers/detection/train.py,
+trainers/classification/train.py); resuming from `seam.latest_checkpoint()` is the task's, since each
+keeps its own state."""
+
+import logging
+import random
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from datasets.augment import reseed, seed_worker
+from datasets.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WriteCheckpoint = Callable[[Path], None]
+
+
+def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `cfg.amp`, or None; AMP is a GPU feature here (CPU autocast is not verified
+    with torchvision's detection ops), so asking for it on CPU is a UserError naming the field."""
+    if cfg.amp == "off":
+        return None
+    if torch.device(device).type != "cuda":
+        raise UserError(f"amp: '{cfg.amp}' needs a GPU (this worker runs on {device}); use amp=off on CPU")
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, rank: int, epoch: int, generator: torch.Generator, transform) -> None:
+    """Reseed every random stream of one rank at the start of an epoch: the global ones (torch's RPN/ROI
+    samplers), the loader's shuffle and worker seeds, and the augmentation. The random state at an epoch
+    boundary is then a function of (seed, rank, epoch), all in the checkpoint, so a resumed run draws
+    exactly what the uninterrupted one would on every rank, without gathering each rank's RNG state."""
+    derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    seed_everything(derived)
+    generator.manual_seed(derived)
+    if transform is not None:
+        reseed(transform, derived)
+
+
+def train_loader(seam, dataset, batch_size: int, workers: int, generator: torch.Generator, **options):
+    """The training DataLoader, prepared by the seam (DistributedSampler and device moves under DDP). Its
+    shuffle uses `generator`, which seed_epoch reseeds every epoch (Ray's loader keeps this object), and
+    every loader worker gets its own augmentation stream per epoch (seed_worker)."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        **options,
+    )
+    return seam.prepare_loader(loader)
+
+
+def run_epochs(
+    seam,
+    *,
+    seed: int,
+    epochs: int,
+    start_epoch: int,
+    bare: torch.nn.Module,
+    loader,
+    generator: torch.Generator,
+    transform,
+    phase_of: Callable[[int], Hashable],
+    set_phase: Callable[[Hashable], None],
+    train_epoch: Callable[[torch.nn.Module, int], dict],
+    end_epoch: Callable[[int, dict], tuple[WriteCheckpoint | None, bool]],
+) -> None:
+    """Epochs start_epoch..epochs-1 of a task on every rank.
+
+    phase_of(epoch): what is trainable in that epoch (hashable); set_phase applies it to `bare`.
+    train_epoch(model, epoch): one pass over `loader` with the (possibly DDP-wrapped) model; its metrics.
+    end_epoch(epoch, metrics), rank 0 only: adds the validation metrics to `metrics` and returns the
+    function that writes this epoch's checkpoint folder, and whether to stop early.
+    """
+    phase = phase_of(start_epoch)
+    set_phase(phase)
+    model = seam.prepare_model(bare)
+    for epoch in range(start_epoch, epochs):
+        seed_epoch(seed, seam.rank, epoch, generator, transform)
+        if phase_of(epoch) != phase:
+            phase = phase_of(epoch)
+            set_phase(phase)
+            if seam.world_size > 1:
+                # DDP registers the parameters that require grad when it is built and all-reduces exactly
+                # those: a part unfrozen later would train unsynchronised on each rank, and a part frozen
+                # later would leave DDP waiting for gradients that never come. So wrap the model anew.
+                model = seam.prepare_model(bare)
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        metrics = train_epoch(model, epoch)
+        metrics.update(
+            epoch=epoch + 1,
+            epoch_time_s=time.perf_counter() - started,
+            world_size=seam.world_size,
+            resumed_at_epoch=start_epoch,  # > 0 after a restart: the epoch the checkpoint ended at
+        )
+        write, stop = end_epoch(epoch, metrics) if seam.rank == 0 else (None, False)
+        seam.report(metrics, write)
+        if seam.share(stop):  # rank 0's decision on every rank
+            log.info("early stop after epoch %d", epoch + 1)
+            break
