@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(settings, space)
     _cli.use_experiment(uri, experiment)  # also points the registry at `uri` for --model models:/...
     if predictions:  # a missing model is a one-line error before Ray starts or a run is opened
-        from trainers.champion import model_folder
+        from deploy.champion import model_folder
 
         settings.model_folder = str(model_folder(settings.model))
     started = time.time()

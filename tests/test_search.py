@@ -75,7 +75,7 @@ def detector_checkpoint(tmp_path):
 
 
 def test_champion_moves_only_to_a_better_model(detector_checkpoint):
-    from trainers.champion import current_champion, evaluate_model, register_candidate
+    from deploy.champion import current_champion, evaluate_model, register_candidate
 
     folder, cfg, experiment = detector_checkpoint
 

@@ -32,7 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 from datasets.errors import UserError
 from datasets.records import write_text_atomic
 from search_spaces import Space, distributions, get_space, optuna_space
-from trainers import champion
+from deploy import champion
 from trainers.config import config_class, from_dict, to_dict
 from trainers.ray_seam import (
     CHECKPOINT_PATH_KEY,
