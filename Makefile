@@ -28,7 +28,7 @@ test-all: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/python -m tests.lint_imports
 
 bench: setup
 	$(BIN)/python -m platform.bench train

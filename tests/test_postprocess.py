@@ -23,6 +23,7 @@ from trainers.detection.inference import to_coco_results
 from trainers.detection.model import build_model
 from trainers.detection.postprocess import filter_output
 from trainers.detection.thresholds import (
+    CACHE_VERSION,
     PERMISSIVE,
     PredictionCache,
     apply_postprocess,
@@ -455,7 +456,7 @@ def test_cache_file_round_trip_and_errors(tmp_path):
     cache = synthetic_cache(images=2)
     path = tmp_path / "c.pkl"
     data = {f: getattr(cache, f) for f in PredictionCache.__dataclass_fields__}
-    write_bytes_atomic(path, pickle.dumps({"version": postprocess.CACHE_VERSION, **data}))
+    write_bytes_atomic(path, pickle.dumps({"version": CACHE_VERSION, **data}))
     loaded = load_cache(path)
     params = {"box_score_thresh": 0.2, "box_nms_thresh": 0.5}
     assert apply_postprocess(loaded, params) == apply_postprocess(cache, params)

@@ -10,6 +10,7 @@ from datasets.instances import masks_to_boxes
 from datasets.mask_folders import read_mask_folders
 from datasets.records import load_image
 from datasets.tiles import Detections, dense_masks, tile_grid
+from platform.benchmarks.tiled import benchmark_tiled, sample_mosaic
 from tests.helpers import SAMPLE
 from trainers.config import MaskRCNNConfig
 from trainers.detection import inference as tiled
@@ -224,7 +225,7 @@ def test_detections_to_coco_equals_pycocotools_on_dense_masks():
 
 
 def test_sample_mosaic_repeats_the_sample_images():
-    mosaic = tiled.sample_mosaic(600, cell=256)
+    mosaic = sample_mosaic(600, cell=256)
     images = [load_image(p)[:256, :256] for p in sorted(SAMPLE.glob("*/images/*.png"))]
     assert mosaic.shape == (600, 600, 3) and mosaic.dtype == np.uint8
     np.testing.assert_array_equal(mosaic[:256, :256], images[0])
@@ -233,6 +234,6 @@ def test_sample_mosaic_repeats_the_sample_images():
 
 
 def test_benchmark_runs_and_reports(capsys):
-    numbers = tiled.benchmark_tiled(mosaic_size=160, tile_size=96, overlap=16, batch_size=2, sahi=False)
+    numbers = benchmark_tiled(mosaic_size=160, tile_size=96, overlap=16, batch_size=2, sahi=False)
     assert numbers["tiles"] == 4 and numbers["forward_seconds"] <= numbers["seconds"]
     assert "overhead" in capsys.readouterr().out

@@ -11,7 +11,9 @@ import torch
 
 from datasets.records import load_image
 from datasets.tiles import Tile, tile_grid
+from trainers.config import MaskRCNNConfig
 from trainers.detection.inference import predict_tiled, tile_tensor
+from trainers.detection.model import build_model
 
 SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "dsb2018"
 
@@ -90,9 +92,6 @@ def benchmark_tiled(
     With `sahi` and the sahi package importable, the same model runs through SAHI's get_sliced_prediction
     on the same image, slices and overlap, and the two results are compared box to box.
     """
-    from trainers.config import MaskRCNNConfig
-    from trainers.detection.model import build_model
-
     torch.manual_seed(0)
     cfg = MaskRCNNConfig(
         backbone=backbone,
@@ -141,39 +140,55 @@ def benchmark_tiled(
         "peak_rss_mib_before": rss_before,
         "peak_rss_mib": peak,
     }
-    print(f"  detections            {numbers['detections']}")
-    print(
-        f"  total                 {total:.1f} s  ({numbers['seconds_per_megapixel']:.2f} s/MP), "
-        f"CPU time {cpu:.1f} s"
-    )
-    print(f"  sum of tile forwards  {timed.seconds:.1f} s")
-    print(f"  overhead              {numbers['overhead_percent']:.1f} %  (goal <= 10 %)")
-    print(
-        f"  peak RSS              {peak:.0f} MiB (before inference {rss_before:.0f} MiB, of which the "
-        f"image {numbers['image_mib']:.0f} MiB)"
-    )
-    sahi_result = _sahi_sliced(model, image, tile_size, overlap, device, score_threshold) if sahi else None
-    if sahi_result is not None:
-        sahi_boxes = sahi_result.pop("boxes")
-        numbers.update({f"sahi_{k}": v for k, v in sahi_result.items()})
-        numbers["sahi_detections"] = len(sahi_boxes)
-        numbers["matched_sahi"] = _greedy_matches(_box_iou(detections.boxes, sahi_boxes), 0.5)
-        numbers["peak_rss_mib_after_sahi"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("  side by side          ours      SAHI (get_sliced_prediction, batch 1, GREEDYNMM IOS 0.5)")
-        for name, key, unit in (
-            ("wall time", "seconds", "s"),
-            ("CPU time", "cpu_seconds", "s"),
-            ("sum of tile forwards", "forward_seconds", "s"),
-            ("overhead", "overhead_percent", "%"),
-            ("detections", "detections", ""),
-        ):
-            digits = 1 if unit else 0  # counts without decimals
-            print(f"  {name:22s}{numbers[key]:8.{digits}f}  {numbers['sahi_' + key]:8.{digits}f} {unit}")
-        print(
-            f"  matched one-to-one    {numbers['matched_sahi']} (box IoU >= 0.5); peak RSS after SAHI "
-            f"{numbers['peak_rss_mib_after_sahi']:.0f} MiB"
+    _print_ours(numbers)
+    if sahi:
+        _compare_with_sahi(
+            numbers, model, image, detections.boxes, tile_size, overlap, device, score_threshold
         )
     return numbers
+
+
+def _print_ours(numbers: dict) -> None:
+    print(f"  detections            {numbers['detections']}")
+    print(
+        f"  total                 {numbers['seconds']:.1f} s  ({numbers['seconds_per_megapixel']:.2f} s/MP), "
+        f"CPU time {numbers['cpu_seconds']:.1f} s"
+    )
+    print(f"  sum of tile forwards  {numbers['forward_seconds']:.1f} s")
+    print(f"  overhead              {numbers['overhead_percent']:.1f} %  (goal <= 10 %)")
+    print(
+        f"  peak RSS              {numbers['peak_rss_mib']:.0f} MiB (before inference "
+        f"{numbers['peak_rss_mib_before']:.0f} MiB, of which the image {numbers['image_mib']:.0f} MiB)"
+    )
+
+
+def _compare_with_sahi(
+    numbers: dict, model, image, boxes, tile_size: int, overlap: int, device, score_threshold: float
+) -> None:
+    """SAHI's get_sliced_prediction on the same image, slices and overlap, added to `numbers` and printed
+    beside ours (nothing when sahi is not installed)."""
+    sahi_result = _sahi_sliced(model, image, tile_size, overlap, device, score_threshold)
+    if sahi_result is None:
+        return
+    sahi_boxes = sahi_result.pop("boxes")
+    numbers.update({f"sahi_{k}": v for k, v in sahi_result.items()})
+    numbers["sahi_detections"] = len(sahi_boxes)
+    numbers["matched_sahi"] = _greedy_matches(_box_iou(boxes, sahi_boxes), 0.5)
+    numbers["peak_rss_mib_after_sahi"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("  side by side          ours      SAHI (get_sliced_prediction, batch 1, GREEDYNMM IOS 0.5)")
+    for name, key, unit in (
+        ("wall time", "seconds", "s"),
+        ("CPU time", "cpu_seconds", "s"),
+        ("sum of tile forwards", "forward_seconds", "s"),
+        ("overhead", "overhead_percent", "%"),
+        ("detections", "detections", ""),
+    ):
+        digits = 1 if unit else 0  # counts without decimals
+        print(f"  {name:22s}{numbers[key]:8.{digits}f}  {numbers['sahi_' + key]:8.{digits}f} {unit}")
+    print(
+        f"  matched one-to-one    {numbers['matched_sahi']} (box IoU >= 0.5); peak RSS after SAHI "
+        f"{numbers['peak_rss_mib_after_sahi']:.0f} MiB"
+    )
 
 
 class _PolygonMasksOnly(torch.nn.Module):

@@ -4,6 +4,7 @@ validation loss; each epoch rank 0 validates at slice and volume level and check
 
 import itertools
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -99,33 +100,9 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
     def train_epoch(model, epoch: int) -> dict:
         # the same draw on every rank: DistributedSampler then shards one epoch list
         train_set.resample(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
-        head_only = epoch < cfg.head_epochs
-        model.train()
-        if head_only:
-            backbone_norms_eval(bare)
-        steps, total = len(loader), 0.0
-        for step, (images, targets) in enumerate(loader):
-            images, targets = images.to(seam.device), targets.to(seam.device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch + step / steps, seam.world_size)
-            if mixer is not None:
-                images, targets = mixer(images, targets)
-            with torch.autocast(seam.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = train_loss(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            total += loss.item()
-        if not head_only and cfg.precise_bn_batches > 0:
-            # every rank, from its own batches; DDP then broadcasts rank 0's buffers at the next forward
-            update_bn(itertools.islice(loader, cfg.precise_bn_batches), bare, seam.device)
-        lr = optimizer.param_groups[0]["lr"]
-        return {"train_loss": total / max(steps, 1), "lr": lr, "train_slices": len(train_set)}
+        step = partial(_step, optimizer=optimizer, loss_fn=train_loss, scaler=scaler, amp_dtype=amp_dtype)
+        loss = train_one_epoch(cfg, model, bare, loader, optimizer, step, mixer, seam, epoch)
+        return {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "train_slices": len(train_set)}
 
     def end_epoch(epoch: int, metrics: dict):
         metrics.update(validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate))
@@ -169,6 +146,44 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         train_epoch=train_epoch,
         end_epoch=end_epoch,
     )
+
+
+def train_one_epoch(
+    cfg: ClassifierConfig, model, bare, loader, optimizer, step, mixer, seam, epoch: int
+) -> float:
+    """One pass over `loader` (lr set per step by lr_at, Mixup/CutMix when on), then precise BN statistics
+    once the backbone trains; the mean training loss. `model` is `bare` as the seam prepared it (DDP)."""
+    head_only = epoch < cfg.head_epochs
+    model.train()
+    if head_only:
+        backbone_norms_eval(bare)
+    steps, total = len(loader), 0.0
+    for i, (images, targets) in enumerate(loader):
+        images, targets = images.to(seam.device), targets.to(seam.device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch + i / steps, seam.world_size)
+        if mixer is not None:
+            images, targets = mixer(images, targets)
+        total += step(model, images, targets)
+    if not head_only and cfg.precise_bn_batches > 0:
+        # every rank, from its own batches; DDP then broadcasts rank 0's buffers at the next forward
+        update_bn(itertools.islice(loader, cfg.precise_bn_batches), bare, seam.device)
+    return total / max(steps, 1)
+
+
+def _step(model, images, targets, *, optimizer, loss_fn, scaler, amp_dtype) -> float:
+    """One optimizer step (autocast to amp_dtype; fp16 with the GradScaler); the batch's loss."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = loss_fn(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.item()
 
 
 def _resume(cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: dict) -> int:

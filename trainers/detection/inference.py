@@ -88,23 +88,24 @@ def predict_tiled(
     with bar:
         for first in range(0, len(tiles), batch_size):
             chunk = tiles[first : first + batch_size]
-            batch = [(tile, tile_tensor(image, tile, value_range)) for tile in chunk]
-            per_tile += detect_tiles(model, device, batch, score_threshold, mask_threshold)
+            batch = [(tile, tile_tensor(image, tile, value_range), score_threshold) for tile in chunk]
+            per_tile += detect_tiles(model, device, batch, mask_threshold)
             bar.update(len(batch))
     return stitch_detections(per_tile, match_threshold=match_threshold, match_metric="iou", merge=merge)
 
 
 @torch.inference_mode()
 def detect_tiles(
-    model, device, tiles: list[tuple[Tile, torch.Tensor]], score_threshold: float, mask_threshold: float
+    model, device, tiles: list[tuple[Tile, torch.Tensor, float]], mask_threshold: float = 0.5
 ) -> list[TileDetections]:
-    """One model call on a batch of (tile, its tensor): each tile's detections, every mask cut to its extent
-    at once, so the batch's full-tile soft masks (~100 MB a tile) are freed before the next batch. The
-    tiles may come from different images (the Serve detector batches tiles across requests)."""
-    outputs = model([tensor.to(device) for _, tensor in tiles])
+    """One model call on a batch of (tile, its tensor, score threshold): each tile's detections scoring at
+    least its threshold, every mask cut to its extent at once, so the batch's full-tile soft masks (~100 MB
+    a tile) are freed before the next batch. The tiles may come from different images and requests (the
+    Serve detector batches tiles across requests)."""
+    outputs = model([tensor.to(device) for _, tensor, _ in tiles])
     cropped = [
         crop_output(tile, output, score_threshold, mask_threshold)
-        for (tile, _), output in zip(tiles, outputs, strict=True)
+        for (tile, _, score_threshold), output in zip(tiles, outputs, strict=True)
     ]
     del outputs
     trim_heap()
