@@ -1,5 +1,6 @@
 """Uploaded bytes -> pixels, with every way a request can be wrong answered as a `BadInput` (an HTTP 4xx
-status and a message), never an exception that would become a 500.
+status and a message), never an exception that would become a 500; a model replica returns its user
+errors as an answer (user_error) that the ingress turns into the same 4xx.
 
 Decoding is bounded before any pixel is decoded: the image's header gives its size, which is checked
 against the pixel limit (a 100-kB PNG can declare 50 000 x 50 000 pixels, a decompression bomb); a
@@ -38,6 +39,11 @@ class BadInput(UserError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def user_error(e: UserError) -> dict:
+    """A user error raised inside a model replica, returned (not raised) so the ingress answers 4xx."""
+    return {"error": str(e), "status": e.status if isinstance(e, BadInput) else 422}
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:

@@ -118,7 +118,7 @@ def bench_match(args) -> int:
 
 
 def bench_serve(args) -> int:
-    from deploy.benchmark import benchmark_serve
+    from platform.benchmarks.serve import benchmark_serve
 
     tracking = _cli.tracking_uri(args.tracking_uri) if args.detector and args.classifier else None
     benchmark_serve(
@@ -223,39 +223,10 @@ def bench_eval(args) -> int:
 
 def bench_data(args) -> int:
     """The loader must not be the bottleneck: >= 3x the model's consumption on the same cores."""
-    import torch
-    from torch.utils.data import DataLoader
+    from platform.benchmarks.data import benchmark_data
 
-    from datasets.augment import loader_benchmark
-    from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
-    from trainers.detection.model import build_model
-    from trainers.detection.train import build_optimizer, build_scheduler, train_one_epoch
-    from trainers.recipes import get_recipe
-
-    loader = loader_benchmark(preset=args.preset, passes=2, num_workers=args.loader_workers)
-    cfg = get_recipe(args.recipe)
-    records = read_records(SAMPLE_DATA)[: args.steps * cfg.batch_size]
-    batches = DataLoader(InstanceDataset(records), batch_size=cfg.batch_size, collate_fn=collate)
-    model = build_model(cfg, num_classes=1)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(batches))  # warm-up keeps it finite
-    steps = dict(scheduler=scheduler, grad_clip=cfg.grad_clip)
-    train_one_epoch(model, optimizer, [next(iter(batches))], "cpu", **steps)  # first step: allocations
-    model_rate = train_one_epoch(model, optimizer, batches, "cpu", **steps)["images_per_s"]
-    ratio = loader["images_per_s"] / model_rate
-    print(f"\n{torch.get_num_threads()} CPU threads; bundled sample ({len(records)} images for the model)")
-    data_side = f"data loader ({args.preset} preset, {args.loader_workers} workers)"
-    print(f"{data_side:45s} {loader['images_per_s']:8.2f} images/s")
-    print(f"{f'Mask R-CNN training ({args.recipe})':45s} {model_rate:8.2f} images/s")
-    print(f"loader / model: {ratio:.1f}x  (goal >= 3x)")
     volumes = Path(args.volumes) if args.volumes else _cli.REPO.parent / "shared" / "data" / "adrenal3d"
-    if volumes.exists():
-        from datasets.volumes import measure_slices_per_s, read_volumes
-
-        rate = measure_slices_per_s(read_volumes(volumes), axes=(0, 1, 2), size=224, max_volumes=50)
-        print(f"volume slicing ({volumes.name}, 50 volumes, all axes, 224 px): {rate:8.0f} slices/s examined")
-    else:
-        print(f"volume slicing: skipped ({volumes} not found; pass --volumes)")
+    benchmark_data(args.recipe, args.preset, args.loader_workers, args.steps, volumes)
     return 0
 
 

@@ -26,6 +26,7 @@ from platform import _cli
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 DEFAULT_DETECTOR = "models:/dsb2018_demo@champion"  # what `make demo` registers
+APP_NAME = "foram"  # the application's name in Serve (deploy/serve.yaml names it so too)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,14 @@ def read_config(path: str) -> tuple[dict, dict]:
     return args, http
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it): for servers the benchmarks
+    and tests start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
@@ -123,8 +132,23 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def start_app(settings, host: str, port: int) -> None:
+    """Serve's HTTP proxy on host:port and the application (deploy.app.application) at / on the Ray this
+    process is connected to; a UserError when a replica fails to start."""
+    from ray import serve
+
+    from deploy.app import application
+
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(application(settings), name=APP_NAME, route_prefix="/")
+    except RuntimeError as e:  # a replica failed in __init__ (its traceback is in the log above)
+        raise UserError(f"the application did not start: {str(e).splitlines()[0]}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    from deploy.app import application, check_models, settings_from
+    from deploy.app import check_models
+    from deploy.settings import settings_from
 
     args = build_parser().parse_args(argv)
     values, http = read_config(args.config) if args.config else ({}, {})
@@ -156,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a service manager, `kill`) stops as cleanly as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        try:
-            serve.run(application(settings), name="foram", route_prefix="/")
-        except RuntimeError as e:  # a replica failed in __init__ (its traceback is in the log above)
-            raise UserError(f"the application did not start: {str(e).splitlines()[0]}") from None
+        start_app(settings, host, port)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         for role, (name, version) in models.items():
             print(f"serving {role}: {name} version {version} ({getattr(settings, role)})")

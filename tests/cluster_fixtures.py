@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from deploy.benchmark import free_port
+from platform.serve import free_port
 from tests.helpers import REPO
 
 SERVER_SH = REPO / "mlflow" / "server.sh"

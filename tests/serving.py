@@ -1,5 +1,5 @@
 """A temporary MLflow store holding a small trained detector and slice classifier, and a real
-`python -m platform.serve` on 127.0.0.1 over them: what the serving tests and `platform.bench serve` use."""
+`python -m platform.serve` on 127.0.0.1 over them: what the serving and page tests use."""
 
 import os
 import signal
@@ -13,7 +13,7 @@ import mlflow
 import requests
 import torch
 
-from deploy.benchmark import free_port
+from platform.serve import free_port
 from tests.classifier_data import TINY, write_volumes
 from tests.helpers import REPO, SHARED_DATA, sample_subset
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from datasets.errors import UserError
-from deploy.benchmark import free_port
 from platform import launch
+from platform.serve import free_port
 from tests.helpers import REPO, run_cli
 from trainers.ray_seam import WORKING_DIR_EXCLUDES
 

@@ -59,8 +59,8 @@ def test_segment_a_sample_image_as_the_model_does_in_process(server, store):
 
     # The same registered model run in this process (deploy.registry.predict_image) finds the same instances.
     from datasets.records import load_image
-    from deploy.app import use_registry
     from deploy.registry import load_detector, predict_image
+    from deploy.reloading import use_registry
 
     use_registry(store)
     try:
@@ -182,7 +182,7 @@ def test_reload_on_alias_without_dropping_requests(server, store):
     request succeeds, and the answering version goes from 1 to 2 and stays there."""
     import mlflow
 
-    from deploy.app import use_registry
+    from deploy.reloading import use_registry
 
     body = IMAGES[2].read_bytes()
     versions, failures, stop = [], [], threading.Event()

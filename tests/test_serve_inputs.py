@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from datasets.records import load_image
-from deploy.app import ServeSettings, settings_from
 from deploy.inputs import BadInput, decode_image, decode_volume, is_nifti
+from deploy.settings import ServeSettings, settings_from
 from tests.helpers import REPO, SHARED_DATA
 
 IMAGES = sorted((SHARED_DATA / "dsb2018" / "stage1_train").glob("*/images/*.png"))
