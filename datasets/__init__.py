@@ -1,4 +1,5 @@
-"""Readers for the supported annotation formats, augmentation, splits and the bundled sample data.
+"""Readers and writers for every supported format, augmentation, tiling, splits, micro-CT volumes and
+their slices, and the bundled sample data.
 
 Imported by Ray workers, so nothing here may import `platform.*`.
 """

@@ -21,9 +21,7 @@ Two albumentations 2.0.8 behaviours every caller must know (both handled here):
 """
 
 import random
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import albumentations as A
 import cv2
@@ -277,44 +275,3 @@ def _dihedral() -> list:
     # The 8 rotations/reflections of a square, nothing else: exact on binary shape masks (no interpolation,
     # no photometric change), where a slice's orientation carries no class information.
     return [A.RandomRotate90(p=1.0), A.HorizontalFlip(p=0.5)]
-
-
-# ---- loader benchmark ---------------------------------------------------------------------------------
-
-
-def loader_benchmark(
-    root: str | Path | None = None,
-    preset: str = "sartorius",
-    passes: int = 2,
-    num_workers: int = 0,
-    seed: int = 0,
-) -> dict:
-    """Images/s of the training data path (read PNGs, augment, masks to boxes, tensors) over a
-    mask-folders dataset (default: the bundled DSB2018 sample), `passes` times over it.
-
-    The default preset is the heaviest on the bundled sample (measured: sartorius upsamples to a
-    640-800 short edge, so every mask is resized too). Returns {"preset", "images", "seconds",
-    "images_per_s", "instances_per_s", "num_workers"}. With num_workers=0 it measures one core;
-    compare with the model's images/s on the same cores.
-    """
-    from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
-
-    dataset = InstanceDataset(read_records(root or SAMPLE_DATA), augmentation(preset, seed))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, num_workers=num_workers, collate_fn=collate, worker_init_fn=seed_worker
-    )
-    images = instances = 0
-    start = time.perf_counter()
-    for _ in range(passes):
-        for batch_images, targets in loader:
-            images += len(batch_images)
-            instances += sum(len(target["labels"]) for target in targets)
-    seconds = time.perf_counter() - start
-    return {
-        "preset": preset,
-        "images": images,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(images / seconds, 2),
-        "instances_per_s": round(instances / seconds, 1),
-        "num_workers": num_workers,
-    }

@@ -1,3 +1,6 @@
+"""The one error type for mistakes in the user's input, which the CLIs print as one line."""
+
+
 class UserError(Exception):
     """A mistake in the user's input (a path, a file, a config key or value).
 

@@ -17,6 +17,7 @@ from datasets.records import (
     dataset_categories,
     image_size,
     load_image,
+    load_mask_file,
     open_image,
     record_rles,
 )
@@ -43,18 +44,6 @@ def read_mask_folders(root: str | Path) -> list[ImageRecord]:
     if not records:
         raise UserError(f"{root}: empty dataset, no image folders found (expected the {LAYOUT})")
     return records
-
-
-def load_mask_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """HxW bool; a mask whose size is not the image's is an error naming both sizes."""
-    mask = open_image(path)
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    if mask.shape != tuple(shape):
-        raise UserError(
-            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {shape[1]}x{shape[0]}"
-        )
-    return mask > 0
 
 
 def load_masks(record: ImageRecord, shape: tuple[int, int]) -> np.ndarray:

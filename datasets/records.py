@@ -77,6 +77,19 @@ def load_image(path: Path) -> np.ndarray:
     return to_rgb8(open_image(path))
 
 
+def load_mask_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """HxW bool from one binary mask image (a record's `mask_paths`); a mask whose size is not the
+    image's is an error naming both sizes."""
+    mask = open_image(path)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.shape != tuple(shape):
+        raise UserError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {shape[1]}x{shape[0]}"
+        )
+    return mask > 0
+
+
 def to_rgb8(arr: np.ndarray) -> np.ndarray:
     """Decoded pixels (HxW or HxWxC, C 1-4, any dtype) as the HxWx3 uint8 RGB that models are trained on:
     alpha dropped, grey replicated, other dtypes (16-bit grey, float) scaled by the image's own range."""
@@ -184,8 +197,6 @@ def instance_rle(instance: Instance, height: int, width: int) -> dict:
 def record_rles(record: ImageRecord, height: int, width: int) -> list[tuple[dict, Instance]]:
     """(compressed RLE, instance) for every instance of the record, including empty masks."""
     if record.mask_paths:
-        from datasets.mask_folders import load_mask_file
-
         out = []
         for path in record.mask_paths:
             mask = load_mask_file(path, (height, width))

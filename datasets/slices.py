@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from datasets.errors import UserError
-from datasets.volumes import INDEX_COLUMNS, extract_slices, read_index, read_volumes
+from datasets.slice_index import INDEX_COLUMNS, extract_slices, read_index
+from datasets.volumes import read_volumes
 
 log = logging.getLogger(__name__)
 

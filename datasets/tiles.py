@@ -10,6 +10,7 @@ Coordinates: x is the column, y the row; boxes are (x1, y1, x2, y2) in pixel-edg
 `datasets.instances.masks_to_boxes`; a tile covers rows y..y+height-1 and columns x..x+width-1.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -226,33 +227,59 @@ def stitch_detections(
         raise UserError(f"match_metric: expected 'iou' or 'ios', got '{match_metric}'")
     if merge not in ("union", "nms"):
         raise UserError(f"merge: expected 'union' or 'nms', got '{merge}'")
+    pieces = _gather(per_tile)
+    parent = list(range(len(pieces.scores)))  # union-find over the pieces: one root per object
+    for i, j in _matching_pairs(per_tile, pieces, match_threshold, match_metric, class_agnostic):
+        parent[_root(parent, i)] = _root(parent, j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(parent)):
+        groups.setdefault(_root(parent, i), []).append(i)
+    return _merge_groups(list(groups.values()), pieces, merge)
+
+
+@dataclass
+class _Pieces:
+    """Every tile's detections in image coordinates, one entry per detection, in tile order."""
+
+    boxes: np.ndarray  # N x 4 float64
+    scores: list[float]
+    labels: list[int]
+    tile_of: list[int]  # index in per_tile of the tile the detection came from
+    with_masks: bool  # every tile has masks; otherwise boxes alone are matched and returned
+    patches: list[np.ndarray]  # masks trimmed to their bounding boxes (empty without masks)
+    origins: list[tuple[int, int]]  # (x, y) of each patch's top-left pixel in the image
+
+
+def _gather(per_tile: list[TileDetections]) -> _Pieces:
     with_masks = bool(per_tile) and all(t.masks is not None for t in per_tile)
-    boxes, scores, labels, tile_of, patches, origins = [], [], [], [], [], []
+    pieces = _Pieces(np.zeros((0, 4)), [], [], [], with_masks, [], [])
+    boxes = []
     for t_index, det in enumerate(per_tile):
         shift = np.array([det.tile.x, det.tile.y, det.tile.x, det.tile.y], dtype=np.float64)
         for i in range(len(det.scores)):
             boxes.append(np.asarray(det.boxes[i], dtype=np.float64) + shift)
-            scores.append(float(det.scores[i]))
-            labels.append(int(det.labels[i]))
-            tile_of.append(t_index)
+            pieces.scores.append(float(det.scores[i]))
+            pieces.labels.append(int(det.labels[i]))
+            pieces.tile_of.append(t_index)
             if with_masks:
                 ox, oy = det.mask_origins[i] if det.mask_origins is not None else (0, 0)
                 patch, ox, oy = _trim(np.asarray(det.masks[i], dtype=bool), det.tile.x + ox, det.tile.y + oy)
-                patches.append(patch)
-                origins.append((ox, oy))
-    n = len(scores)
-    parent = list(range(n))
+                pieces.patches.append(patch)
+                pieces.origins.append((ox, oy))
+    pieces.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return pieces
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    by_tile: dict[int, list[int]] = {}
-    for i, t_index in enumerate(tile_of):
-        by_tile.setdefault(t_index, []).append(i)
+def _root(parent: list[int], i: int) -> int:
+    """Union-find's root of `i`, halving the path on the way."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def _shared_windows(per_tile: list[TileDetections]) -> Iterator[tuple[int, int, tuple[int, int, int, int]]]:
+    """(ta, tb, (x0, y0, x1, y1)) for every pair of overlapping tiles ta < tb: the region both see."""
     # Each tile's overlapping later tiles, found with numpy: for the 12,544 tiles of a 50k x 50k slide a
     # Python loop over all pairs would take about a minute (0.75 us a pair), this about 4 s.
     spans = np.array(
@@ -263,60 +290,75 @@ def stitch_detections(
         hi = np.minimum(spans[ta + 1 :, 2:], spans[ta, 2:])
         for tb in (ta + 1 + np.flatnonzero((lo < hi).all(axis=1))).tolist():
             (x0, y0), (x1, y1) = lo[tb - ta - 1].tolist(), hi[tb - ta - 1].tolist()
-            # Each tile's detections whose boxes reach into the shared window, clipped to it; only pairs
-            # whose clipped boxes intersect can match (the pair test, vectorised: dense tiles hold hundreds).
-            (ia, ba), (ib, bb) = (
-                _boxes_in_window(box_array, by_tile.get(t, []), x0, y0, x1, y1) for t in (ta, tb)
-            )
-            wide = np.minimum(ba[:, None, 2], bb[None, :, 2]) > np.maximum(ba[:, None, 0], bb[None, :, 0])
-            high = np.minimum(ba[:, None, 3], bb[None, :, 3]) > np.maximum(ba[:, None, 1], bb[None, :, 1])
-            for a, b in np.argwhere(wide & high).tolist():
-                i, j = int(ia[a]), int(ib[b])
-                if not class_agnostic and labels[i] != labels[j]:
-                    continue
-                if with_masks:
-                    # Within the window, but only over the two patches' extent: outside it both are empty.
-                    (ax0, ay0), (bx0, by0) = origins[i], origins[j]
-                    (ah, aw), (bh, bw) = patches[i].shape, patches[j].shape
-                    sub = (
-                        max(x0, min(ax0, bx0)),
-                        max(y0, min(ay0, by0)),
-                        min(x1, max(ax0 + aw, bx0 + bw)),
-                        min(y1, max(ay0 + ah, by0 + bh)),
-                    )
-                    score = 0.0  # when neither mask reaches into the window
-                    if sub[0] < sub[2] and sub[1] < sub[3]:
-                        score = _overlap_score(
-                            _window(patches[i], ax0, ay0, *sub),
-                            _window(patches[j], bx0, by0, *sub),
-                            match_metric,
-                        )
-                else:
-                    score = _box_score(ba[a], bb[b], match_metric)
-                if score >= match_threshold:
-                    parent[find(i)] = find(j)
+            yield ta, tb, (x0, y0, x1, y1)
 
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
+
+def _matching_pairs(
+    per_tile: list[TileDetections], pieces: _Pieces, threshold: float, metric: str, class_agnostic: bool
+) -> Iterator[tuple[int, int]]:
+    """(i, j): pieces of two overlapping tiles that match inside the tiles' shared region."""
+    by_tile: dict[int, list[int]] = {}
+    for i, t_index in enumerate(pieces.tile_of):
+        by_tile.setdefault(t_index, []).append(i)
+    for ta, tb, window in _shared_windows(per_tile):
+        # Each tile's detections whose boxes reach into the shared window, clipped to it; only pairs
+        # whose clipped boxes intersect can match (the pair test, vectorised: dense tiles hold hundreds).
+        (ia, ba), (ib, bb) = (_boxes_in_window(pieces.boxes, by_tile.get(t, []), *window) for t in (ta, tb))
+        wide = np.minimum(ba[:, None, 2], bb[None, :, 2]) > np.maximum(ba[:, None, 0], bb[None, :, 0])
+        high = np.minimum(ba[:, None, 3], bb[None, :, 3]) > np.maximum(ba[:, None, 1], bb[None, :, 1])
+        for a, b in np.argwhere(wide & high).tolist():
+            i, j = int(ia[a]), int(ib[b])
+            if not class_agnostic and pieces.labels[i] != pieces.labels[j]:
+                continue
+            if pieces.with_masks:
+                score = _mask_score_in_window(pieces, i, j, window, metric)
+            else:
+                score = _box_score(ba[a], bb[b], metric)
+            if score >= threshold:
+                yield i, j
+
+
+def _mask_score_in_window(
+    pieces: _Pieces, i: int, j: int, window: tuple[int, int, int, int], metric: str
+) -> float:
+    """IoU or IoS of two pieces' masks within the window, measured only over the two patches' extent
+    (outside it both are empty); 0 when neither mask reaches into the window."""
+    x0, y0, x1, y1 = window
+    (ax0, ay0), (bx0, by0) = pieces.origins[i], pieces.origins[j]
+    (ah, aw), (bh, bw) = pieces.patches[i].shape, pieces.patches[j].shape
+    sub = (
+        max(x0, min(ax0, bx0)),
+        max(y0, min(ay0, by0)),
+        min(x1, max(ax0 + aw, bx0 + bw)),
+        min(y1, max(ay0 + ah, by0 + bh)),
+    )
+    if not (sub[0] < sub[2] and sub[1] < sub[3]):
+        return 0.0
+    return _overlap_score(
+        _window(pieces.patches[i], ax0, ay0, *sub), _window(pieces.patches[j], bx0, by0, *sub), metric
+    )
+
+
+def _merge_groups(groups: list[list[int]], pieces: _Pieces, merge: str) -> Detections:
+    """One detection per group of matched pieces, highest score first (see `stitch_detections`)."""
     out_boxes, out_scores, out_labels, out_masks, out_origins = [], [], [], [], []
-    for members in sorted(groups.values(), key=lambda m: -max(scores[i] for i in m)):
-        best = max(members, key=lambda i: scores[i])
+    for members in sorted(groups, key=lambda m: -max(pieces.scores[i] for i in m)):
+        best = max(members, key=lambda i: pieces.scores[i])
         keep = members if merge == "union" else [best]
-        stacked = np.stack([boxes[i] for i in keep])
+        stacked = pieces.boxes[keep]
         out_boxes.append([*stacked[:, :2].min(axis=0), *stacked[:, 2:].max(axis=0)])
-        out_scores.append(scores[best])
-        out_labels.append(labels[best])
-        if with_masks:
-            patch, ox, oy = _union(keep, patches, origins)
+        out_scores.append(pieces.scores[best])
+        out_labels.append(pieces.labels[best])
+        if pieces.with_masks:
+            patch, ox, oy = _union(keep, pieces.patches, pieces.origins)
             out_masks.append(patch)
             out_origins.append((ox, oy))
     return Detections(
         boxes=np.asarray(out_boxes, dtype=np.float32).reshape(-1, 4),
         scores=np.asarray(out_scores, dtype=np.float32),
         labels=np.asarray(out_labels, dtype=np.int64),
-        masks=out_masks if with_masks else None,
-        mask_origins=np.asarray(out_origins, dtype=np.int64).reshape(-1, 2) if with_masks else None,
+        masks=out_masks if pieces.with_masks else None,
+        mask_origins=np.asarray(out_origins, dtype=np.int64).reshape(-1, 2) if pieces.with_masks else None,
     )
 
 

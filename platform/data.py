@@ -180,14 +180,9 @@ def split(args) -> int:
 def slices(args) -> int:
     import logging
 
+    from datasets.slice_index import extract_slices, set_index_splits, slices_per_specimen
     from datasets.specimen_split import format_split_report, parse_fractions, search_split
-    from datasets.volumes import (
-        extract_slices,
-        read_volumes,
-        set_index_splits,
-        slices_per_specimen,
-        specimen_labels,
-    )
+    from datasets.volumes import read_volumes, specimen_labels
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the extractor's progress lines
     fractions = parse_fractions(args.split) if args.split else None  # bad fractions fail before the work

@@ -1,3 +1,6 @@
+"""Augmentation presets: masks and boxes move with the image, seeding, worker streams, and the loader
+benchmark's numbers."""
+
 from collections import Counter
 
 import albumentations as A
@@ -10,13 +13,13 @@ from datasets.augment import (
     _dsb2018_choices,
     apply_transform,
     augmentation,
-    loader_benchmark,
     reseed,
     seed_worker,
 )
 from datasets.errors import UserError
 from datasets.instances import masks_to_boxes
 from datasets.mask_folders import load_image, load_masks, read_mask_folders
+from platform.benchmarks.data import loader_benchmark
 from tests.helpers import SAMPLE
 
 ALL = list(PRESETS)

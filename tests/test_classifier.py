@@ -12,7 +12,8 @@ import torch
 
 from datasets.errors import UserError
 from datasets.slices import SliceDataset, evenly_spaced, slice_index, split_rows
-from datasets.volumes import VolumeRecord, read_volumes, volume_slices, whole_slice_box
+from datasets.slicing import volume_slices, whole_slice_box
+from datasets.volumes import VolumeRecord, read_volumes
 from tests.classifier_data import TINY, ball_or_box, write_volumes
 from trainers.classification.model import (
     build_classifier,

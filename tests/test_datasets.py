@@ -1,3 +1,6 @@
+"""The mask-folders sample as a training dataset: images, masks, boxes, COCO ground truth, flips, the
+seeded split and error messages that name the file."""
+
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,3 +1,5 @@
+"""Train/val splits of instance datasets: ratios, k-fold, seeding, split files and their errors."""
+
 import json
 import random
 from collections import Counter

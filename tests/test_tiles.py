@@ -1,3 +1,5 @@
+"""Tiles: the grid, instances clipped to tiles, and stitching per-tile detections back together."""
+
 import numpy as np
 import pytest
 

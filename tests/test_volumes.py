@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datasets import slice_index, slicing
 from datasets import specimen_split as ss
 from datasets import volumes as vol
 from datasets.errors import UserError
+from platform.benchmarks.data import measure_slices_per_s
 from tests.helpers import SHARED_DATA
 
 ADRENAL = SHARED_DATA / "adrenal3d"
@@ -38,18 +40,18 @@ def adrenal_records() -> list[vol.VolumeRecord]:
 
 
 @pytest.fixture(scope="module")
-def adrenal_slices(adrenal_records, tmp_path_factory) -> vol.ExtractSummary:
+def adrenal_slices(adrenal_records, tmp_path_factory) -> slice_index.ExtractSummary:
     """The 20-volume subset sliced along all three axes once, shared by the tests that read it."""
     out = tmp_path_factory.mktemp("adrenal") / "slices"
-    return vol.extract_slices(adrenal_records, out, axes=vol.parse_axes("all"))
+    return slice_index.extract_slices(adrenal_records, out, axes=slicing.parse_axes("all"))
 
 
 @pytest.fixture(scope="module")
-def shell_slices(tmp_path_factory) -> vol.ExtractSummary:
+def shell_slices(tmp_path_factory) -> slice_index.ExtractSummary:
     if not SHELL.is_file():
         pytest.skip("needs shared/data/microct_shell")
     out = tmp_path_factory.mktemp("shell") / "slices"
-    return vol.extract_slices(vol.read_volumes(SHELL.parent), out, axes=(0, 1, 2))
+    return slice_index.extract_slices(vol.read_volumes(SHELL.parent), out, axes=(0, 1, 2))
 
 
 def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -77,7 +79,7 @@ def test_otsu_matches_brute_force(seed):
         for _ in range(int(rng.integers(2, 4)))
     ]
     values = np.clip(np.concatenate(parts), 0, 255).round().astype(np.uint8)
-    ours = vol.otsu_threshold(values)
+    ours = slicing.otsu_threshold(values)
     ref, within = _otsu_brute_force(values)
     assert within[ours] == pytest.approx(within[ref], rel=1e-9)
     assert ours == ref
@@ -88,12 +90,13 @@ def test_otsu_on_micro_ct_matches_brute_force():
     volume = vol.load_volume(SHELL)
     sample = np.random.default_rng(0).choice(volume.ravel(), 50_000, replace=False)
     ref, within = _otsu_brute_force(sample)
-    assert within[vol.otsu_threshold(sample)] == pytest.approx(within[ref], rel=1e-9)
+    assert within[slicing.otsu_threshold(sample)] == pytest.approx(within[ref], rel=1e-9)
 
 
 def test_otsu_edge_cases():
-    assert vol.otsu_threshold(np.array([0, 255, 0, 255], dtype=np.uint8)) == 0  # a binary mask: object > 0
-    assert vol.otsu_threshold(np.full(10, 7, dtype=np.uint8)) == 7  # constant: nothing is above it
+    binary = np.array([0, 255, 0, 255], dtype=np.uint8)
+    assert slicing.otsu_threshold(binary) == 0  # a binary mask: object > 0
+    assert slicing.otsu_threshold(np.full(10, 7, dtype=np.uint8)) == 7  # constant: nothing is above it
 
 
 # ------------------------------------------------------------------------------------------ reading input
@@ -141,10 +144,10 @@ def test_class_folder_layout(tmp_path):
 def test_slice_counts_and_low_content_dropped(adrenal_records):
     """Every slice of every axis is examined once; exactly those below min_foreground are dropped."""
     min_fg = 0.01
-    results = list(vol.iter_slices(adrenal_records, axes=(0, 1, 2), min_foreground=min_fg))
+    results = list(slicing.iter_slices(adrenal_records, axes=(0, 1, 2), min_foreground=min_fg))
     for record in adrenal_records:
         volume = vol.load_volume(record.path)
-        object_mask = volume > vol.otsu_threshold(volume)
+        object_mask = volume > slicing.otsu_threshold(volume)
         mine = [s for s in results if s.record is record]
         for axis in range(3):
             on_axis = [s for s in mine if s.axis == axis]
@@ -161,11 +164,11 @@ def test_slice_counts_and_low_content_dropped(adrenal_records):
 
 
 def test_index_csv_and_pngs(adrenal_records, adrenal_slices):
-    rows = vol.read_index(adrenal_slices.index_csv)
+    rows = slice_index.read_index(adrenal_slices.index_csv)
     assert len(rows) == adrenal_slices.slices_written > 0
     assert adrenal_slices.slices_written + adrenal_slices.slices_dropped == N_ADRENAL * 64 * 3
     with open(adrenal_slices.index_csv, newline="") as f:
-        assert tuple(next(csv.reader(f))) == vol.INDEX_COLUMNS
+        assert tuple(next(csv.reader(f))) == slice_index.INDEX_COLUMNS
     labels = {r.specimen: r.label for r in adrenal_records}
     assert {row["specimen"] for row in rows} == set(labels)
     seen = set()
@@ -184,13 +187,13 @@ def test_index_csv_and_pngs(adrenal_records, adrenal_slices):
 
 
 def _check_crops(index_csv: Path, min_rows: int):
-    rows = vol.read_index(index_csv)
+    rows = slice_index.read_index(index_csv)
     assert len(rows) >= min_rows
     masks: dict[str, np.ndarray] = {}
     for row in rows:
         if row["source"] not in masks:
             volume = vol.load_volume(row["source"])
-            masks[row["source"]] = volume > vol.otsu_threshold(volume)
+            masks[row["source"]] = volume > slicing.otsu_threshold(volume)
         mask = _plane(masks[row["source"]], int(row["axis"]), int(row["slice_index"]))
         r0, c0, r1, c1 = (int(row[k]) for k in ("crop_row0", "crop_col0", "crop_row1", "crop_col1"))
         rows_on, cols_on = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -209,9 +212,9 @@ def test_crop_boxes_contain_object_adrenal(adrenal_slices):
 def test_micro_ct_shell(shell_slices):
     assert shell_slices.volumes == 1
     assert shell_slices.slices_written + shell_slices.slices_dropped == 225 + 128 + 128
-    rows = vol.read_index(shell_slices.index_csv)
+    rows = slice_index.read_index(shell_slices.index_csv)
     volume = vol.load_volume(SHELL)
-    mask = volume > vol.otsu_threshold(volume)
+    mask = volume > slicing.otsu_threshold(volume)
     for axis in range(3):
         nonempty = int(mask.any(axis=tuple(a for a in range(3) if a != axis)).sum())
         written = sum(row["axis"] == str(axis) for row in rows)
@@ -225,8 +228,8 @@ def test_micro_ct_shell(shell_slices):
 
 @needs_adrenal
 def test_size_384_and_single_axis(adrenal_records, tmp_path):
-    summary = vol.extract_slices(adrenal_records[:1], tmp_path / "big", axes="2", size=384)
-    rows = vol.read_index(summary.index_csv)
+    summary = slice_index.extract_slices(adrenal_records[:1], tmp_path / "big", axes="2", size=384)
+    rows = slice_index.read_index(summary.index_csv)
     assert rows and {row["axis"] for row in rows} == {"2"}
     with Image.open(summary.out_dir / rows[0]["path"]) as im:
         assert im.size == (384, 384)
@@ -244,25 +247,25 @@ def test_streaming_holds_one_volume(adrenal_records, tmp_path, monkeypatch):
         alive.append(weakref.ref(volume))
         return volume
 
-    monkeypatch.setattr(vol, "load_volume", tracking_load)
-    stream = vol.iter_slices(adrenal_records, axes=(0,))
+    monkeypatch.setattr(slicing, "load_volume", tracking_load)  # where iter_slices reads it
+    stream = slicing.iter_slices(adrenal_records, axes=(0,))
     first = next(stream)
     assert first.record is adrenal_records[0] and len(loads) == 1  # nothing read ahead
     stream.close()  # a suspended generator still holds its volume
-    vol.extract_slices(adrenal_records[:8], tmp_path / "out", axes=(0, 1, 2))
+    slice_index.extract_slices(adrenal_records[:8], tmp_path / "out", axes=(0, 1, 2))
     assert len(loads) == 1 + 8
     assert loads[1:] == [0] * 8  # through extract_slices: never a second volume alive during a load
 
 
 def test_progress_log_line(adrenal_records, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="datasets.volumes"):
-        vol.extract_slices(adrenal_records[:3], tmp_path / "out", log_every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="datasets.slice_index"):
+        slice_index.extract_slices(adrenal_records[:3], tmp_path / "out", log_every_s=0.0)
     progress = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
     assert progress and "slices/s" in progress[-1] and "/3 volumes" in progress[-1]
 
 
 def test_benchmark_function(adrenal_records, tmp_path):
-    assert vol.measure_slices_per_s(adrenal_records, max_volumes=2, workdir=tmp_path) > 0
+    assert measure_slices_per_s(adrenal_records, max_volumes=2, workdir=tmp_path) > 0
     assert not list(tmp_path.iterdir())  # it cleans up after itself
 
 
@@ -330,12 +333,11 @@ def test_other_bad_input(tmp_path):
         vol.read_volumes(tmp_path)
     for axis in ("3", "x", [0, 0]):
         with pytest.raises(UserError, match=r"expected 0, 1, 2"):
-            vol.parse_axes(axis)
-    assert (
-        vol.parse_axes("all") == (0, 1, 2) and vol.parse_axes("0,2") == (0, 2) and vol.parse_axes(1) == (1,)
-    )
+            slicing.parse_axes(axis)
+    assert slicing.parse_axes("all") == (0, 1, 2)
+    assert slicing.parse_axes("0,2") == (0, 2) and slicing.parse_axes(1) == (1,)
     with pytest.raises(UserError, match="empty dataset"):
-        vol.extract_slices([], tmp_path / "out")
+        slice_index.extract_slices([], tmp_path / "out")
 
 
 def test_failed_run_leaves_no_output(tmp_path):
@@ -344,12 +346,12 @@ def test_failed_run_leaves_no_output(tmp_path):
     records = [vol.VolumeRecord(p, p.name, "a", str(p)) for p in (good, flat)]
     out = tmp_path / "run" / "slices"
     with pytest.raises(UserError, match="flat.nii.gz: volume has 2 dimensions"):
-        vol.extract_slices(records, out)
+        slice_index.extract_slices(records, out)
     assert not out.exists() and list((tmp_path / "run").iterdir()) == []
-    first = vol.extract_slices(records[:1], out)
+    first = slice_index.extract_slices(records[:1], out)
     with pytest.raises(UserError, match="already exists"):
-        vol.extract_slices(records[:1], out)
-    again = vol.extract_slices(records[:1], out, overwrite=True, axes=(0, 1))
+        slice_index.extract_slices(records[:1], out)
+    again = slice_index.extract_slices(records[:1], out, overwrite=True, axes=(0, 1))
     assert again.slices_written == 2 * first.slices_written == 2 * 6
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["slices"]
 
@@ -417,7 +419,7 @@ def test_split_bad_input():
 
 def test_slice_weighted_split_on_extracted_slices(adrenal_records, adrenal_slices, tmp_path):
     """Real slice counts as weights: the search matches brute force, and the index gets the split."""
-    weights = vol.slices_per_specimen(adrenal_slices.index_csv)
+    weights = slice_index.slices_per_specimen(adrenal_slices.index_csv)
     labels = vol.specimen_labels(adrenal_records)
     fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
     small = dict(list(labels.items())[:10])
@@ -427,13 +429,13 @@ def test_slice_weighted_split_on_extracted_slices(adrenal_records, adrenal_slice
     result = ss.search_split(labels, fractions, weights=weights, seed=0)
     index = tmp_path / "index.csv"
     index.write_bytes(adrenal_slices.index_csv.read_bytes())
-    vol.set_index_splits(index, result.split_of)
+    slice_index.set_index_splits(index, result.split_of)
     split_of_specimen: dict[str, set[str]] = {}
-    for row in vol.read_index(index):
+    for row in slice_index.read_index(index):
         split_of_specimen.setdefault(row["specimen"], set()).add(row["split"])
     assert all(len(s) == 1 for s in split_of_specimen.values())  # no specimen in two splits
     slices = {s: 0 for s in fractions}
-    for row in vol.read_index(index):
+    for row in slice_index.read_index(index):
         slices[row["split"]] += 1
     assert slices == {s: sum(result.counts[s].values()) for s in fractions}
 
@@ -441,9 +443,9 @@ def test_slice_weighted_split_on_extracted_slices(adrenal_records, adrenal_slice
 @needs_adrenal
 def test_extract_with_split(adrenal_records, tmp_path):
     split_of = {r.specimen: ("train" if i % 2 else "test") for i, r in enumerate(adrenal_records[:4])}
-    summary = vol.extract_slices(adrenal_records[:4], tmp_path / "out", split_of=split_of)
-    assert {(row["specimen"], row["split"]) for row in vol.read_index(summary.index_csv)} == set(
+    summary = slice_index.extract_slices(adrenal_records[:4], tmp_path / "out", split_of=split_of)
+    assert {(row["specimen"], row["split"]) for row in slice_index.read_index(summary.index_csv)} == set(
         split_of.items()
     )
     with pytest.raises(UserError, match="no split for specimen"):
-        vol.extract_slices(adrenal_records[:4], tmp_path / "out2", split_of={})
+        slice_index.extract_slices(adrenal_records[:4], tmp_path / "out2", split_of={})

@@ -104,7 +104,7 @@ class MaskRCNNConfig:
     loader_workers: int = 0  # DataLoader worker processes per training worker
 
     def validate(self) -> None:
-        from datasets.augment import PRESETS
+        from datasets.augment import PRESETS  # albumentations takes ~2.5 s to import: only when validating
 
         _one_of("augment", self.augment, tuple(PRESETS))
         _one_of("backbone", self.backbone, BACKBONES)
@@ -259,8 +259,9 @@ class ClassifierConfig:
     loader_workers: int = 0  # DataLoader worker processes per training worker
 
     def validate(self) -> None:
+        # albumentations (augment) takes ~2.5 s to import: only when validating, not for every CLI start
         from datasets.augment import PRESETS
-        from datasets.volumes import parse_axes
+        from datasets.slicing import parse_axes
 
         try:
             parse_axes(self.axes)
@@ -311,9 +312,9 @@ class ClassifierConfig:
                 raise UserError(f"{key}: expected 0 or more, got {getattr(self, key)}")
 
     def slicing(self) -> dict:
-        """The slice-extraction settings, as `datasets.volumes.volume_slices` takes them: a model only
+        """The slice-extraction settings, as `datasets.slicing.volume_slices` takes them: a model only
         understands slices cut the way its training slices were."""
-        from datasets.volumes import parse_axes
+        from datasets.slicing import parse_axes  # as in validate: not at every CLI start
 
         return dict(
             axes=parse_axes(self.axes),

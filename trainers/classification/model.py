@@ -3,6 +3,7 @@ schedule, and a loaded model that classifies slices and whole volumes."""
 
 import difflib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,11 @@ import timm
 import torch
 
 from datasets.errors import UserError
+from datasets.progress import Progress
 from datasets.slices import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from datasets.slicing import volume_slices
+from datasets.volumes import VolumeRecord, load_volume
+from trainers.classification.metrics import aggregate
 from trainers.config import ClassifierConfig, from_dict, to_dict
 
 
@@ -155,8 +160,6 @@ def load_classifier_checkpoint(folder: Path, device: str = "cpu") -> SliceClassi
 def classify_volume(predictor, volume: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:
     """(kept slices, their class probabilities N x C, the volume's probabilities C) of one loaded volume,
     sliced exactly as the predictor's training slices were (`predictor.slicing`)."""
-    from trainers.classification.metrics import aggregate
-
     kept = kept_slices(predictor, volume)
     probs = predictor.predict_proba([s.image for s in kept])
     _, volume_probs = aggregate(probs, ["volume"] * len(kept), predictor.aggregate)
@@ -164,10 +167,8 @@ def classify_volume(predictor, volume: np.ndarray) -> tuple[list, np.ndarray, np
 
 
 def kept_slices(predictor, volume: np.ndarray) -> list:
-    """The slices (datasets.volumes.SliceResult) of a loaded volume that the predictor classifies, cut
+    """The slices (datasets.slicing.SliceResult) of a loaded volume that the predictor classifies, cut
     as its training slices were (`predictor.slicing`); a UserError when none has enough object."""
-    from datasets.volumes import VolumeRecord, volume_slices
-
     record = VolumeRecord(Path("volume"), "volume", "", "volume")
     kept = [s for s in volume_slices(record, volume, **predictor.slicing) if s.kept]
     if not kept:
@@ -181,12 +182,6 @@ def kept_slices(predictor, volume: np.ndarray) -> list:
 def predict_volumes(predictor, records) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(slice probabilities N x C, specimen of each slice, class index of each slice) over labelled
     volumes (datasets.volumes.VolumeRecord), one volume in memory at a time; logs progress with ETA."""
-    import logging
-    import time
-
-    from datasets.volumes import load_volume
-
-    log = logging.getLogger("datasets.volumes")  # shown by the CLIs' progress handler
     index_of = {c: i for i, c in enumerate(predictor.classes)}
     for r in records:
         if r.label not in index_of:
@@ -194,24 +189,15 @@ def predict_volumes(predictor, records) -> tuple[np.ndarray, list[str], np.ndarr
                 f"{r.where}: label {r.label!r} is not a class of the model ({', '.join(predictor.classes)})"
             )
     probs, groups, labels = [], [], []
-    started = last = time.perf_counter()
-    for done, r in enumerate(records, 1):
-        try:
-            _, p, _ = classify_volume(predictor, load_volume(r.path))
-        except UserError as e:
-            raise UserError(f"{r.where}: {r.path.name}: {e}") from None
-        probs.append(p)
-        groups += [r.specimen] * len(p)
-        labels += [index_of[r.label]] * len(p)
-        now = time.perf_counter()
-        if now - last > 10 or done == len(records):
-            last = now
-            rate = done / (now - started)
-            log.info(
-                "classified %d/%d volumes, %.1f volumes/s, ETA %.0f s",
-                done,
-                len(records),
-                rate,
-                (len(records) - done) / rate,
-            )
+    log = logging.getLogger("datasets.volumes")  # shown by the CLIs' progress handler on "datasets"
+    with Progress(len(records), "classified", "volumes", log.info, every_s=10.0) as bar:
+        for r in records:
+            try:
+                _, p, _ = classify_volume(predictor, load_volume(r.path))
+            except UserError as e:
+                raise UserError(f"{r.where}: {r.path.name}: {e}") from None
+            probs.append(p)
+            groups += [r.specimen] * len(p)
+            labels += [index_of[r.label]] * len(p)
+            bar.update()
     return np.concatenate(probs), groups, np.array(labels)

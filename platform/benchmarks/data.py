@@ -1,0 +1,101 @@
+"""Benchmark of the data paths (`python -m platform.bench data`): the instance loader's images/s beside
+the Mask R-CNN training step's images/s on the same cores (the loader must not be the bottleneck), and
+volume slicing's slices/s."""
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.augment import augmentation, seed_worker
+from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
+from datasets.slice_index import extract_slices
+from datasets.volumes import VolumeRecord, read_volumes
+from trainers.detection.model import build_model
+from trainers.detection.train import build_optimizer, build_scheduler, train_one_epoch
+from trainers.recipes import get_recipe
+
+
+def loader_benchmark(
+    root: str | Path | None = None,
+    preset: str = "sartorius",
+    passes: int = 2,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> dict:
+    """Images/s of the training data path (read PNGs, augment, masks to boxes, tensors) over a
+    mask-folders dataset (default: the bundled DSB2018 sample), `passes` times over it.
+
+    The default preset is the heaviest on the bundled sample (measured: sartorius upsamples to a
+    640-800 short edge, so every mask is resized too). Returns {"preset", "images", "seconds",
+    "images_per_s", "instances_per_s", "num_workers"}. With num_workers=0 it measures one core;
+    compare with the model's images/s on the same cores.
+    """
+    dataset = InstanceDataset(read_records(root or SAMPLE_DATA), augmentation(preset, seed))
+    loader = DataLoader(
+        dataset, batch_size=1, num_workers=num_workers, collate_fn=collate, worker_init_fn=seed_worker
+    )
+    images = instances = 0
+    start = time.perf_counter()
+    for _ in range(passes):
+        for batch_images, targets in loader:
+            images += len(batch_images)
+            instances += sum(len(target["labels"]) for target in targets)
+    seconds = time.perf_counter() - start
+    return {
+        "preset": preset,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(images / seconds, 2),
+        "instances_per_s": round(instances / seconds, 1),
+        "num_workers": num_workers,
+    }
+
+
+def measure_slices_per_s(
+    records: list[VolumeRecord],
+    *,
+    axes: tuple[int, ...] = (0, 1, 2),
+    size: int = 224,
+    max_volumes: int = 20,
+    workdir: str | Path | None = None,
+) -> float:
+    """Slices examined per second by `extract_slices` (reading, thresholding, cropping, resizing,
+    writing PNGs) on the first `max_volumes` volumes, in a throw-away folder."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        summary = extract_slices(records[:max_volumes], Path(tmp) / "slices", axes=axes, size=size)
+    return summary.slices_per_s
+
+
+def model_images_per_s(recipe: str, steps: int) -> tuple[float, int]:
+    """(images/s, images) of Mask R-CNN training steps on CPU over the first `steps` batches of the
+    bundled sample, after one untimed step (allocations)."""
+    cfg = get_recipe(recipe)
+    records = read_records(SAMPLE_DATA)[: steps * cfg.batch_size]
+    batches = DataLoader(InstanceDataset(records), batch_size=cfg.batch_size, collate_fn=collate)
+    model = build_model(cfg, num_classes=1)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(batches))  # warm-up keeps it finite
+    options = dict(scheduler=scheduler, grad_clip=cfg.grad_clip)
+    train_one_epoch(model, optimizer, [next(iter(batches))], "cpu", **options)  # first step: allocations
+    return train_one_epoch(model, optimizer, batches, "cpu", **options)["images_per_s"], len(records)
+
+
+def benchmark_data(recipe: str, preset: str, loader_workers: int, steps: int, volumes: Path) -> None:
+    """Prints the loader's images/s against the model's (goal: >= 3x) and, when `volumes` exists, the
+    slices/s of slicing its first 50 volumes along all axes at 224 px."""
+    loader = loader_benchmark(preset=preset, passes=2, num_workers=loader_workers)
+    model_rate, images = model_images_per_s(recipe, steps)
+    ratio = loader["images_per_s"] / model_rate
+    print(f"\n{torch.get_num_threads()} CPU threads; bundled sample ({images} images for the model)")
+    data_side = f"data loader ({preset} preset, {loader_workers} workers)"
+    print(f"{data_side:45s} {loader['images_per_s']:8.2f} images/s")
+    print(f"{f'Mask R-CNN training ({recipe})':45s} {model_rate:8.2f} images/s")
+    print(f"loader / model: {ratio:.1f}x  (goal >= 3x)")
+    if volumes.exists():
+        rate = measure_slices_per_s(read_volumes(volumes), axes=(0, 1, 2), size=224, max_volumes=50)
+        print(f"volume slicing ({volumes.name}, 50 volumes, all axes, 224 px): {rate:8.0f} slices/s examined")
+    else:
+        print(f"volume slicing: skipped ({volumes} not found; pass --volumes)")
