@@ -69,20 +69,20 @@ def train_loader(seam, dataset, batch_size: int, workers: int, generator: torch.
 
 def run_epochs(
     seam,
-    *,
-    seed: int,
-    epochs: int,
+    cfg,
     start_epoch: int,
     bare: torch.nn.Module,
     loader,
     generator: torch.Generator,
     transform,
+    *,
     phase_of: Callable[[int], Hashable],
     set_phase: Callable[[Hashable], None],
     train_epoch: Callable[[torch.nn.Module, int], dict],
     end_epoch: Callable[[int, dict], tuple[WriteCheckpoint | None, bool]],
 ) -> None:
-    """Epochs start_epoch..epochs-1 of a task on every rank.
+    """Epochs start_epoch..cfg.epochs-1 of a task on every rank, seeded from cfg.seed; `transform` is the
+    training set's augmentation (reseeded with everything else each epoch).
 
     phase_of(epoch): what is trainable in that epoch (hashable); set_phase applies it to `bare`.
     train_epoch(model, epoch): one pass over `loader` with the (possibly DDP-wrapped) model; its metrics.
@@ -92,8 +92,8 @@ def run_epochs(
     phase = phase_of(start_epoch)
     set_phase(phase)
     model = seam.prepare_model(bare)
-    for epoch in range(start_epoch, epochs):
-        seed_epoch(seed, seam.rank, epoch, generator, transform)
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, seam.rank, epoch, generator, transform)
         if phase_of(epoch) != phase:
             phase = phase_of(epoch)
             set_phase(phase)

@@ -66,7 +66,7 @@ def build_scheduler(
 
 
 def optimizer_steps_per_epoch(batches: int, accumulate_steps: int) -> int:
-    # A short last group still steps (engine.train_one_epoch).
+    # A short last group still steps (train_one_epoch).
     return math.ceil(batches / accumulate_steps)
 
 
@@ -156,13 +156,12 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
 
     run_epochs(
         seam,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        start_epoch=start_epoch,
-        bare=bare,
-        loader=loader,
-        generator=generator,
-        transform=train_set.transform,
+        cfg,
+        start_epoch,
+        bare,
+        loader,
+        generator,
+        train_set.transform,
         phase_of=lambda epoch: phase_at(cfg, epoch)[0],
         set_phase=set_phase,
         train_epoch=train_epoch,
