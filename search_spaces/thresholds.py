@@ -2,8 +2,8 @@
 
 from search_spaces import register_space
 
-# At most the prediction cache's permissive limit (trainers/detection/postprocess.py PERMISSIVE, 1000): beyond it
-# the cache holds no more detections (tests/test_postprocess.py checks the two agree).
+# At most the prediction cache's permissive limit (trainers/detection/thresholds.py PERMISSIVE, 1000): beyond
+# it the cache holds no more detections (tests/test_postprocess.py checks the two agree).
 DETECTIONS_PER_IMG = (100, 200, 300, 500, 1000)
 
 

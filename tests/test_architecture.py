@@ -12,7 +12,9 @@ MAX_LINES = 80
 
 
 def modules() -> list[Path]:
-    return sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py") if "sample" not in p.parts)
+    return sorted(
+        p for package in PACKAGES for p in (REPO / package).rglob("*.py") if "sample" not in p.parts
+    )
 
 
 def test_import_contracts_hold():
