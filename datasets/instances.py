@@ -3,10 +3,7 @@ for COCO evaluation (pycocotools)."""
 
 import contextlib
 import inspect
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,14 @@ from datasets.augment import apply_transform
 from datasets.coco import load_json, read_coco, write_coco
 from datasets.errors import UserError
 from datasets.mask_folders import CATEGORIES, load_masks, read_mask_folders, write_mask_folders
-from datasets.records import ImageRecord, image_size, load_image, record_rles, rle_to_json
+from datasets.records import (
+    ImageRecord,
+    folder_written_atomically,
+    image_size,
+    load_image,
+    record_rles,
+    rle_to_json,
+)
 from datasets.rle_csv import read_rle_csv, write_rle_csv
 from datasets.tiles import clip_instances, tile_grid
 from datasets.via import read_via, write_via
@@ -102,13 +106,8 @@ def write_records(records: list[ImageRecord], dst: str | Path, fmt: str, **optio
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
         raise UserError(f"{records[0].source}: image ids are not unique ({', '.join(twice[:5])})")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
-        writer(records, tmp / "out", **options)
-        os.rename(tmp / "out", dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with folder_written_atomically(dst) as work:
+        writer(records, work, **options)
     return dst
 
 

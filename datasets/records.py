@@ -11,7 +11,10 @@ the labels a torchvision detection model predicts (0 is the background).
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,3 +263,22 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def folder_written_atomically(folder: str | Path) -> Iterator[Path]:
+    """A path beside `folder` for the block to write a folder at (not yet created: writers that make their
+    own folder make it), renamed to `folder` when the block ends (an existing `folder` is swapped out
+    first, so a crash in between keeps one whole copy) and removed when it raises: a reader, or a crashed
+    run, never sees a half-written folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        work = holder / folder.name
+        yield work
+        if folder.exists():
+            os.replace(folder, holder / "old")
+        os.replace(work, folder)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)

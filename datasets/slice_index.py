@@ -25,10 +25,7 @@ import csv
 import io
 import itertools
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +35,7 @@ from PIL import Image
 
 from datasets.errors import UserError
 from datasets.progress import Progress
-from datasets.records import write_text_atomic
+from datasets.records import folder_written_atomically, write_text_atomic
 from datasets.slicing import SliceResult, check_slicing, iter_slices, parse_axes
 from datasets.volumes import VolumeRecord
 
@@ -122,15 +119,10 @@ def extract_slices(
         _check_split_of((r.specimen for r in records), split_of)
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir}: already exists (choose a new output folder or overwrite it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     start = time.perf_counter()
-    try:
-        written, dropped = _write_slices(records, settings, tmp, split_of, log_every_s)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with folder_written_atomically(out_dir) as work:
+        work.mkdir()
+        written, dropped = _write_slices(records, settings, work, split_of, log_every_s)
     seconds = time.perf_counter() - start
     rate = (written + dropped) / seconds if seconds > 0 else 0.0
     log.info(
@@ -189,18 +181,6 @@ def _save_slice(s: SliceResult, folder: Path, taken: set[str], split: str) -> li
     Image.fromarray(s.image).save(folder / rel, compress_level=1)
     row = [rel, s.record.specimen, s.record.label, split, s.axis, s.index, f"{s.foreground:.5f}", *s.crop]
     return [*row, str(s.record.path)]
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Renames the finished `tmp` to `out_dir`; an existing `out_dir` is swapped out first, so a crash
-    in between keeps one whole copy."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_index(index_csv: str | Path) -> list[dict[str, str]]:

@@ -119,3 +119,25 @@ def test_reads_the_full_shared_dsb2018_subset():
     records = read_records(SHARED_DATA / "dsb2018" / "stage1_train")
     assert len(records) == 200
     assert sum(len(r.mask_paths) for r in records) == 8648
+
+
+def test_folder_written_atomically(tmp_path):
+    from datasets.records import folder_written_atomically
+
+    dst = tmp_path / "out"
+    with folder_written_atomically(dst) as work:
+        work.mkdir()
+        (work / "a.txt").write_text("one")
+        assert not dst.exists()  # nothing at the destination until the block ends
+    assert (dst / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with folder_written_atomically(dst) as work:
+            work.mkdir()
+            (work / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert (dst / "a.txt").read_text() == "one"  # the failed write left the old folder as it was
+    with folder_written_atomically(dst) as work:
+        work.mkdir()
+        (work / "b.txt").write_text("two")
+    assert [p.name for p in dst.iterdir()] == ["b.txt"]  # replaced whole, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind

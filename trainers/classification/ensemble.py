@@ -12,15 +12,14 @@ MLflow the same way (deploy/registry.py).
 """
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from datasets.errors import UserError
+from datasets.records import folder_written_atomically
 from trainers.classification.metrics import aggregate, classification_metrics, sanitise
 from trainers.classification.model import SliceClassifier, load_classifier_checkpoint
 
@@ -177,9 +176,8 @@ def save_ensemble(folder: Path, ensemble: Ensemble, member_dirs: list[Path]) -> 
     folder = Path(folder).resolve()
     if folder.exists():
         raise UserError(f"{folder}: already exists (choose a new ensemble folder)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with folder_written_atomically(folder) as tmp:
+        tmp.mkdir()
         names = []
         for i, src in enumerate(member_dirs):
             name = f"member{i}"
@@ -194,10 +192,6 @@ def save_ensemble(folder: Path, ensemble: Ensemble, member_dirs: list[Path]) -> 
             "classes": ensemble.classes,
         }
         (tmp / "ensemble.json").write_text(json.dumps(spec, indent=2) + "\n")
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
