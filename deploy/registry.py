@@ -1,6 +1,7 @@
 """Model registry seam: log a trained Mask R-CNN, slice classifier or classifier ensemble as an MLflow pyfunc
-model, register it under an alias, load it back by URI (`models:/NAME@champion`) and predict. Ray Serve
-deployments load through here."""
+model, turn any model reference (a folder, or an MLflow URI such as `models:/NAME@champion`) into a local
+model folder (`resolve`, the one place that does), load it and predict. Ray Serve deployments and every CLI
+load through here; the `champion` alias moves only through deploy/champion.py."""
 
 import os
 import shutil
@@ -14,13 +15,14 @@ import numpy as np
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models.model import ModelInfo
+from pycocotools import mask as mask_utils
 
 from datasets.errors import UserError
 from trainers.classification.ensemble import Ensemble, is_classifier_folder, load_predictor
 from trainers.classification.model import SliceClassifier
 from trainers.config import MaskRCNNConfig
+from trainers.detection import inference
 from trainers.detection.model import CHECKPOINT_FILES, load_checkpoint_model
-from trainers.detection.postprocess import filter_output
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_STORE = REPO / ".mlflow"  # embedded MLflow: SQLite file + artifact folder, git-ignored
@@ -125,16 +127,23 @@ def log_checkpoint(folder: Path, artifact_name: str = "model") -> ModelInfo:
 
 
 def register(model_uri: str, name: str, alias: str = "champion") -> ModelVersion:
+    """Register and point `alias` at the new version unconditionally: for fixtures in a fresh store (tests,
+    benchmarks). The CLIs register through deploy.champion, whose rule decides where `champion` goes."""
     version = mlflow.register_model(model_uri, name)
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
     return version
 
 
-def load_detector(uri: str) -> Detector:
-    """Load `models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/...` or a local model folder."""
-    wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    name, version = registry_version(uri)
-    return Detector(wrapper.model, wrapper.categories, wrapper.config, wrapper.device, uri, name, version)
+def load_detector(value: str, device: str | None = None) -> Detector:
+    """A Mask R-CNN given as a checkpoint folder or a model URI (`models:/NAME@alias`, `models:/NAME/VERSION`,
+    `runs:/...`, a local MLflow model folder), ready for `predict_image`."""
+    folder = resolve(value)
+    if is_classifier_folder(folder):
+        raise UserError(f"--model: {value} is a slice classifier, not a Mask R-CNN")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, config, categories = load_checkpoint_model(folder, device)
+    name, version = registry_version(str(value))
+    return Detector(model, categories, config, device, str(value), name, version)
 
 
 def registry_version(uri: str) -> tuple[str | None, str | None]:
@@ -186,61 +195,88 @@ def version_info(name: str, version: str) -> dict:
     }
 
 
+EXPECTED = (
+    "a checkpoint folder (model.pt, config.json, categories.json), a classifier or ensemble folder "
+    "(classes.json or ensemble.json), or an MLflow model URI (models:/NAME@alias, runs:/RUN_ID/model)"
+)
+
+
+def resolve(value: str, flag: str = "--model") -> Path:
+    """The local folder of a model reference: a detector checkpoint, classifier checkpoint or ensemble
+    folder given directly, or an MLflow model (a URI, downloaded from the store, or a local MLflow model
+    folder) holding one. Anything else is a UserError that starts with `flag` and names the value."""
+    path = Path(value).expanduser()
+    if ":/" in value:
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=value))
+        except (mlflow.exceptions.MlflowException, OSError) as e:
+            raise UserError(f"{flag}: cannot load {value}: {str(e).splitlines()[0]}") from None
+    elif not path.is_dir():
+        what = "is a file" if path.exists() else "not found"
+        raise UserError(f"{flag}: {value} {what}; expected {EXPECTED}")
+    if ":/" in value or (path / "MLmodel").is_file():  # an MLflow model: ours is one of its artifacts
+        for name in ("checkpoint", "classifier"):
+            folder = path / "artifacts" / name
+            if is_classifier_folder(folder) or all((folder / f).is_file() for f in CHECKPOINT_FILES):
+                return folder.resolve()
+        raise UserError(f"{flag}: {value} holds no platform model (artifacts/checkpoint or classifier)")
+    if is_classifier_folder(path):
+        return path.resolve()
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            raise UserError(
+                f"{flag}: {path / name} not found (a checkpoint folder holds model.pt, config.json and "
+                "categories.json; a classifier folder classes.json, an ensemble folder ensemble.json)"
+            )
+    return path.resolve()
+
+
+def classifier_folder(value: str, flag: str = "--model") -> Path:
+    """`resolve`, for a slice classifier or an ensemble only."""
+    folder = resolve(value, flag)
+    if not is_classifier_folder(folder):
+        raise UserError(f"{flag}: {value} is a Mask R-CNN, not a slice classifier or ensemble")
+    return folder
+
+
 def load_classifier(value: str, device: str | None = None) -> SliceClassifier | Ensemble:
     """A classifier or ensemble (folder, or registered/logged model URI), ready to `predict_proba`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_predictor(classifier_folder(value), device)
 
 
-@torch.inference_mode()
-def predict_image(
-    detector, image: np.ndarray, score_threshold: float = 0.0, mask_threshold: float = 0.5
-) -> dict:
-    """HxWx3 uint8 (or HxW grey) -> {boxes Nx4 xyxy, labels N, scores N, masks NxHxW bool, class_names N}.
-    The detector config's class_score_thresh and mask_min_area apply (trainers/detection/postprocess.py), then
-    `score_threshold`."""
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    tensor = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float().div(255)
-    out = detector.model([tensor.to(detector.device)])[0]
-    out = filter_output(out, detector.config, detector.categories, mask_threshold)
-    keep = out["scores"] >= score_threshold
-    names = {c["id"]: c["name"] for c in detector.categories}
-    labels = out["labels"][keep].cpu().numpy()
+def own_mode(detector) -> dict:
+    """The inference settings a detector was trained for (trainers.detection.inference.predict_image's):
+    whole images or tiles of its tile_size, and its own class_score_thresh / mask_min_area filters."""
+    cfg = detector.config
     return {
-        "boxes": out["boxes"][keep].cpu().numpy(),
-        "labels": labels,
-        "scores": out["scores"][keep].cpu().numpy(),
-        "masks": (out["masks"][keep, 0] >= mask_threshold).cpu().numpy(),
-        "class_names": [names.get(int(label), str(label)) for label in labels],
+        "tile_size": cfg.tile_size,
+        "tile_overlap": cfg.tile_overlap,
+        "cfg": cfg,
+        "categories": detector.categories,
     }
 
 
-def classifier_folder(value: str) -> Path:
-    """The local folder of a classifier or ensemble given as a folder or an MLflow model URI (downloaded
-    from the store); UserError naming the value when it is neither."""
-    path = Path(value).expanduser()
-    if path.is_dir() and is_classifier_folder(path):
-        return path.resolve()
-    if ":/" not in value:
-        raise UserError(
-            f"{value}: not a classifier checkpoint or ensemble folder (no classes.json or ensemble.json) "
-            "and not an MLflow model URI (models:/NAME@alias, runs:/RUN_ID/model)"
-        )
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=value))
-    except (mlflow.exceptions.MlflowException, OSError) as e:
-        raise UserError(f"{value}: cannot load: {str(e).splitlines()[0]}") from None
-    folder = local / "artifacts" / "classifier"
-    if not is_classifier_folder(folder):
-        raise UserError(f"{value}: not a classifier model (no classifier artifact)")
-    return folder
-
-
-def is_classifier(value: str) -> bool:
-    """Whether a --model value (folder or MLflow URI) is a classifier or ensemble (else a detector)."""
-    try:
-        classifier_folder(value)
-    except UserError:
-        return False
-    return True
+def predict_image(
+    detector, image: np.ndarray, score_threshold: float = 0.0, mask_threshold: float = 0.5
+) -> dict:
+    """HxWx3 uint8 (or HxW grey) -> {boxes Nx4 xyxy, labels N, scores N, masks NxHxW bool, class_names N},
+    through the one inference path in the model's own mode (tiled when it was trained on tiles). The
+    detector config's class_score_thresh and mask_min_area apply (trainers/detection/postprocess.py), then
+    `score_threshold`."""
+    results = inference.predict_image(
+        detector.model, image, detector.device, mask_threshold=mask_threshold, **own_mode(detector)
+    )
+    kept = [r for r in results if r["score"] >= score_threshold]
+    names = {c["id"]: c["name"] for c in detector.categories}
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)]
+    masks = np.zeros((0, *image.shape[:2]), dtype=bool)
+    if kept:
+        masks = mask_utils.decode([r["segmentation"] for r in kept]).transpose(2, 0, 1).astype(bool)
+    return {
+        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        "labels": np.asarray([r["category_id"] for r in kept], dtype=np.int64),
+        "scores": np.asarray([r["score"] for r in kept], dtype=np.float32),
+        "masks": masks,
+        "class_names": [names.get(r["category_id"], str(r["category_id"])) for r in kept],
+    }

@@ -1,7 +1,8 @@
 """Combine trained slice classifiers into one model: soft voting, majority voting, or the ForamDeepSlice
 PatchEnsemble (the first model patched by the second on the first's weakest classes, with the classes and
 the switching confidence chosen on validation specimens only). The ensemble is evaluated beside its
-members, logged to MLflow, and registered (alias champion) with --register-as; it then evaluates and
+members, logged to MLflow, and registered with --register-as (alias champion only if its volume AUC beats
+the current champion's on the same validation specimens, or with --force-champion); it then evaluates and
 serves like any classifier.
 
     python -m platform.ensemble --models models:/adrenal-a@champion models:/adrenal-b@champion --method soft
@@ -20,6 +21,9 @@ from pathlib import Path
 
 from datasets.errors import UserError
 from platform import _cli
+
+# torch, ray, MLflow and the model code are imported inside the functions that use them: --help and a
+# mistyped flag answer at once.
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 SPLIT_FIELDS = (
@@ -55,7 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="validation volumes or slice index (default: the members' validation split)"
     )
     p.add_argument("--out", help="also keep the ensemble folder here (it is logged to MLflow in any case)")
-    p.add_argument("--register-as", help="register the ensemble under this name, alias champion")
+    p.add_argument(
+        "--register-as",
+        help="register the ensemble under this name; alias champion only if it beats the current champion "
+        "on the same validation specimens",
+    )
+    p.add_argument(
+        "--force-champion",
+        action="store_true",
+        help="with --register-as: point alias champion at the ensemble even if it does not beat the champion",
+    )
     p.add_argument("--experiment", default="ensembles", help="MLflow experiment (default ensembles)")
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or .mlflow/ here)"
@@ -88,94 +101,142 @@ def validation_predictions(members, data: str | None):
     return [r[0] for r in runs], runs[0][1], runs[0][2]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+KEYS = ("slice_acc", "slice_auc", "volume_acc", "volume_auc", "volume_f1")  # the printed table's columns
+
+
+def check_args(args) -> None:
     if args.method == "patch" and len(args.models) != 2:
         raise UserError(f"--method patch: expected two --models (primary, secondary), got {len(args.models)}")
     if args.method != "patch" and len(args.models) < 2 and not args.calibrate:
         raise UserError("--models: an ensemble needs two or more models (or one with --calibrate)")
     if args.out and Path(args.out).exists():
         raise UserError(f"--out: {args.out} already exists (choose a new folder)")
-    uri = _cli.tracking_uri(args.tracking_uri)
-    experiment_id = _cli.use_experiment(uri, args.experiment)
+    if args.force_champion and not args.register_as:
+        raise UserError("--force-champion: needs --register-as NAME")
 
-    import mlflow
 
-    from deploy.registry import classifier_folder, log_classifier, register
-    from trainers.classification.ensemble import (
-        Ensemble,
-        combine,
-        fit_class_weights,
-        fit_patch,
-        load_predictor,
-        save_ensemble,
-    )
-    from trainers.classification.metrics import format_report, report
+def load_members(models: list[str]):
+    """(local folder, loaded classifier) of every --models value; an ensemble is not a member."""
+    from deploy.registry import classifier_folder
+    from trainers.classification.ensemble import load_predictor
     from trainers.classification.model import SliceClassifier
-    from trainers.plots import classification_figures, log_figure
 
-    folders = [classifier_folder(m) for m in args.models]
+    folders = [classifier_folder(m, "--models") for m in models]
     members = [load_predictor(f) for f in folders]
-    for value, m in zip(args.models, members, strict=True):
+    for value, m in zip(models, members, strict=True):
         if not isinstance(m, SliceClassifier):
             raise UserError(f"--models: {value} is itself an ensemble; give its member models instead")
-    ensemble = Ensemble(args.method, members)  # checks classes and slicing agree
-    started = time.time()
-    member_probs, groups, labels = validation_predictions(members, args.data)
-    classes = ensemble.classes
-    method = ensemble.aggregate
-    if args.method == "patch":
+    return folders, members
+
+
+def fit(ensemble, member_probs, labels, groups, calibrate: str | None) -> None:
+    """The patch rule's classes and threshold, and --calibrate's class weights, chosen on validation."""
+    from trainers.classification.ensemble import combine, fit_class_weights, fit_patch
+
+    classes, method = ensemble.classes, ensemble.aggregate
+    if ensemble.method == "patch":
         ensemble.patch_classes, ensemble.threshold, f1 = fit_patch(
             member_probs[0], member_probs[1], labels, classes, groups, method
         )
         patched = ", ".join(ensemble.patch_classes) or "none (the primary alone scored best)"
         print(f"patch: classes {patched}, threshold {ensemble.threshold:.2f}, validation volume F1 {f1:.4f}")
-    if args.calibrate:
+    if calibrate:
         combined = combine(ensemble, member_probs)
         ensemble.class_weights, value = fit_class_weights(
-            combined, labels, classes, groups, method, args.calibrate
+            combined, labels, classes, groups, method, calibrate
         )
         shown = ", ".join(f"{c} x{w:g}" for c, w in zip(classes, ensemble.class_weights, strict=True))
-        print(f"class weights: {shown} (validation volume {args.calibrate} {value:.4f})")
-    probs = combine(ensemble, member_probs)
-    metrics, details = report(probs, labels, groups, classes, method)
+        print(f"class weights: {shown} (validation volume {calibrate} {value:.4f})")
+
+
+def print_table(rows: list[tuple[str, dict]], groups, labels) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(f"{len(set(groups))} validation specimens, {len(labels)} slices")
+    print(f"{'model':{width}s}  " + "  ".join(f"{k:>10s}" for k in KEYS))
+    for name, m in rows:
+        print(f"{name:{width}s}  " + "  ".join(f"{m.get(k, float('nan')):10.4f}" for k in KEYS))
+
+
+def log_ensemble(args, experiment_id: str, folder: Path, ensemble, rows, details):
+    """One MLflow run: the ensemble's settings, its and its members' metrics, report, figures and model."""
+    import mlflow
+
+    from deploy.registry import log_classifier
+    from trainers.classification.metrics import format_report
+    from trainers.plots import classification_figures, log_figure
+
+    metrics = rows[0][1]
+    run_name = f"{args.method}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.log_params(
+            {
+                "method": args.method,
+                "members": " ".join(args.models),
+                "patch_classes": ",".join(ensemble.patch_classes),
+                "threshold": ensemble.threshold,
+                "class_weights": ",".join(map(str, ensemble.class_weights)),
+                "validation": args.data or "members' validation split",
+            }
+        )
+        mlflow.log_metrics(metrics)
+        for i, (_, m) in enumerate(rows[1:]):
+            mlflow.log_metrics({f"member{i}_{k}": m[k] for k in KEYS})
+        mlflow.log_text(format_report(metrics, ensemble.classes), "report.txt")
+        for name, fig in classification_figures(details, metrics, ensemble.classes).items():
+            log_figure(fig, name)
+        return run.info.run_id, log_classifier(folder).model_uri
+
+
+def register_ensemble(model_uri: str, metrics: dict, members, args) -> str:
+    """Register the logged ensemble by the champion rule, measured as a classifier task is (its metric on
+    the validation specimens the table shows); the line that says what happened."""
+    from datasets.volumes import read_volumes
+    from deploy.champion import config_validation, register_logged, volume_validation
+    from trainers.tasks import task_of
+
+    metric = task_of(members[0].config).metric
+    if metric not in metrics:
+        raise UserError(f"--register-as: the ensemble has no {metric} on its validation data to compare")
+    if args.data is None:
+        validation = config_validation(members[0].config)
+    else:
+        validation = volume_validation(read_volumes(args.data))
+    value = metrics[metric]
+    registration = register_logged(
+        model_uri, args.register_as, validation, metric, "max", value, force=args.force_champion
+    )
+    return registration.message(metric, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    uri = _cli.tracking_uri(args.tracking_uri)
+    experiment_id = _cli.use_experiment(uri, args.experiment)
+
+    from trainers.classification.ensemble import Ensemble, combine, save_ensemble
+    from trainers.classification.metrics import report
+
+    folders, members = load_members(args.models)
+    ensemble = Ensemble(args.method, members)  # checks classes and slicing agree
+    started = time.time()
+    member_probs, groups, labels = validation_predictions(members, args.data)
+    fit(ensemble, member_probs, labels, groups, args.calibrate)
+    classes, method = ensemble.classes, ensemble.aggregate
+    metrics, details = report(combine(ensemble, member_probs), labels, groups, classes, method)
     rows = [("ensemble", metrics)]
     for value, p in zip(args.models, member_probs, strict=True):
         rows.append((value, report(p, labels, groups, classes, method)[0]))
-    keys = ("slice_acc", "slice_auc", "volume_acc", "volume_auc", "volume_f1")
-    width = max(len(name) for name, _ in rows)
-    print(f"{len(set(groups))} validation specimens, {len(labels)} slices")
-    print(f"{'model':{width}s}  " + "  ".join(f"{k:>10s}" for k in keys))
-    for name, m in rows:
-        print(f"{name:{width}s}  " + "  ".join(f"{m.get(k, float('nan')):10.4f}" for k in keys))
+    print_table(rows, groups, labels)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_ensemble(Path(args.out) if args.out else Path(tmp) / "ensemble", ensemble, folders)
-        with mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"{args.method}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}"
-        ) as run:
-            mlflow.log_params(
-                {
-                    "method": args.method,
-                    "members": " ".join(args.models),
-                    "patch_classes": ",".join(ensemble.patch_classes),
-                    "threshold": ensemble.threshold,
-                    "class_weights": ",".join(map(str, ensemble.class_weights)),
-                    "validation": args.data or "members' validation split",
-                }
-            )
-            mlflow.log_metrics(metrics)
-            for i, (_, m) in enumerate(rows[1:]):
-                mlflow.log_metrics({f"member{i}_{k}": m[k] for k in keys})
-            mlflow.log_text(format_report(metrics, classes), "report.txt")
-            for name, fig in classification_figures(details, metrics, classes).items():
-                log_figure(fig, name)
-            info = log_classifier(folder)
-    version = register(info.model_uri, args.register_as) if args.register_as else None
+        run_id, model_uri = log_ensemble(args, experiment_id, folder, ensemble, rows, details)
+    registered = register_ensemble(model_uri, metrics, members, args) if args.register_as else None
     if args.out:
         print(f"ensemble folder: {folder}")
-    print(f"MLflow: experiment '{args.experiment}', run {run.info.run_id}; model {info.model_uri}")
-    if version is not None:
-        print(f"registered model: name={version.name} version={version.version} alias=champion")
+    print(f"MLflow: experiment '{args.experiment}', run {run_id}; model {model_uri}")
+    if registered:
+        print(registered)
     print(f"wall time: {time.time() - started:.0f} s")
     return 0
 

@@ -11,10 +11,10 @@ evaluated on labelled volumes (sliced as in its training) or a slice index, at s
     python -m platform.evaluate --model models:/adrenal@champion --data /data/adrenal_test/labels.csv
     python -m platform.evaluate --model ENSEMBLE_FOLDER --data slices/index.csv --split test
 
---model is a checkpoint folder (model.pt, config.json, categories.json) or an MLflow model URI. With
---predictions-out R.json the predictions are written as COCO results, and the ground truth they are
-scored against as R.gt.json beside them, so that any COCO tool can re-score them; for a classifier,
---predictions-out R.csv gets one row per volume (label, prediction, class probabilities).
+--model is a checkpoint, classifier or ensemble folder, or an MLflow model URI. With --predictions-out
+R.json the predictions are written as COCO results, and the ground truth they are scored against as
+R.gt.json beside them, so that any COCO tool can re-score them; for a classifier, --predictions-out R.csv
+gets one row per volume (label, prediction, class probabilities).
 """
 
 import argparse
@@ -23,6 +23,9 @@ from pathlib import Path
 
 from datasets.errors import UserError
 from platform import _cli
+
+# torch, ray, MLflow and the model code are imported inside the functions that use them: --help and a
+# mistyped flag answer at once.
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -68,37 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="evaluate", help="MLflow experiment (default evaluate)")
     p.add_argument("--no-mlflow", action="store_true", help="print only; log nothing to MLflow")
     return p
-
-
-def load_model(value: str, device: str):
-    """(model, config, categories) from a checkpoint folder or an MLflow model URI; UserError naming what
-    failed."""
-    from trainers.detection.model import CHECKPOINT_FILES, load_checkpoint_model
-
-    path = Path(value).expanduser()
-    if path.is_dir() and not (path / "MLmodel").is_file():
-        for name in CHECKPOINT_FILES:
-            if not (path / name).is_file():
-                raise UserError(
-                    f"--model: {path / name} not found (a checkpoint folder holds model.pt, "
-                    "config.json and categories.json)"
-                )
-        return load_checkpoint_model(path, device)
-    if ":/" not in value and not path.is_dir():
-        raise UserError(
-            f"--model: {value} {'is a file' if path.exists() else 'not found'}; expected a checkpoint "
-            "folder (model.pt, config.json, categories.json) or an MLflow model URI (models:/NAME@alias, "
-            "runs:/RUN_ID/model)"
-        )
-    import mlflow
-
-    from deploy.registry import load_detector
-
-    try:
-        detector = load_detector(value)
-    except (mlflow.exceptions.MlflowException, OSError) as e:
-        raise UserError(f"--model: cannot load {value}: {str(e).splitlines()[0]}") from e
-    return detector.model, detector.config, detector.categories
 
 
 def category_map(model_categories, data_categories) -> dict[int, int]:
@@ -153,8 +125,9 @@ def classifier_data(args, predictor):
     the model's training slices were, or a slice index (rows of --split when its split column is set)."""
     import numpy as np
 
+    from datasets.slice_index import read_index
     from datasets.slices import SliceDataset, is_slice_index
-    from datasets.volumes import read_index, read_volumes
+    from datasets.volumes import read_volumes
     from trainers.classification.model import predict_volumes
 
     path = Path(args.data).expanduser().resolve()
@@ -175,27 +148,14 @@ def classifier_data(args, predictor):
     return predictor.predict_proba(dataset.images()), dataset.specimens, np.asarray(dataset.labels)
 
 
-def is_classifier_model(value: str) -> bool:
-    """A classifier checkpoint/ensemble folder, or a URI of one; a local path is checked without importing
-    the registry (whose MLflow import prints to stderr before a one-line error could)."""
-    if ":/" not in value:
-        from trainers.classification.ensemble import is_classifier_folder
-
-        path = Path(value).expanduser()
-        return path.is_dir() and is_classifier_folder(path)
-    from deploy.registry import is_classifier
-
-    return is_classifier(value)
-
-
-def evaluate_classifier(args, uri: str | None) -> int:
+def evaluate_classifier(args, uri: str | None, folder: Path) -> int:
     import numpy as np
 
     from deploy.registry import load_classifier
     from trainers.classification.metrics import aggregate, format_report, report
     from trainers.plots import classification_figures
 
-    predictor = load_classifier(args.model)
+    predictor = load_classifier(str(folder))
     started = time.perf_counter()
     probs, groups, labels = classifier_data(args, predictor)
     predict_s = time.perf_counter() - started
@@ -226,60 +186,41 @@ def evaluate_classifier(args, uri: str | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import logging
+def predict_detections(args, folder: Path, records: list) -> tuple[list, dict, float]:
+    """COCO results of the detector in `folder` on `records`, category ids the data's; the settings they
+    were predicted with (max_dets, tile_size) and the seconds predicting took (without loading)."""
+    from deploy.registry import load_detector, own_mode
+    from trainers.detection.inference import predict_records
 
-    import torch
+    detector = load_detector(str(folder))
+    model = detector.model
+    ids = category_map(detector.categories, records[0].categories)
+    if args.max_dets is not None:
+        model.roi_heads.detections_per_img = args.max_dets  # the foram paper: 100 in training, 256 at test
+    mode = own_mode(detector)  # and the model's inference filters (class_score_thresh, mask_min_area)
+    for key in ("tile_size", "tile_overlap"):
+        if getattr(args, key) is not None:
+            mode[key] = getattr(args, key)
+    started = time.perf_counter()
+    results = predict_records(model, records, detector.device, **mode)
+    settings = {"max_dets": model.roi_heads.detections_per_img, "tile_size": mode["tile_size"]}
+    for r in results:
+        r["category_id"] = ids[r["category_id"]]
+    return results, settings, time.perf_counter() - started
 
+
+def evaluate_detector(args, uri: str | None, folder: Path) -> int:
     from datasets.instances import InstanceDataset, coco_ground_truth
     from datasets.records import write_json_atomic
-    from trainers.detection.inference import predict_records
     from trainers.evaluation import category_ids_without, coco_report, format_table, kaggle_metrics
     from trainers.plots import evaluation_figures
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines
-    if args.max_dets is not None and args.max_dets < 1:
-        raise UserError(f"--max-dets: expected a positive integer, got {args.max_dets}")
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise UserError(f"--score-threshold: expected a value in [0, 1], got {args.score_threshold}")
-    uri = None
-    if not args.no_mlflow or ":/" in args.model:
-        import mlflow
-
-        uri = _cli.tracking_uri(args.tracking_uri)
-        mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
-        mlflow.set_registry_uri(uri)
-    if is_classifier_model(args.model):
-        return evaluate_classifier(args, uri)
     # Everything about the input is checked before the model runs: a mistake costs seconds, not a pass.
     records = read_data(args)
-    categories = records[0].categories
     if args.exclude_class:
-        category_ids_without(categories, args.exclude_class)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, config, model_categories = load_model(args.model, device)
-    tile_size = config.tile_size if args.tile_size is None else args.tile_size
-    tile_overlap = config.tile_overlap if args.tile_overlap is None else args.tile_overlap
-    ids = category_map(model_categories, categories)
-    if args.max_dets is not None:
-        model.roi_heads.detections_per_img = args.max_dets  # the foram paper: 100 in training, 256 at test
-    max_dets = model.roi_heads.detections_per_img
-
+        category_ids_without(records[0].categories, args.exclude_class)
     gt = coco_ground_truth(InstanceDataset(records))
-    started = time.perf_counter()
-    results = predict_records(
-        model,
-        records,
-        device,
-        tile_size=tile_size,
-        tile_overlap=tile_overlap,
-        cfg=config,  # the model's inference filters (class_score_thresh, mask_min_area)
-        categories=model_categories,
-    )
-    for r in results:
-        r["category_id"] = ids[r["category_id"]]
-    predict_s = time.perf_counter() - started
+    results, settings, predict_s = predict_detections(args, folder, records)
     files = []
     if args.predictions_out:
         files = [Path(args.predictions_out), Path(args.predictions_out).with_suffix(".gt.json")]
@@ -288,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predictions: {files[0]} (COCO results), ground truth: {files[1]}")
 
     started = time.perf_counter()
+    max_dets = settings["max_dets"]
     metrics, evals = coco_report(gt, results, max_dets, args.exclude_class)
     metrics.update(kaggle_metrics(gt, results, args.score_threshold))
     table = format_table(metrics)
@@ -302,24 +244,42 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "data": str(Path(args.data).resolve()),
             "split": f"{args.split_file}:{args.split}" if args.split_file else "all images",
-            "max_dets": max_dets,
-            "tile_size": tile_size,
+            **settings,
             "exclude_class": args.exclude_class or "",
             "score_threshold": args.score_threshold,
             "images": len(records),
         }
-        run_id = log_run(
-            uri,
-            args.experiment,
-            params,
-            metrics,
-            table,
-            evaluation_figures(evals, records, results, args.score_threshold),
-            files,
-        )
+        figures = evaluation_figures(evals, records, results, args.score_threshold)
+        run_id = log_run(uri, args.experiment, params, metrics, table, figures, files)
         print(f"MLflow: experiment '{args.experiment}', run {run_id}")
         print(f"browse: {_cli.browse_hint(uri)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines
+    if args.max_dets is not None and args.max_dets < 1:
+        raise UserError(f"--max-dets: expected a positive integer, got {args.max_dets}")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise UserError(f"--score-threshold: expected a value in [0, 1], got {args.score_threshold}")
+    uri = None
+    if not args.no_mlflow or ":/" in args.model:
+        import mlflow
+
+        uri = _cli.tracking_uri(args.tracking_uri)
+        mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
+        mlflow.set_registry_uri(uri)
+
+    from deploy.registry import resolve
+    from trainers.classification.ensemble import is_classifier_folder
+
+    folder = resolve(args.model)
+    if is_classifier_folder(folder):
+        return evaluate_classifier(args, uri, folder)
+    return evaluate_detector(args, uri, folder)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def test_resume_unknown_search(tmp_path):
         (["--seeds", "0"], ["--seeds", "positive integer"]),
         (["tile_size=16"], ["tile_size", ">= 32 pixels"]),
         (["--storage-path", "nope://x/ray"], ["--storage-path nope://x/ray: ", "Unrecognized filesystem"]),
+        (["--force-champion"], ["--force-champion", "needs --register-as"]),
     ],
 )
 def test_train_resume_seeds_and_tile_mistakes(tmp_path, args, needles):
