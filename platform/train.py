@@ -1,6 +1,7 @@
 """Train one recipe as one tracked run: a Ray Train TorchTrainer (DDP over --workers), one MLflow run with
-every config field as a param and per-epoch metrics; the final model is logged, and registered with the
-alias `champion` when --register-as is given.
+every config field as a param and per-epoch metrics; the final model is logged, and registered with
+--register-as (alias `champion` only if it beats the current champion on the same validation data, or with
+--force-champion: deploy/champion.py).
 
     python -m platform.train --recipe dsb2018_cpu
     python -m platform.train --recipe dsb2018_demo epochs=2 min_size=128 max_size=160 --register-as demo
@@ -19,6 +20,9 @@ from pathlib import Path
 from datasets.errors import UserError
 from platform import _cli
 from trainers.config import ClassifierConfig, apply_overrides
+
+# torch, ray, MLflow and the model code are imported inside the functions that use them: --help and a
+# mistyped flag answer at once.
 
 RAY_NAME_TAG = "ray_run_name"  # how --resume finds the Ray run (and its checkpoints) of an MLflow run
 RAY_STORAGE_TAG = "ray_storage_path"
@@ -40,7 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=float, default=0, help="GPUs in all, split over the workers")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: all CPUs / workers)")
     p.add_argument("--experiment", help="MLflow experiment (default: the recipe name)")
-    p.add_argument("--register-as", help="register the final model under this name, alias champion")
+    p.add_argument(
+        "--register-as",
+        help="register the final model (of --seeds: the best seed's) under this name; alias champion only "
+        "if it beats the current champion on the same validation data",
+    )
+    p.add_argument(
+        "--force-champion",
+        action="store_true",
+        help="with --register-as: point alias champion at this model even if it does not beat the champion",
+    )
     p.add_argument(
         "--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1 and report mean +- std"
     )
@@ -100,10 +113,10 @@ def train_run(
     from trainers.plots import log_figure, loss_curves
     from trainers.ray_seam import checkpoint_folder
     from trainers.tasks import make_trainer
-    from trainers.tracking import mlflow_epoch_callback
+    from trainers.tracking import EpochLogger
 
     cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
-    storage = args.storage_path or str(_cli.LOCAL_RESULTS)  # a given one was checked by main()
+    storage = args.storage_path or str(_cli.LOCAL_RESULTS)  # a given one was checked by check_args()
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,
@@ -134,7 +147,7 @@ def train_run(
             use_gpu=args.gpus > 0,
             cpus_per_worker=cpus,
             gpus_per_worker=args.gpus / args.workers,
-            callbacks=[mlflow_epoch_callback(uri, run.info.run_id)],
+            callbacks=[EpochLogger(uri, run.info.run_id)],
             max_failures=args.max_failures,
         )
         result = trainer.fit()
@@ -255,14 +268,9 @@ def format_seed_table(summary: dict[str, tuple[float, float]], runs: int) -> str
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from trainers.recipes import RECIPES
-
-    if args.list_recipes:
-        for name, (_, description) in sorted(RECIPES.items()):
-            print(f"{name:20s} {description}")
-        return 0
+def check_args(args) -> None:
+    """The flags' own mistakes, before anything is read or started; a storage URI is checked here too (a
+    bucket that is missing or out of reach: one line, before Ray starts)."""
     for flag, value, least in (("--workers", args.workers, 1), ("--seeds", args.seeds, 1)):
         if value < least:
             raise UserError(f"{flag}: expected a positive integer, got {value}")
@@ -272,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-failures: expected -1 (no limit) or more, got {args.max_failures}")
     if args.resume and (args.overrides or args.seeds > 1):
         raise UserError("--resume: a resumed run keeps its config; leave out key=value overrides and --seeds")
-    if args.storage_path:  # a bucket that is missing or out of reach: one line, before Ray starts
+    if args.force_champion and not args.register_as:
+        raise UserError("--force-champion: needs --register-as NAME")
+    if args.storage_path:
         args.storage_path = _cli.storage_path(args.storage_path)
-    uri = _cli.tracking_uri(args.tracking_uri)
+
+
+def run_config(args, uri: str):
+    """(config, experiment name, run name): a resumed run's own, or the recipe with --data and overrides."""
     if args.resume:
         cfg, experiment, run_name = resumed_run(uri, args.resume)
     else:
@@ -286,11 +299,74 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"amp: '{cfg.amp}' needs GPUs (--gpus); on CPU use amp=off")
     if getattr(cfg, "norm", "") == "sync_bn" and args.workers > 1 and args.gpus == 0:
         raise UserError("norm: sync_bn needs GPU workers (--gpus); on CPU use norm=group")
-    experiment_id = _cli.use_experiment(uri, experiment)
+    return cfg, experiment, run_name
 
+
+def train_seeds(cfg, args, uri: str, experiment_id: str, run_name: str, task) -> Outcome:
+    """--seeds N: one nested run per seed under a parent run that holds the mean and std over the seeds;
+    the best seed's outcome."""
     import mlflow
 
-    from deploy.registry import register
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
+        mlflow.set_tags({"recipe": args.recipe, "seeds": args.seeds})
+        outcomes = [
+            train_run(
+                apply_overrides(cfg, {"seed": cfg.seed + i}, "--seeds"),
+                args,
+                uri,
+                experiment_id,
+                f"{run_name}-seed{cfg.seed + i}",
+                parent_run_id=parent.info.run_id,
+            )
+            for i in range(args.seeds)
+        ]
+        summary = seed_summary([o.metrics for o in outcomes])
+        mlflow.log_metrics(
+            {
+                f"{k}_{stat}": v
+                for k, (mean, std) in summary.items()
+                for stat, v in (("mean", mean), ("std", std))
+            }
+        )
+        table = format_seed_table(summary, len(outcomes))
+        mlflow.log_text(table, "seeds.txt")
+    print(table)
+    best = max(outcomes, key=lambda o: o.metrics.get(task.metric, 0.0))
+    print(
+        f"best seed: {best.cfg.seed} ({task.metric}={best.metrics.get(task.metric, 0.0):.4f}), "
+        f"run {best.run_id}"
+    )
+    return best
+
+
+def register_outcome(outcome: Outcome, name: str, metric: str, force: bool) -> str:
+    """Register the run's logged model under `name` by the champion rule; the line that says what happened
+    (both numbers when there is a champion)."""
+    from deploy.champion import register_logged
+
+    if metric not in outcome.metrics:
+        raise UserError(
+            f"--register-as: run {outcome.run_id} reported no {metric} to compare with the champion"
+        )
+    value = outcome.metrics[metric]
+    # The task's metric is maximised (trainers/tasks.py), by platform.tune's default --mode as well.
+    registration = register_logged(outcome.model_uri, name, outcome.cfg, metric, "max", value, force=force)
+    return registration.message(metric, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainers.recipes import RECIPES
+
+    if args.list_recipes:
+        for name, (_, description) in sorted(RECIPES.items()):
+            print(f"{name:20s} {description}")
+        return 0
+    check_args(args)
+    uri = _cli.tracking_uri(args.tracking_uri)
+    cfg, experiment, run_name = run_config(args, uri)
+    experiment_id = _cli.use_experiment(uri, experiment)
+
     from trainers.ray_seam import init_ray
     from trainers.tasks import task_of
 
@@ -298,46 +374,19 @@ def main(argv: list[str] | None = None) -> int:
     task = task_of(cfg)
     started = time.time()
     if args.seeds == 1:
-        outcome = train_run(cfg, args, uri, experiment_id, run_name, run_id=args.resume)
-        shown = "  ".join(f"{k}={outcome.metrics[k]:.4f}" for k in task.headline if k in outcome.metrics)
-        if "best_epoch" in outcome.metrics:  # a classifier hands over its lowest-val_loss epoch
-            shown += f"  (model of epoch {outcome.metrics['best_epoch']:.0f})"
+        best = train_run(cfg, args, uri, experiment_id, run_name, run_id=args.resume)
+        shown = "  ".join(f"{k}={best.metrics[k]:.4f}" for k in task.headline if k in best.metrics)
+        if "best_epoch" in best.metrics:  # a classifier hands over its lowest-val_loss epoch
+            shown += f"  (model of epoch {best.metrics['best_epoch']:.0f})"
         print("final: " + shown)
-        best = outcome
     else:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
-            mlflow.set_tags({"recipe": args.recipe, "seeds": args.seeds})
-            outcomes = [
-                train_run(
-                    apply_overrides(cfg, {"seed": cfg.seed + i}, "--seeds"),
-                    args,
-                    uri,
-                    experiment_id,
-                    f"{run_name}-seed{cfg.seed + i}",
-                    parent_run_id=parent.info.run_id,
-                )
-                for i in range(args.seeds)
-            ]
-            summary = seed_summary([o.metrics for o in outcomes])
-            mlflow.log_metrics(
-                {
-                    f"{k}_{stat}": v
-                    for k, (mean, std) in summary.items()
-                    for stat, v in (("mean", mean), ("std", std))
-                }
-            )
-            table = format_seed_table(summary, len(outcomes))
-            mlflow.log_text(table, "seeds.txt")
-        print(table)
-        best = max(outcomes, key=lambda o: o.metrics.get(task.metric, 0.0))
-        print(
-            f"best seed: {best.cfg.seed} ({task.metric}={best.metrics.get(task.metric, 0.0):.4f}), "
-            f"run {best.run_id}"
-        )
-    version = register(best.model_uri, args.register_as) if args.register_as else None
+        best = train_seeds(cfg, args, uri, experiment_id, run_name, task)
+    registered = None
+    if args.register_as:
+        registered = register_outcome(best, args.register_as, task.metric, args.force_champion)
     print(f"MLflow: experiment '{experiment}', run {best.run_id}; model {best.model_uri}")
-    if version is not None:
-        print(f"registered model: name={version.name} version={version.version} alias=champion")
+    if registered:
+        print(registered)
     print(f"browse: {_cli.browse_hint(uri)}")
     print(f"wall time: {time.time() - started:.0f} s")
     return 0

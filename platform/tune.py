@@ -13,8 +13,12 @@ key=value overrides set config fields; a searched field given this way is fixed 
 """
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
+
+import mlflow
 
 from datasets.errors import UserError
 from platform import _cli
@@ -78,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the searcher")
     p.add_argument("--experiment", help="MLflow experiment (default: the recipe name)")
     p.add_argument("--register-as", help="registered model name (default: the experiment name)")
+    p.add_argument(
+        "--force-champion",
+        action="store_true",
+        help="point alias champion at the best trial's model even if it does not beat the champion",
+    )
     p.add_argument("--recipe-out", help="best config's recipe file (default: best_recipes/<search>.yaml)")
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or .mlflow/ here)"
@@ -101,6 +110,7 @@ def default_mode(metric: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported after parsing, as the search modules below: --help answers before torch and Ray load.
     from search_spaces import SPACES, default_recipe, get_space
     from trainers.config import parse_overrides
 
@@ -115,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{flag.replace('_', '-')}: expected a positive integer, got {value}")
     uri = _cli.tracking_uri(args.tracking_uri)
     if args.resume:
-        from trainers.search import resume_search
+        from trainers.search.driver import resume_search
 
         started = time.time()
         summary = resume_search(args.resume, uri, args.address, str(_cli.REPO))
-        return report(summary, uri, started)
+        return report(summary, register(summary, args.force_champion), uri, started)
     if not args.space:
         raise UserError(f"--space is required; valid: {', '.join(sorted(SPACES))}")
     space = get_space(args.space)
@@ -136,13 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     experiment = args.experiment or Path(recipe).stem
     model_name = args.register_as or experiment
 
-    from trainers.search import SearchSettings, check_settings, run_search
+    from trainers.search.driver import run_search
+    from trainers.search.settings import SearchSettings, check_settings
     from trainers.tasks import task_of
 
     metrics = tuple((args.metric or task_of(cfg).metric).split(","))
     modes = tuple(args.mode.split(",")) if args.mode else tuple(default_mode(m) for m in metrics)
-    import os
-
     predictions = space.on_predictions
     settings = SearchSettings(
         space_name=args.space,
@@ -171,15 +180,55 @@ def main(argv: list[str] | None = None) -> int:
     )
     check_settings(settings, space)
     _cli.use_experiment(uri, experiment)  # also points the registry at `uri` for --model models:/...
-    if predictions:  # a missing model is a one-line error before Ray starts or a run is opened
-        from deploy.champion import model_folder
-
-        settings.model_folder = str(model_folder(settings.model))
+    resolve_model(settings)  # a missing model is a one-line error before Ray starts or a run is opened
     started = time.time()
-    return report(run_search(cfg, space, settings), uri, started)
+    summary = run_search(cfg, space, settings)
+    return report(summary, register(summary, args.force_champion), uri, started)
 
 
-def report(summary, uri: str, started: float) -> int:
+def resolve_model(settings) -> None:
+    """A predictions space's model (settings.model) as a local checkpoint folder: before its search starts,
+    and again before a resumed one registers (on another machine, or after the download folder was
+    cleaned)."""
+    if not settings.model or (settings.model_folder and Path(settings.model_folder).is_dir()):
+        return
+    from deploy.registry import resolve  # here, as in main: --help stays fast
+
+    settings.model_folder = str(resolve(settings.model))
+
+
+def register(summary, force: bool):
+    """Register the search's best model, logged in its trial's nested MLflow run; the champion rule moves
+    the alias only to a model that beats the champion (or with --force-champion). The outcome is noted on
+    the search's parent run."""
+    from deploy.champion import register_candidate  # here, as in main: --help stays fast
+    from trainers.search.driver import best_checkpoint
+
+    s = summary.settings
+    resolve_model(s)
+    with mlflow.start_run(run_id=summary.parent_run_id):
+        with mlflow.start_run(run_id=summary.best_run_id, nested=True), tempfile.TemporaryDirectory() as tmp:
+            registration = register_candidate(
+                best_checkpoint(summary, Path(tmp)),
+                s.model_name,
+                summary.best_config,
+                s.metric,
+                s.mode,
+                summary.best_value,
+                baseline=summary.baseline,
+                force=force,
+            )
+        mlflow.log_params(
+            {
+                "registered_model": s.model_name,
+                "registered_version": registration.version.version,
+                "promoted_to_champion": registration.promoted,
+            }
+        )
+    return registration
+
+
+def report(summary, registration, uri: str, started: float) -> int:
     s = summary.settings
     print()
     print(summary.table)
@@ -189,7 +238,7 @@ def report(summary, uri: str, started: float) -> int:
     print()
     print(f"best trial: {summary.best_trial}  {s.metric}={summary.best_value:.4f}")
     print(f"best config: {summary.recipe_path}  (python -m platform.train --recipe {summary.recipe_path})")
-    print(summary.registration.message(s.metric, summary.best_value))
+    print(registration.message(s.metric, summary.best_value))
     print(f"MLflow: experiment '{s.experiment}', parent run {summary.parent_run_id} (search {s.name})")
     print(f"browse: {_cli.browse_hint(uri)}")
     print(f"wall time: {time.time() - started:.0f} s")

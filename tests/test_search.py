@@ -15,7 +15,7 @@ import pytest
 from ray import tune
 
 from tests.helpers import REPO, mlflow_uris_restored, run_cli, sample_subset
-from trainers.search import grid, grid_size
+from trainers.search.settings import grid, grid_size
 
 
 def test_grid_spans_each_domain():

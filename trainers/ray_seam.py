@@ -115,6 +115,13 @@ class LocalSeam:
             self.on_report(metrics)
 
 
+def report_trial(metrics: dict) -> None:
+    """Report a Tune function trial's result that no Ray Train run produced (a thresholds trial)."""
+    import ray.tune
+
+    ray.tune.report(metrics)
+
+
 def storage_filesystem(storage_path: str):
     """The pyarrow filesystem and path of a storage path: a local (or mounted shared) folder, or a URI
     such as s3://bucket/prefix (an S3-compatible store's endpoint comes from AWS_ENDPOINT_URL, or from
