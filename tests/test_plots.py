@@ -11,7 +11,7 @@ from PIL import Image
 from datasets.instances import InstanceDataset, coco_ground_truth, encode_masks, read_records
 from tests.helpers import SAMPLE
 from trainers.evaluation import PR_IOUS, run_cocoeval
-from trainers.plots import log_figure, loss_curves, pr_curves, prediction_overlays
+from trainers.plots import learning_curves, log_figure, loss_curves, pr_curves, prediction_overlays
 
 
 def _png(fig: Figure) -> np.ndarray:
@@ -72,6 +72,16 @@ def test_loss_curves_losses_and_metrics_apart():
     assert [line.get_label() for line in metrics.get_lines()] == ["segm_AP"]
     _png(fig)
     assert len(loss_curves({"train_loss": [(1, 1.0)]}).axes) == 1
+
+
+def test_learning_curves_one_line_per_trial():
+    curves = {"t1": ([1, 2, 3], [0.1, 0.2, 0.3], [2.0, 1.5, 1.2]), "t2": ([1], [0.05], None)}
+    fig = learning_curves(curves, "segm_AP")
+    left, right = fig.axes
+    assert [line.get_label() for line in left.lines] == ["t1", "t2"]
+    assert [line.get_label() for line in right.lines] == ["t1"]  # t2 reported no training loss
+    np.testing.assert_array_equal(left.lines[0].get_ydata(), [0.1, 0.2, 0.3])
+    assert "segm_AP" in left.get_title()
 
 
 def test_prediction_overlays_draw_masks_boxes_and_labels():

@@ -84,6 +84,20 @@ def loss_curves(history: dict[str, list[tuple[int, float]]], title: str = "") ->
     return fig
 
 
+def learning_curves(curves: dict[str, tuple[list, list, list | None]], metric: str) -> Figure:
+    """A search's trials side by side: per trial (name -> epochs, `metric` values, training losses or
+    None), the validation metric per epoch on the left and the training loss on the right."""
+    fig, (left, right) = _grid(2, 2, (5.5, 4.0))
+    for name, (epochs, values, losses) in curves.items():
+        left.plot(epochs, values, marker="o", label=name)
+        if losses is not None:
+            right.plot(epochs, losses, marker="o", label=name)
+    left.set(xlabel="epoch", ylabel=metric, title=f"validation {metric} per trial")
+    right.set(xlabel="epoch", ylabel="training loss", title="training loss per trial")
+    left.legend(fontsize=7)
+    return fig
+
+
 def class_colours(categories) -> dict[int, tuple]:
     """A fixed colour per category id (tab10 in category order)."""
     palette = colormaps["tab10"]
