@@ -187,14 +187,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def resolve_model(settings) -> None:
-    """A predictions space's model (settings.model) as a local checkpoint folder: before its search starts,
-    and again before a resumed one registers (on another machine, or after the download folder was
-    cleaned)."""
+    """A predictions space's model (settings.model) as a local checkpoint folder, and a registered alias
+    pinned to the version it names: before its search starts, and again before a resumed one registers (on
+    another machine, or after the download folder was cleaned)."""
     if not settings.model or (settings.model_folder and Path(settings.model_folder).is_dir()):
         return
-    from deploy.registry import resolve  # here, as in main: --help stays fast
+    from deploy.registry import registry_version, resolve  # here, as in main: --help stays fast
 
     settings.model_folder = str(resolve(settings.model))
+    name, version = registry_version(settings.model)
+    if version:
+        # Pinned to the version searched: the alias may move during the search, and the registration
+        # compares with the searched model's own thresholds only when that version is still the champion.
+        settings.model = f"models:/{name}/{version}"
 
 
 def register(summary, force: bool):
