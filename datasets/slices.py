@@ -25,6 +25,7 @@ from PIL import Image
 
 from datasets.errors import UserError
 from datasets.slice_index import INDEX_COLUMNS, extract_slices, read_index
+from datasets.specimen_split import search_split
 from datasets.volumes import read_volumes
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ def slice_index(source: str | Path, slicing: dict, cache: Path = CACHE) -> Path:
 def split_rows(index_csv: Path, val_fraction: float, seed: int) -> tuple[list[dict], list[dict], list[str]]:
     """(train rows, val rows, class names sorted) of a slice index; UserError when a class has no
     specimen in a split (it could then be neither learned nor measured)."""
-    from datasets.specimen_split import search_split
-
     rows = read_index(index_csv)
     if not rows:
         raise UserError(f"{index_csv}: no slices (every slice was below min_foreground?)")

@@ -181,6 +181,8 @@ def train_val_split(
     if split_file:
         groups = apply_split(records, read_split(split_file), split_file)
         return groups["train"], groups["val"]
+    # datasets.instances loads albumentations (~2.5 s): only when a random split is made, not for every
+    # reader of split files
     from datasets.instances import split_records
 
     return split_records(list(records), val_fraction, seed)

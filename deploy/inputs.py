@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from datasets.errors import UserError
 from datasets.records import to_rgb8
+from datasets.volumes import load_volume
 
 # What the dataset readers accept (datasets.records.IMAGE_SUFFIXES), by PIL format name.
 IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
@@ -96,8 +97,6 @@ def is_nifti(data: bytes) -> bool:
 
 def decode_volume(data: bytes, max_voxels: int) -> np.ndarray:
     """A 3D uint8 volume (datasets.volumes.load_volume's scaling) from uploaded .nii or .nii.gz bytes."""
-    from datasets.volumes import load_volume
-
     suffix = ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"upload{suffix}"
