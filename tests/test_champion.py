@@ -129,7 +129,6 @@ def train(data, uri: str, tmp_path, *extra: str):
     )  # fmt: skip
 
 
-@pytest.mark.slow  # two training runs, ~1 min each on 2 cores
 def test_train_keeps_a_better_champion_unless_forced(tiny_dataset, tmp_path):
     """The champion: a checkpoint registered through the rule as measured on exactly the validation images
     the CLI's runs measure on (its registered number, a perfect 1.0, is what they are compared with)."""
