@@ -122,7 +122,7 @@ def current_champion(name: str) -> ModelVersion | None:
 
 
 def register_candidate(
-    checkpoint: Path,
+    model: str | Path,
     name: str,
     cfg,
     metric: str,
@@ -131,30 +131,17 @@ def register_candidate(
     baseline: tuple[str, float] | None = None,
     force: bool = False,
 ) -> Registration:
-    """Log `checkpoint` in the active run, then `register_logged` it."""
-    model_uri = log_checkpoint(checkpoint).model_uri
-    return register_logged(model_uri, name, cfg, metric, mode, value, baseline, force)
-
-
-def register_logged(
-    model_uri: str,
-    name: str,
-    cfg,
-    metric: str,
-    mode: str,
-    value: float,
-    baseline: tuple[str, float] | None = None,
-    force: bool = False,
-) -> Registration:
-    """Register the logged model `model_uri` as a new version of `name` and point `champion` at it only if
+    """Register `model` as a new version of `name` and point `champion` at it only if
     `value` (its `metric`, maximised or minimised as `mode` says, on `cfg`'s validation data) beats the
     champion's on the same data, or with `force` (the champion is still measured, for the message).
 
+    `model`: a logged model's URI (a str), or a checkpoint folder (a Path), logged first in the active run.
     `cfg`: a training config (its validation split), or a `Validation`.
     `baseline` = (model URI, value) of a model already measured on exactly this data (a thresholds search
     scores the model it searched with that model's own thresholds): used when that model is the champion.
     """
     validation = cfg if isinstance(cfg, Validation) else config_validation(cfg)
+    model_uri = log_checkpoint(model).model_uri if isinstance(model, Path) else model
     version = mlflow.register_model(model_uri, name)
     client = mlflow.MlflowClient()
     tags = {"val_data": validation.fingerprint, "metric": metric, f"val_{metric}": repr(float(value))}

@@ -191,7 +191,7 @@ def register_ensemble(model_uri: str, metrics: dict, members, args) -> str:
     """Register the logged ensemble by the champion rule, measured as a classifier task is (its metric on
     the validation specimens the table shows); the line that says what happened."""
     from datasets.volumes import read_volumes
-    from deploy.champion import config_validation, register_logged, volume_validation
+    from deploy.champion import config_validation, register_candidate, volume_validation
     from trainers.tasks import task_of
 
     metric = task_of(members[0].config).metric
@@ -202,7 +202,7 @@ def register_ensemble(model_uri: str, metrics: dict, members, args) -> str:
     else:
         validation = volume_validation(read_volumes(args.data))
     value = metrics[metric]
-    registration = register_logged(
+    registration = register_candidate(
         model_uri, args.register_as, validation, metric, "max", value, force=args.force_champion
     )
     return registration.message(metric, value)

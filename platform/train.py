@@ -342,7 +342,7 @@ def train_seeds(cfg, args, uri: str, experiment_id: str, run_name: str, task) ->
 def register_outcome(outcome: Outcome, name: str, metric: str, force: bool) -> str:
     """Register the run's logged model under `name` by the champion rule; the line that says what happened
     (both numbers when there is a champion)."""
-    from deploy.champion import register_logged
+    from deploy.champion import register_candidate
 
     if metric not in outcome.metrics:
         raise UserError(
@@ -350,7 +350,7 @@ def register_outcome(outcome: Outcome, name: str, metric: str, force: bool) -> s
         )
     value = outcome.metrics[metric]
     # The task's metric is maximised (trainers/tasks.py), by platform.tune's default --mode as well.
-    registration = register_logged(outcome.model_uri, name, outcome.cfg, metric, "max", value, force=force)
+    registration = register_candidate(outcome.model_uri, name, outcome.cfg, metric, "max", value, force=force)
     return registration.message(metric, value)
 
 

@@ -37,10 +37,10 @@ def never(model_uri: str) -> dict:
 def test_alias_is_read_again_before_it_is_set(store):
     """A better model registered while the champion was being re-evaluated (another search finishing) is
     compared with too: the candidate beats the old champion but not the new one, and the alias stays."""
-    from deploy.champion import ALIAS, Validation, current_champion, register_logged
+    from deploy.champion import ALIAS, Validation, current_champion, register_candidate
 
     model_uri, _, _ = store
-    first = register_logged(model_uri, "m", Validation("elsewhere", never), "segm_AP", "max", 0.2)
+    first = register_candidate(model_uri, "m", Validation("elsewhere", never), "segm_AP", "max", 0.2)
     assert first.promoted and first.champion_version is None
     arrived = mlflow.register_model(model_uri, "m")  # another search's model, better on our data
     client = mlflow.MlflowClient()
@@ -53,7 +53,7 @@ def test_alias_is_read_again_before_it_is_set(store):
         client.set_registered_model_alias("m", ALIAS, arrived.version)  # meanwhile, the other search
         return {"segm_AP": 0.1}
 
-    late = register_logged(model_uri, "m", Validation("ours", evaluate), "segm_AP", "max", 0.5)
+    late = register_candidate(model_uri, "m", Validation("ours", evaluate), "segm_AP", "max", 0.5)
     assert evaluated == ["models:/m/1"]  # the old champion, on other data: re-evaluated once
     assert not late.promoted and late.champion_version == "2" and late.champion_value == 0.9
     assert str(current_champion("m").version) == "2"
@@ -61,13 +61,13 @@ def test_alias_is_read_again_before_it_is_set(store):
 
 
 def test_force_moves_the_alias_and_shows_both_numbers(store):
-    from deploy.champion import Validation, current_champion, register_logged
+    from deploy.champion import Validation, current_champion, register_candidate
 
     model_uri, _, _ = store
-    register_logged(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.3)
-    kept = register_logged(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.4)
+    register_candidate(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.3)
+    kept = register_candidate(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.4)
     assert not kept.promoted and str(current_champion("m").version) == "1"
-    forced = register_logged(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.4, force=True)
+    forced = register_candidate(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.4, force=True)
     assert forced.promoted and forced.forced and str(current_champion("m").version) == "3"
     message = forced.message("val_loss", 0.4)
     assert (
@@ -75,7 +75,7 @@ def test_force_moves_the_alias_and_shows_both_numbers(store):
         in message
     )
     assert "val_loss=0.3000 (as registered, same validation data)" in message
-    better = register_logged(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.1, force=True)
+    better = register_candidate(model_uri, "m", Validation("ours", never), "val_loss", "min", 0.1, force=True)
     assert better.promoted and not better.forced  # forcing a better model is an ordinary promotion
     assert "val_loss=0.1000 beats champion version 3" in better.message("val_loss", 0.1)
 
