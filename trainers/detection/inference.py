@@ -71,8 +71,7 @@ def predict_tiled(
     if batch_size < 1:
         raise UserError(f"batch_size: must be at least 1, got {batch_size}")
     tiles = tile_grid(image.shape[0], image.shape[1], tile_size, overlap)
-    # The range of the whole image, not of each tile: a per-tile range would change contrast tile to tile.
-    value_range = (float(image.min()), float(image.max())) if image.dtype != np.uint8 else None
+    value_range = image_range(image)
     model.eval()
     per_tile: list[TileDetections] = []
     # A caller's `progress` is its own log: plain lines, also on a terminal.
@@ -132,8 +131,13 @@ def coco_results(
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """A whole image (HxW grey or HxWxC, any dtype) as the model's 3 x H x W float input in [0, 1]."""
-    value_range = (float(image.min()), float(image.max())) if image.dtype != np.uint8 else None
-    return tile_tensor(image, Tile(0, 0, image.shape[1], image.shape[0]), value_range)
+    return tile_tensor(image, Tile(0, 0, image.shape[1], image.shape[0]), image_range(image))
+
+
+def image_range(image: np.ndarray) -> tuple[float, float] | None:
+    """The value range tile_tensor scales a non-uint8 image by (None for uint8): the whole image's, never
+    one tile's, which would change the contrast from tile to tile."""
+    return (float(image.min()), float(image.max())) if image.dtype != np.uint8 else None
 
 
 @torch.inference_mode()
