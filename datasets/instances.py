@@ -175,9 +175,12 @@ class InstanceDataset(torch.utils.data.Dataset):
     models expect; labels are the instances' category ids (1..K, `.categories`). `image_id` is the
     record's position + 1, the id used by `coco_ground_truth`."""
 
-    def __init__(self, records: list[ImageRecord], transform: A.Compose | None = None):
+    def __init__(
+        self, records: list[ImageRecord], transform: A.Compose | None = None, normalize: str = "range"
+    ):
         self.records = records
         self.transform = transform
+        self.normalize = normalize  # the model's input normalisation (datasets/normalize.py)
         self.categories = records[0].categories if records else CATEGORIES
 
     def __len__(self) -> int:
@@ -185,7 +188,7 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        image = load_image(record.image_path)
+        image = load_image(record.image_path, self.normalize)
         masks, labels = instance_masks(record, image.shape[:2])
         return to_sample(self.transform, image, masks, labels, index + 1)
 
@@ -203,8 +206,9 @@ class TiledInstanceDataset(InstanceDataset):
         overlap: int,
         min_visible: float = 0.1,
         transform: A.Compose | None = None,
+        normalize: str = "range",
     ):
-        super().__init__(records, transform)
+        super().__init__(records, transform, normalize)
         self.min_visible = min_visible
         # Only the image headers are read here; pixels are read per item.
         self.tiles = [
@@ -219,7 +223,7 @@ class TiledInstanceDataset(InstanceDataset):
     def __getitem__(self, index: int):
         source, tile = self.tiles[index]
         record = self.records[source]
-        image = load_image(record.image_path)
+        image = load_image(record.image_path, self.normalize)  # the whole image's statistics, as inference
         masks, labels = instance_masks(record, image.shape[:2])
         clipped, kept = clip_instances(masks, tile, min_visible=self.min_visible)
         return to_sample(self.transform, image[tile.slices], clipped, labels[kept], source + 1)

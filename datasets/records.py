@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from datasets.errors import UserError
+from datasets.normalize import normalize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -75,9 +76,10 @@ def image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def load_image(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB: alpha dropped, grey replicated, 16-bit grey scaled by its own range."""
-    return to_rgb8(open_image(path))
+def load_image(path: Path, mode: str = "range") -> np.ndarray:
+    """HxWx3 uint8 RGB as a model with this `normalize` mode sees it (datasets/normalize.py); "range":
+    alpha dropped, grey replicated, 16-bit grey scaled by its own range."""
+    return normalize(open_image(path), mode)
 
 
 def load_mask_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -94,19 +96,9 @@ def load_mask_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def to_rgb8(arr: np.ndarray) -> np.ndarray:
-    """Decoded pixels (HxW or HxWxC, C 1-4, any dtype) as the HxWx3 uint8 RGB that models are trained on:
-    alpha dropped, grey replicated, other dtypes (16-bit grey, float) scaled by the image's own range."""
-    if arr.dtype != np.uint8:
-        arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = ((arr - lo) / max(hi - lo, 1e-6) * 255).round().astype(np.uint8)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.shape[2] in (2, 4):  # LA or RGBA: the alpha channel carries no signal
-        arr = arr[..., :-1]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr)
+    """Decoded pixels (HxW or HxWxC, C 1-4, any dtype) as HxWx3 uint8 RGB: alpha dropped, grey replicated,
+    other dtypes (16-bit grey, float) scaled by the image's own range (normalize="range")."""
+    return normalize(arr, "range")
 
 
 def make_categories(names, classes: list[str] | None, where: str) -> tuple[dict, ...]:

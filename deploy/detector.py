@@ -9,6 +9,7 @@ import torch
 from pycocotools import mask as mask_utils
 from ray import serve
 
+from datasets.normalize import normalization
 from datasets.tiles import Tile, TileDetections, tile_grid
 from deploy.registry import Detector, load_detector
 from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
@@ -52,9 +53,10 @@ class DetectorDeployment:
             else [Tile(0, 0, width, height)]
         )
         per_tile = []
+        norm = normalization(image, cfg.normalize)  # the whole image's, as in training
         for start in range(0, len(tiles), self.window):
             chunk = tiles[start : start + self.window]
-            items = ((loaded, (t, tile_tensor(image, t, None), score_threshold)) for t in chunk)
+            items = ((loaded, (t, tile_tensor(image, t, norm), score_threshold)) for t in chunk)
             per_tile += await asyncio.gather(*(self.infer(item) for item in items))
         # Stitching and RLE encoding in a thread: the replica's event loop keeps feeding batches meanwhile.
         answer = await asyncio.to_thread(instances_json, per_tile, detector, height, width, max_detections)

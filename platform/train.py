@@ -295,8 +295,8 @@ def run_config(args, uri: str):
         experiment = args.experiment or Path(args.recipe).stem
         run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Checked before MLflow is touched: a first use creates the store, which logs to stderr.
-    if cfg.amp != "off" and args.gpus == 0:
-        raise UserError(f"amp: '{cfg.amp}' needs GPUs (--gpus); on CPU use amp=off")
+    if cfg.amp == "fp16" and args.gpus == 0:
+        raise UserError("amp: 'fp16' needs GPUs (--gpus); on CPU use amp=off or amp=bf16")
     if getattr(cfg, "norm", "") == "sync_bn" and args.workers > 1 and args.gpus == 0:
         raise UserError("norm: sync_bn needs GPU workers (--gpus); on CPU use norm=group")
     return cfg, experiment, run_name

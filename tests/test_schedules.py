@@ -141,12 +141,13 @@ def test_accumulated_gradient_is_the_mean_of_the_group():
     assert model.w.grad == pytest.approx(big.w.grad)
 
 
-def test_amp_on_cpu_is_a_user_error_naming_the_field():
+def test_fp16_on_cpu_is_a_user_error_naming_the_field_and_bf16_runs():
     from trainers.detection.train import autocast_dtype
 
-    cfg = apply_overrides(MaskRCNNConfig(), {"amp": "bf16"})
+    cfg = apply_overrides(MaskRCNNConfig(), {"amp": "fp16"})
     with pytest.raises(UserError, match="amp"):
         autocast_dtype(cfg, torch.device("cpu"))
+    assert autocast_dtype(apply_overrides(cfg, {"amp": "bf16"}), torch.device("cpu")) is torch.bfloat16
     assert autocast_dtype(apply_overrides(cfg, {"amp": "off"}), torch.device("cpu")) is None
     with pytest.raises(UserError, match="amp: unknown value"):
         apply_overrides(cfg, {"amp": "fp8"})

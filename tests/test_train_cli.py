@@ -50,7 +50,9 @@ def test_one_recipe_is_one_tracked_run(tiny_dataset, tmp_path):
 def test_amp_on_cpu_is_one_line_error():
     out = run_cli("platform.train", "--recipe", "dsb2018_demo", "amp=fp16")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: amp: 'fp16' needs GPUs (--gpus); on CPU use amp=off"]
+    assert out.stderr.strip().splitlines() == [
+        "error: amp: 'fp16' needs GPUs (--gpus); on CPU use amp=off or amp=bf16"
+    ]
 
 
 def test_seed_summary_is_mean_and_sample_std_of_shared_results():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from datasets.errors import UserError
+from datasets.normalize import NORMALIZATIONS  # range | percentile | grey: how pixels become input
 
 C = TypeVar("C")
 
@@ -20,6 +21,8 @@ BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NORMS = ("frozen_bn", "bn", "sync_bn", "group")
 AMP_MODES = ("off", "bf16", "fp16")
+TTA_MODES = ("off", "flips", "flips+rot90")  # test-time augmentation (trainers/detection/combine.py)
+BASELINES = ("otsu", "otsu-watershed", "off")  # the classical baseline (trainers/detection/baseline.py)
 
 
 @dataclass
@@ -32,6 +35,7 @@ class MaskRCNNConfig:
     augment: str = (
         "flips"  # augmentation preset (datasets/augment.py): none flips foram dsb2018 sartorius ...
     )
+    normalize: str = "range"  # input normalisation: range | percentile | grey, see NORMALIZATIONS
     tile_size: int = 0  # 0 = train on whole images resized to min_size/max_size; else full-resolution mode:
     # every epoch trains on all overlapping tile_size x tile_size tiles of every image at native resolution
     # (the model's resize is fixed to the tile size) and validates by tiled inference on the whole images
@@ -74,6 +78,10 @@ class MaskRCNNConfig:
     mask_min_area: int = 0  # detections whose binary mask has fewer pixels are dropped at inference
     box_nms_thresh: float = 0.5  # per-class NMS IoU threshold on detections
     box_detections_per_img: int = 100  # maximum detections per image at inference
+    tta: str = "off"  # test-time augmentation at inference: off | flips | flips+rot90 (instances of the
+    # transformed images mapped back and merged by mask IoU, scores and soft masks averaged)
+    baseline: str = "otsu"  # classical baseline scored beside the model on the validation images: otsu |
+    # otsu-watershed | off (never a champion candidate; it shows whether learning beat a threshold)
     # --- optimisation ---
     optimizer: str = "sgd"  # sgd (momentum) | adam | adamw
     lr: float = 0.02  # base learning rate per optimizer step (before lr_reference_batch scaling)
@@ -99,8 +107,10 @@ class MaskRCNNConfig:
     epochs: int = 12  # training epochs (a Tune search may stop a trial earlier)
     batch_size: int = 2  # images per worker per forward/backward pass
     accumulate_steps: int = 1  # batches whose gradients are summed (averaged) before one optimizer step
-    amp: str = "off"  # mixed precision on GPU: off | bf16 | fp16 (fp16 adds a GradScaler); CPU: off only
+    amp: str = "off"  # mixed precision: off | bf16 | fp16 (fp16 adds a GradScaler); CPU: off | bf16
     seed: int = 0  # seeds the split, the weights' init, augmentation and data order
+    early_stop_patience: int = 0  # stop after this many epochs without a higher validation segm_AP; 0 = off
+    restore_best: bool = True  # the run's model is its epoch of highest validation segm_AP; false: the last
     loader_workers: int = 0  # DataLoader worker processes per training worker
 
     def validate(self) -> None:
@@ -108,6 +118,9 @@ class MaskRCNNConfig:
 
         _one_of("augment", self.augment, tuple(PRESETS))
         _one_of("backbone", self.backbone, BACKBONES)
+        _one_of("normalize", self.normalize, NORMALIZATIONS)
+        _one_of("tta", self.tta, TTA_MODES)
+        _one_of("baseline", self.baseline, BASELINES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("norm", self.norm, NORMS)
         if len(self.anchor_sizes) != 5:
@@ -144,7 +157,13 @@ class MaskRCNNConfig:
         for key in ("accumulate_steps", "cosine_period_mult"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: expected a positive integer, got {getattr(self, key)}")
-        for key in ("lr_reference_batch", "lr_decay_every", "lr_decay_start", "warmup_iters"):
+        for key in (
+            "lr_reference_batch",
+            "lr_decay_every",
+            "lr_decay_start",
+            "warmup_iters",
+            "early_stop_patience",
+        ):
             if getattr(self, key) < 0:
                 raise UserError(f"{key}: expected 0 or a positive integer, got {getattr(self, key)}")
         if self.cosine_period_epochs < 0:
@@ -254,7 +273,7 @@ class ClassifierConfig:
     # training batches with the current weights (Detectron2's PreciseBN; 0 = off): the running averages lag
     # weights that move fast (from scratch, high lr) and then evaluate a model that never existed
     batch_size: int = 32  # slices per worker per step (even: Mixup/CutMix pair the batch with its flip)
-    amp: str = "off"  # mixed precision on GPU: off | bf16 | fp16 (fp16 adds a GradScaler); CPU: off only
+    amp: str = "off"  # mixed precision: off | bf16 | fp16 (fp16 adds a GradScaler); CPU: off | bf16
     seed: int = 0  # seeds the weights' init, augmentation, mixing and data order (not the split)
     loader_workers: int = 0  # DataLoader worker processes per training worker
 

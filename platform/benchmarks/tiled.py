@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.normalize import normalization
 from datasets.records import load_image
 from datasets.tiles import Tile, tile_grid
 from trainers.config import MaskRCNNConfig
@@ -104,7 +105,9 @@ def benchmark_tiled(
     image = sample_mosaic(mosaic_size)
     timed = _TimedModel(model)
     with torch.inference_mode():  # first call: allocations and kernel selection, kept out of the timing
-        model([tile_tensor(image, Tile(0, 0, tile_size, tile_size), None).to(device)])
+        model(
+            [tile_tensor(image, Tile(0, 0, tile_size, tile_size), normalization(image, "range")).to(device)]
+        )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     n_tiles = len(tile_grid(mosaic_size, mosaic_size, tile_size, overlap))
     print(

@@ -22,8 +22,9 @@ from pycocotools import mask as mask_utils
 
 from datasets.errors import UserError
 from datasets.instances import encode_masks
+from datasets.normalize import Normalization, apply, normalization
 from datasets.progress import Progress
-from datasets.records import ImageRecord, load_image, rle_to_json
+from datasets.records import ImageRecord, open_image, rle_to_json
 from datasets.tiles import Detections, Tile, TileDetections, stitch_detections, tile_grid
 from trainers.detection.postprocess import filter_output, filter_results
 
@@ -51,12 +52,13 @@ def predict_tiled(
     mask_threshold: float = 0.5,
     match_threshold: float = 0.5,
     merge: str = "union",
+    normalize: str = "range",
     progress: Callable[[str], None] | None = None,
 ) -> Detections:
     """Detections of a torchvision-style detection model on `image`, tile by tile, in image coordinates.
 
-    image: HxW grey or HxWxC (C = 1, 3, or 2/4 with alpha, which is dropped), uint8; other dtypes are
-    scaled to 0..255 by the whole image's range, as `datasets.records.load_image` does for training.
+    image: HxW grey or HxWxC (C = 1, 3, or 2/4 with alpha, which is dropped), any dtype, normalised by
+    the model's `normalize` mode with the whole image's statistics, as training does (datasets/normalize.py).
     model: list of CHW float tensors in [0, 1] -> list of dicts with boxes (xyxy), scores, labels and
     masks (N x 1 x h x w soft); put on `device` by the caller. Set to eval mode here.
     Tiles of tile_size x tile_size pixels share `overlap` pixels (`datasets.tiles.tile_grid`); an image no
@@ -71,7 +73,7 @@ def predict_tiled(
     if batch_size < 1:
         raise UserError(f"batch_size: must be at least 1, got {batch_size}")
     tiles = tile_grid(image.shape[0], image.shape[1], tile_size, overlap)
-    value_range = image_range(image)
+    norm = normalization(image, normalize)
     model.eval()
     per_tile: list[TileDetections] = []
     # A caller's `progress` is its own log: plain lines, also on a terminal.
@@ -87,7 +89,7 @@ def predict_tiled(
     with bar:
         for first in range(0, len(tiles), batch_size):
             chunk = tiles[first : first + batch_size]
-            batch = [(tile, tile_tensor(image, tile, value_range), score_threshold) for tile in chunk]
+            batch = [(tile, tile_tensor(image, tile, norm), score_threshold) for tile in chunk]
             per_tile += detect_tiles(model, device, batch, mask_threshold)
             bar.update(len(batch))
     return stitch_detections(per_tile, match_threshold=match_threshold, match_metric="iou", merge=merge)
@@ -129,15 +131,10 @@ def coco_results(
     return filter_results(results, cfg, categories) if cfg is not None else results
 
 
-def image_tensor(image: np.ndarray) -> torch.Tensor:
+def image_tensor(image: np.ndarray, normalize: str = "range") -> torch.Tensor:
     """A whole image (HxW grey or HxWxC, any dtype) as the model's 3 x H x W float input in [0, 1]."""
-    return tile_tensor(image, Tile(0, 0, image.shape[1], image.shape[0]), image_range(image))
-
-
-def image_range(image: np.ndarray) -> tuple[float, float] | None:
-    """The value range tile_tensor scales a non-uint8 image by (None for uint8): the whole image's, never
-    one tile's, which would change the contrast from tile to tile."""
-    return (float(image.min()), float(image.max())) if image.dtype != np.uint8 else None
+    whole = Tile(0, 0, image.shape[1], image.shape[0])
+    return tile_tensor(image, whole, normalization(image, normalize))
 
 
 @torch.inference_mode()
@@ -153,11 +150,14 @@ def predict_image(
     mask_threshold: float = 0.5,
     cfg=None,
     categories=None,
+    normalize: str | None = None,
 ) -> list[dict]:
     """COCO result dicts of one image: the whole image in one call (the model resizes it as in training),
     or with tile_size > 0 tiled inference at native resolution, `tile_batch` tiles per call. With a
     MaskRCNNConfig `cfg`, its class_score_thresh (in the order of the model's `categories`) and
-    mask_min_area filters apply (trainers/detection/postprocess.py)."""
+    mask_min_area filters apply (trainers/detection/postprocess.py). The image is normalised by
+    `normalize`, by default the cfg's mode ("range" without a cfg)."""
+    normalize = normalize or (cfg.normalize if cfg is not None else "range")
     if tile_size:
         detections = predict_tiled(
             model,
@@ -167,10 +167,11 @@ def predict_image(
             batch_size=tile_batch,
             device=device,
             mask_threshold=mask_threshold,
+            normalize=normalize,
         )
         return coco_results(detections, image_id, *image.shape[:2], cfg, categories)
     model.eval()
-    output = model([image_tensor(image).to(device)])[0]
+    output = model([image_tensor(image, normalize).to(device)])[0]
     return to_coco_results(output, image_id, mask_threshold, cfg=cfg, categories=categories)
 
 
@@ -191,7 +192,7 @@ def predict_records(
     results = []
     with Progress(len(records), "predicted", "images", log.info, every_s=log_every_s) as bar:
         for index, record in enumerate(records):
-            image = load_image(record.image_path)
+            image = open_image(record.image_path)  # raw: predict_image normalises as the model was trained
             results += predict_image(
                 model, image, device, image_id=index + 1, categories=categories, **settings
             )
@@ -208,19 +209,13 @@ def trim_heap() -> None:
         _malloc_trim(0)
 
 
-def tile_tensor(image: np.ndarray, tile: Tile, value_range: tuple[float, float] | None) -> torch.Tensor:
-    """3 x h x w float in [0, 1] for one tile, made the way the training data loader makes its images."""
-    crop = image[tile.slices]
-    if value_range is not None:
-        lo, hi = value_range
-        crop = ((crop.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255).round().astype(np.uint8)
-    if crop.ndim == 2:
-        crop = crop[..., None]
-    if crop.shape[2] in (2, 4):  # grey + alpha or RGBA: alpha carries no signal
-        crop = crop[..., :-1]
-    # A copy: the image may be read-only (Ray Serve hands a replica its argument from the object store).
-    tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255)
-    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+def tile_tensor(image: np.ndarray, tile: Tile, norm: Normalization) -> torch.Tensor:
+    """3 x h x w float in [0, 1] for one tile under the whole image's normalisation, as training makes its
+    images (datasets/normalize.py)."""
+    # apply copies: the image may be read-only (Ray Serve hands a replica its argument from the object
+    # store) or a memmap
+    crop = apply(image[tile.slices], norm)
+    return torch.from_numpy(crop).permute(2, 0, 1).float().div(255)
 
 
 def crop_output(tile: Tile, output: dict, score_threshold: float, mask_threshold: float) -> TileDetections:

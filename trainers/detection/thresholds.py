@@ -34,7 +34,7 @@ from torchvision.ops import boxes as box_ops
 from datasets.errors import UserError
 from datasets.instances import InstanceDataset, coco_ground_truth, quiet_pycocotools
 from datasets.progress import Progress
-from datasets.records import load_image, write_bytes_atomic
+from datasets.records import open_image, write_bytes_atomic
 from trainers.config import MaskRCNNConfig, apply_overrides, from_dict, to_dict
 from trainers.detection.inference import detect_candidates, image_tensor, predict_records
 from trainers.detection.model import load_checkpoint_model
@@ -134,7 +134,7 @@ def cache_predictions(
     if cfg.tile_size:
         per_image = _tiled_candidates(model, val_records, cfg, device, mask_threshold)
     else:
-        per_image = _whole_image_candidates(model, val_records, device, mask_threshold)
+        per_image = _whole_image_candidates(model, val_records, cfg, device, mask_threshold)
     counts = [len(p[0]) for p in per_image]
     data = {
         "version": CACHE_VERSION,
@@ -180,6 +180,7 @@ def _tiled_candidates(model, records, cfg, device, mask_threshold: float) -> lis
         tile_overlap=cfg.tile_overlap,
         tile_batch=1,
         mask_threshold=mask_threshold,
+        normalize=cfg.normalize,
         log_every_s=LOG_EVERY_S,
     )
     per_image = []
@@ -204,12 +205,13 @@ def _tiled_candidates(model, records, cfg, device, mask_threshold: float) -> lis
     return per_image
 
 
-def _whole_image_candidates(model, records, device, mask_threshold: float) -> list[Candidates]:
+def _whole_image_candidates(model, records, cfg, device, mask_threshold: float) -> list[Candidates]:
     model.eval()
     per_image = []
     with Progress(len(records), "cached", "images", log.info, every_s=LOG_EVERY_S) as bar:
         for record in records:
-            image = image_tensor(load_image(record.image_path)).to(device)  # as predict_image feeds it
+            # as predict_image feeds it
+            image = image_tensor(open_image(record.image_path), cfg.normalize).to(device)
             nms_boxes, boxes, scores, labels, areas, rles = detect_candidates(model, image, mask_threshold)
             boxes = boxes.numpy()
             complete = PERMISSIVE["box_score_thresh"]

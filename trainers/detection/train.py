@@ -89,8 +89,10 @@ def train_set_of(cfg: MaskRCNNConfig, records: list, rank: int):
         blur=cfg.aug_blur,
     )
     if not cfg.tile_size:
-        return InstanceDataset(records, transform)
-    tiles = TiledInstanceDataset(records, cfg.tile_size, cfg.tile_overlap, cfg.tile_min_visible, transform)
+        return InstanceDataset(records, transform, cfg.normalize)
+    tiles = TiledInstanceDataset(
+        records, cfg.tile_size, cfg.tile_overlap, cfg.tile_min_visible, transform, cfg.normalize
+    )
     log.info("full-resolution mode: %d tiles of %d px per epoch", len(tiles), cfg.tile_size)
     return tiles
 
@@ -118,7 +120,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     start_epoch = _resume(seam, bare, optimizer, scheduler, scaler)
     if seam.rank == 0:
-        val_set = InstanceDataset(val_records)
+        val_set = InstanceDataset(val_records, normalize=cfg.normalize)
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
         ground_truth = coco_ground_truth(val_set)
 
