@@ -78,8 +78,8 @@ def test_second_phase_freezes_the_backbone(tiny_dataset, tmp_path):
     snapshots = []
     ckpt = tmp_path / "ckpt"
 
-    def on_report(metrics):
-        snapshots.append(torch.load(ckpt / "model.pt", weights_only=True))
+    def on_report(metrics):  # the weights training continues from (model.pt is the best epoch's)
+        snapshots.append(torch.load(ckpt / "train_state.pt", weights_only=True)["model"])
 
     run_training(cfg, LocalSeam(checkpoint_dir=ckpt, on_report=on_report))
     assert len(snapshots) == 2
@@ -93,3 +93,27 @@ def test_second_phase_freezes_the_backbone(tiny_dataset, tmp_path):
     assert changed(initial, snapshots[0], body)  # epoch 0: all five stages train
     assert changed(snapshots[0], snapshots[1], body) == []  # epoch 1: the backbone is frozen
     assert changed(snapshots[0], snapshots[1], heads)  # ... while the heads keep learning
+
+
+def test_the_run_hands_over_its_best_epoch_and_stops_early(tiny_dataset, tmp_path):
+    cfg = apply_overrides(
+        get_recipe("dsb2018_demo"),
+        {**TINY, "data": str(tiny_dataset), "epochs": 4, "batch_size": 1, "early_stop_patience": 1},
+    )
+    reports, latest = [], []
+    ckpt = tmp_path / "ckpt"
+
+    def on_report(metrics):
+        reports.append(metrics)
+        latest.append(torch.load(ckpt / "train_state.pt", weights_only=True)["model"])
+
+    run_training(cfg, LocalSeam(checkpoint_dir=ckpt, on_report=on_report))
+    aps = [r["segm_AP"] for r in reports]
+    best = reports[-1]["best_epoch"]
+    assert aps[best - 1] == max(aps) and aps.index(max(aps)) == best - 1  # the first epoch of the best value
+    assert reports[-1]["best_segm_AP"] == max(aps)
+    # stopped one epoch after its best, unless the last epoch came first
+    assert len(reports) == min(best + 1, cfg.epochs)
+    assert bool(reports[-1]["early_stopped"]) == (len(reports) < cfg.epochs)
+    handed_over = torch.load(ckpt / "model.pt", weights_only=True)
+    assert all(torch.equal(handed_over[k], latest[best - 1][k]) for k in handed_over)

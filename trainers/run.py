@@ -6,9 +6,11 @@ trainers/classification/train.py); resuming from `seam.latest_checkpoint()` is t
 keeps its own state."""
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,42 @@ from datasets.errors import UserError
 log = logging.getLogger(__name__)
 
 WriteCheckpoint = Callable[[Path], None]
+
+
+@dataclass
+class BestEpoch:
+    """A run's best validation value so far, its epoch (1-based), the epochs since, and a copy of its
+    weights (restore_best, Keras' restore_best_weights): the model a run hands over is its best epoch,
+    not its last, and early stopping counts the epochs without improvement."""
+
+    higher_is_better: bool
+    value: float = math.nan  # nan until the first validation
+    epoch: int = 0
+    bad_epochs: int = 0
+    weights: dict | None = None
+
+    def update(self, value: float, epoch: int, model: torch.nn.Module, keep_weights: bool) -> bool:
+        """Record epoch `epoch`'s validation value; True when it is the best so far."""
+        better = (value > self.value + 1e-6) if self.higher_is_better else (value < self.value - 1e-6)
+        if not (better or math.isnan(self.value)):
+            self.bad_epochs += 1
+            return False
+        self.value, self.epoch, self.bad_epochs = value, epoch, 0
+        if keep_weights:  # a copy: training goes on changing the model's own tensors
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def stop(self, patience: int) -> bool:
+        """Early stopping: `patience` epochs without improvement (0 = never)."""
+        return patience > 0 and self.bad_epochs >= patience
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of it (the weights are the checkpoint's model.pt)."""
+        return {"best_value": self.value, "best_epoch": self.epoch, "bad_epochs": self.bad_epochs}
+
+    def load(self, state: dict, weights: dict | None) -> None:
+        self.value, self.epoch = state["best_value"], state["best_epoch"]
+        self.bad_epochs, self.weights = state["bad_epochs"], weights
 
 
 def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:

@@ -35,7 +35,7 @@ def task_of(config: Any) -> Task:
         "segmentation",
         detection_train.train_loop_per_worker,
         "segm_AP",
-        ("train_loss", "bbox_AP", "segm_AP"),
+        ("train_loss", "bbox_AP", "segm_AP", "best_segm_AP"),
         ("bbox_AP", "segm_AP", "segm_AP50", "kaggle_mAP"),
     )
 

@@ -154,9 +154,12 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
 CHECKPOINT_FILES = ("model.pt", "config.json", "categories.json")  # what inference needs (no optimizer state)
 
 
-def save_checkpoint(folder: Path, cfg: MaskRCNNConfig, model, categories, train_state: dict) -> None:
-    """model.pt (a state_dict, loads with weights_only=True), config.json, categories.json, train_state.pt."""
-    torch.save(model.state_dict(), folder / "model.pt")
+def save_checkpoint(
+    folder: Path, cfg: MaskRCNNConfig, model: nn.Module | dict, categories, train_state: dict
+) -> None:
+    """model.pt (a state_dict, loads with weights_only=True), config.json, categories.json, train_state.pt;
+    `model` is the model or the state_dict to hand over (a run's best epoch)."""
+    torch.save(model if isinstance(model, dict) else model.state_dict(), folder / "model.pt")
     torch.save(train_state, folder / "train_state.pt")
     write_json(cfg, folder / "config.json")
     (folder / "categories.json").write_text(json.dumps(list(categories), indent=2) + "\n")

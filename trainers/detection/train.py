@@ -27,7 +27,7 @@ from trainers.detection.inference import predict, predict_records
 from trainers.detection.model import build_model, save_checkpoint
 from trainers.evaluation import score_results
 from trainers.ray_seam import RaySeam
-from trainers.run import autocast_dtype, run_epochs, seed_everything, train_loader
+from trainers.run import BestEpoch, autocast_dtype, run_epochs, seed_everything, train_loader
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     amp_dtype = autocast_dtype(cfg, seam.device)
     # fp16 needs loss scaling against gradient underflow; bf16 has float32's exponent range and does not.
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    start_epoch = _resume(seam, bare, optimizer, scheduler, scaler)
+    best = BestEpoch(higher_is_better=True)  # on validation segm_AP, the metric searches maximise
+    start_epoch = _resume(cfg, seam, bare, optimizer, scheduler, scaler, best)
     if seam.rank == 0:
         val_set = InstanceDataset(val_records, normalize=cfg.normalize)
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
@@ -146,15 +147,22 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
 
     def end_epoch(epoch: int, metrics: dict):
         metrics.update(validate(cfg, bare, val_loader, seam.device, ground_truth))
+        best.update(metrics["segm_AP"], epoch + 1, bare, keep_weights=cfg.restore_best)
+        stop = best.stop(cfg.early_stop_patience)
+        metrics.update(best_segm_AP=best.value, best_epoch=best.epoch, early_stopped=float(stop))
         state = {
+            "model": bare.state_dict(),  # the weights training continues from
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch + 1,
+            **best.state(),
         }
+        # model.pt is the model this run hands over now: its best epoch so far, or the latest
+        weights = best.weights if cfg.restore_best else state["model"]
         categories = train_set.categories
-        write = partial(save_checkpoint, cfg=cfg, model=bare, categories=categories, train_state=state)
-        return write, False
+        write = partial(save_checkpoint, cfg=cfg, model=weights, categories=categories, train_state=state)
+        return write, stop
 
     run_epochs(
         seam,
@@ -171,17 +179,21 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     )
 
 
-def _resume(seam, bare, optimizer, scheduler, scaler) -> int:
-    """Load the seam's latest checkpoint, if any, into the model and training state; the epoch to start at."""
+def _resume(cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch) -> int:
+    """Load the seam's latest checkpoint, if any, into the model, the training state and `best`; the epoch
+    to start at."""
     resume = seam.latest_checkpoint()
     if resume is None:
         return 0
-    bare.load_state_dict(torch.load(resume / "model.pt", map_location=seam.device, weights_only=True))
-    state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(resume / "train_state.pt", map_location=seam.device, weights_only=True)
+    handed_over = torch.load(resume / "model.pt", map_location=seam.device, weights_only=True)
+    bare.load_state_dict(state.get("model", handed_over))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if "best_value" in state:
+        best.load(state, handed_over if cfg.restore_best else None)
     log.info("resumed from %s at epoch %d", resume, state["epoch"])
     return state["epoch"]
 
