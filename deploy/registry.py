@@ -1,7 +1,8 @@
-"""Model registry seam: log a trained Mask R-CNN, slice classifier or classifier ensemble as an MLflow pyfunc
-model, turn any model reference (a folder, or an MLflow URI such as `models:/NAME@champion`) into a local
-model folder (`resolve`, the one place that does), load it and predict. Ray Serve deployments and every CLI
-load through here; the `champion` alias moves only through deploy/champion.py."""
+"""Model registry seam: log a trained Mask R-CNN, a detector ensemble, a slice classifier or a classifier
+ensemble as an MLflow pyfunc model, turn any model reference (a folder, or an MLflow URI such as
+`models:/NAME@champion`) into a local model folder (`resolve`, the one place that does), load it (a detector
+with its config's test-time augmentation, trainers/detection/combine.py) and predict. Ray Serve deployments
+and every CLI load through here; the `champion` alias moves only through deploy/champion.py."""
 
 import os
 import shutil
@@ -22,7 +23,8 @@ from trainers.classification.ensemble import Ensemble, is_classifier_folder, loa
 from trainers.classification.model import SliceClassifier
 from trainers.config import MaskRCNNConfig
 from trainers.detection import inference
-from trainers.detection.model import CHECKPOINT_FILES, load_checkpoint_model
+from trainers.detection.combine import is_ensemble_folder, load_detector_model
+from trainers.detection.model import CHECKPOINT_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_STORE = REPO / ".mlflow"  # embedded MLflow: SQLite file + artifact folder, git-ignored
@@ -48,7 +50,7 @@ class MaskRCNNPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.config, self.categories = load_checkpoint_model(
+        self.model, self.config, self.categories = load_detector_model(
             Path(context.artifacts["checkpoint"]), device
         )
         self.device = device
@@ -76,12 +78,15 @@ def _requirements() -> list[str]:
 
 
 def log_detector(checkpoint_dir: Path, artifact_name: str = "model") -> ModelInfo:
-    """Log a checkpoint folder as a pyfunc model in the active MLflow run."""
+    """Log a checkpoint folder or a detector ensemble folder as a pyfunc model in the active MLflow run."""
     with tempfile.TemporaryDirectory() as tmp:
         slim = Path(tmp) / "checkpoint"
-        slim.mkdir()
-        for name in CHECKPOINT_FILES:
-            shutil.copy2(checkpoint_dir / name, slim / name)
+        if is_ensemble_folder(checkpoint_dir):  # its members are slim already (combine.save_ensemble)
+            shutil.copytree(checkpoint_dir, slim, ignore=shutil.ignore_patterns("train_state.pt", ".*"))
+        else:
+            slim.mkdir()
+            for name in CHECKPOINT_FILES:
+                shutil.copy2(checkpoint_dir / name, slim / name)
         # Explicit requirements: MLflow's inference would import-trace the model in a subprocess.
         return mlflow.pyfunc.log_model(
             name=artifact_name,
@@ -135,13 +140,15 @@ def register(model_uri: str, name: str, alias: str = "champion") -> ModelVersion
 
 
 def load_detector(value: str, device: str | None = None) -> Detector:
-    """A Mask R-CNN given as a checkpoint folder or a model URI (`models:/NAME@alias`, `models:/NAME/VERSION`,
-    `runs:/...`, a local MLflow model folder), ready for `predict_image`."""
+    """A Mask R-CNN or a detector ensemble given as a folder or a model URI (`models:/NAME@alias`,
+    `models:/NAME/VERSION`, `runs:/...`, a local MLflow model folder), ready for `predict_image`, with its
+    config's test-time augmentation (`tta`) applied: `detector.model` may be a combine.TTAModel or
+    MaskVoteEnsemble, whose `roi_heads.detections_per_img` sets the cap of every model inside."""
     folder = resolve(value)
     if is_classifier_folder(folder):
         raise UserError(f"--model: {value} is a slice classifier, not a Mask R-CNN")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, config, categories = load_checkpoint_model(folder, device)
+    model, config, categories = load_detector_model(folder, device)
     name, version = registry_version(str(value))
     return Detector(model, categories, config, device, str(value), name, version)
 
@@ -196,15 +203,26 @@ def version_info(name: str, version: str) -> dict:
 
 
 EXPECTED = (
-    "a checkpoint folder (model.pt, config.json, categories.json), a classifier or ensemble folder "
-    "(classes.json or ensemble.json), or an MLflow model URI (models:/NAME@alias, runs:/RUN_ID/model)"
+    "a checkpoint folder (model.pt, config.json, categories.json), a detector ensemble folder "
+    "(detector_ensemble.json), a classifier or ensemble folder (classes.json or ensemble.json), or an "
+    "MLflow model URI (models:/NAME@alias, runs:/RUN_ID/model)"
 )
 
 
+def is_model_folder(folder: Path) -> bool:
+    """A folder the platform loads as one model: a detector or classifier checkpoint, or an ensemble."""
+    return (
+        is_classifier_folder(folder)
+        or is_ensemble_folder(folder)
+        or all((folder / f).is_file() for f in CHECKPOINT_FILES)
+    )
+
+
 def resolve(value: str, flag: str = "--model") -> Path:
-    """The local folder of a model reference: a detector checkpoint, classifier checkpoint or ensemble
-    folder given directly, or an MLflow model (a URI, downloaded from the store, or a local MLflow model
-    folder) holding one. Anything else is a UserError that starts with `flag` and names the value."""
+    """The local folder of a model reference: a detector checkpoint, detector ensemble, classifier
+    checkpoint or classifier ensemble folder given directly, or an MLflow model (a URI, downloaded from the
+    store, or a local MLflow model folder) holding one. Anything else is a UserError that starts with
+    `flag` and names the value."""
     path = Path(value).expanduser()
     if ":/" in value:
         try:
@@ -217,16 +235,17 @@ def resolve(value: str, flag: str = "--model") -> Path:
     if ":/" in value or (path / "MLmodel").is_file():  # an MLflow model: ours is one of its artifacts
         for name in ("checkpoint", "classifier"):
             folder = path / "artifacts" / name
-            if is_classifier_folder(folder) or all((folder / f).is_file() for f in CHECKPOINT_FILES):
+            if is_model_folder(folder):
                 return folder.resolve()
         raise UserError(f"{flag}: {value} holds no platform model (artifacts/checkpoint or classifier)")
-    if is_classifier_folder(path):
+    if is_classifier_folder(path) or is_ensemble_folder(path):
         return path.resolve()
     for name in CHECKPOINT_FILES:
         if not (path / name).is_file():
             raise UserError(
                 f"{flag}: {path / name} not found (a checkpoint folder holds model.pt, config.json and "
-                "categories.json; a classifier folder classes.json, an ensemble folder ensemble.json)"
+                "categories.json; a detector ensemble folder detector_ensemble.json, a classifier folder "
+                "classes.json, a classifier ensemble folder ensemble.json)"
             )
     return path.resolve()
 

@@ -154,6 +154,10 @@ class MaskRCNNConfig:
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise UserError(f"trainable_backbone_layers: expected 0-5, got {self.trainable_backbone_layers}")
         _one_of("amp", self.amp, AMP_MODES)
+        self._validate_optimisation()
+        self._validate_phases()
+
+    def _validate_optimisation(self) -> None:
         for key in ("accumulate_steps", "cosine_period_mult"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: expected a positive integer, got {getattr(self, key)}")
@@ -195,7 +199,6 @@ class MaskRCNNConfig:
                 raise UserError(
                     f"class_score_thresh: expected per-class scores in [0, 1], got {self.class_score_thresh}"
                 )
-        self._validate_phases()
 
     def _validate_phases(self) -> None:
         starts = []
