@@ -36,8 +36,8 @@ from torch import nn
 
 from datasets.errors import UserError
 from datasets.records import folder_written_atomically
-from trainers.config import TTA_MODES, MaskRCNNConfig, from_dict
-from trainers.detection.model import CHECKPOINT_FILES, load_checkpoint_model
+from trainers.config import TTA_MODES, MaskRCNNConfig
+from trainers.detection.model import CHECKPOINT_FILES, checkpoint_settings, load_checkpoint_model
 
 MASK_THRESHOLD = 0.5  # soft masks are binarised here for matching, voting and the merged boxes
 MATCH_IOU = 0.5  # mask IoU at which instances of two outputs are one object
@@ -268,14 +268,12 @@ def check_members(configs: list[MaskRCNNConfig], categories: list[list[dict]], n
 def member_settings(folder: Path) -> tuple[MaskRCNNConfig, list[dict]]:
     """A checkpoint folder's config and categories, without loading its weights (a mismatch is caught in
     seconds)."""
-    config_file = folder / "config.json"
     for file in CHECKPOINT_FILES:
         if not (folder / file).is_file():
             raise UserError(
                 f"ensemble: {folder / file} not found (a member is a Mask R-CNN checkpoint folder)"
             )
-    cfg = from_dict(MaskRCNNConfig, json.loads(config_file.read_text()), str(config_file))
-    return cfg, json.loads((folder / "categories.json").read_text())
+    return checkpoint_settings(folder)
 
 
 def check_folders(folders: list[Path], names: list[str] | None = None) -> list[MaskRCNNConfig]:

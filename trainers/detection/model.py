@@ -165,12 +165,16 @@ def save_checkpoint(
     (folder / "categories.json").write_text(json.dumps(list(categories), indent=2) + "\n")
 
 
+def checkpoint_settings(folder: Path) -> tuple[MaskRCNNConfig, list[dict]]:
+    """A checkpoint folder's config and categories, without its weights."""
+    config_file = folder / "config.json"
+    cfg = from_dict(MaskRCNNConfig, json.loads(config_file.read_text()), str(config_file))
+    return cfg, json.loads((folder / "categories.json").read_text())
+
+
 def load_checkpoint_model(folder: Path, device="cpu") -> tuple[torch.nn.Module, MaskRCNNConfig, list[dict]]:
     """The model of a checkpoint folder, in eval mode, with its config and categories."""
-    cfg = from_dict(
-        MaskRCNNConfig, json.loads((folder / "config.json").read_text()), str(folder / "config.json")
-    )
-    categories = json.loads((folder / "categories.json").read_text())
+    cfg, categories = checkpoint_settings(folder)
     model = build_model(_without_weights(cfg), num_classes=len(categories))
     model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
     return model.to(device).eval(), cfg, categories
