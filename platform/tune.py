@@ -233,6 +233,17 @@ def register(summary, force: bool):
     return registration
 
 
+def versus_baseline(best: float, metric: str, mode: str, method: str, baseline: dict) -> str:
+    """Whether the best trial beat the classical baseline (a row of the trial table, never registered)."""
+    value = baseline[metric]
+    beat = best > value if mode == "max" else best < value
+    verdict = "is better" if beat else "is NOT better: learning has not yet beaten a threshold"
+    return (
+        f"classical baseline ({method}) on the same validation images: {metric}={value:.4f}; "
+        f"the best trial {verdict}"
+    )
+
+
 def report(summary, registration, uri: str, started: float) -> int:
     s = summary.settings
     print()
@@ -242,6 +253,8 @@ def report(summary, registration, uri: str, started: float) -> int:
         print(summary.pareto)
     print()
     print(f"best trial: {summary.best_trial}  {s.metric}={summary.best_value:.4f}")
+    if summary.classical and s.metric in summary.classical[1]:
+        print(versus_baseline(summary.best_value, s.metric, s.mode, *summary.classical))
     print(f"best config: {summary.recipe_path}  (python -m platform.train --recipe {summary.recipe_path})")
     print(registration.message(s.metric, summary.best_value))
     print(f"MLflow: experiment '{s.experiment}', parent run {summary.parent_run_id} (search {s.name})")

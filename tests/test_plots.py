@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 from PIL import Image
+from pycocotools.coco import COCO
 
 from datasets.instances import InstanceDataset, coco_ground_truth, encode_masks, read_records
 from tests.helpers import SAMPLE
@@ -112,6 +113,48 @@ def test_prediction_overlays_draw_masks_boxes_and_labels():
         assert len(ax.get_images()) == 2  # the image and the mask overlay
     overlay = fig.axes[0].get_images()[1].get_array()
     assert overlay[..., 3].max() == pytest.approx(0.45)  # masks filled with alpha
+    _png(fig)
+
+
+def test_error_overlays_outline_tp_fp_fn_in_their_colours():
+    """One image: a matched prediction (TP), a prediction on nothing (FP) and a missed object (FN); each
+    outline is drawn in its colour on its own object's border only."""
+    from trainers.evaluation import image_outcomes
+    from trainers.plots import ERROR_COLOURS, error_overlays, outline_layer
+
+    masks = np.zeros((3, 60, 60), dtype=bool)
+    masks[0, 5:20, 5:20] = True  # object found
+    masks[1, 35:50, 35:50] = True  # object missed
+    masks[2, 5:20, 40:55] = True  # a prediction on nothing
+    rles = encode_masks(masks)
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "file_name": "x.png", "height": 60, "width": 60}],
+        "annotations": [
+            {"id": k + 1, "image_id": 1, "category_id": 1, "segmentation": rles[k], "area": 225.0,
+             "bbox": [0, 0, 1, 1], "iscrowd": 0}
+            for k in (0, 1)
+        ],
+        "categories": [{"id": 1, "name": "nucleus"}],
+    }  # fmt: skip
+    gt.createIndex()
+    results = [{"image_id": 1, "category_id": 1, "segmentation": rles[k], "score": 0.9} for k in (0, 2)]
+    [outcome] = image_outcomes(gt, results)
+    assert (len(outcome.pairs), outcome.false_positives, outcome.false_negatives) == (1, [1], [1])
+
+    layer = outline_layer((60, 60), [rles[0]], ERROR_COLOURS["TP"])
+    drawn = layer[..., 3] > 0
+    assert drawn.sum() == 4 * 14 and (drawn <= masks[0]).all()  # the inner outline of a 15 x 15 square
+    assert drawn[5, 5:20].all() and drawn[19, 5:20].all() and not drawn[6:19, 6:19].any()
+    assert layer[drawn].tolist() == [[*ERROR_COLOURS["TP"], 1.0]] * (4 * 14)
+
+    image = np.full((60, 60, 3), 40, np.uint8)
+    fig = error_overlays([image], [outcome], ["x"])
+    [ax] = fig.axes
+    assert ax.get_title() == "x\nTP 1, FP 1, FN 1"
+    drawn = {kind: ax.get_images()[1 + k].get_array() for k, kind in enumerate(("TP", "FP", "FN"))}
+    assert drawn["TP"][5, 10, 3] == 1 and drawn["FP"][5, 45, 3] == 1 and drawn["FN"][35, 40, 3] == 1
+    assert drawn["TP"][5, 45, 3] == 0 and drawn["FP"][35, 40, 3] == 0  # each only on its own objects
     _png(fig)
 
 

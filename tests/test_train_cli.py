@@ -32,6 +32,7 @@ def test_one_recipe_is_one_tracked_run(tiny_dataset, tmp_path):
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "registered model: name=train-smoke-model version=1 alias=champion" in out.stdout
+    assert "model (last epoch) vs baseline (otsu): segm_AP " in out.stdout
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("train-smoke")
     runs = client.search_runs([experiment.experiment_id])
@@ -39,6 +40,8 @@ def test_one_recipe_is_one_tracked_run(tiny_dataset, tmp_path):
     run = runs[0]
     assert set(MaskRCNNConfig.__dataclass_fields__) <= set(run.data.params)
     assert run.data.params["phases"] == "('1:0',)"
+    for key in ("baseline_segm_AP", "baseline_bbox_AP", "baseline_kaggle_mAP"):
+        assert 0.0 < run.data.metrics[key] <= 1.0, key  # a threshold finds some of the nuclei
     for key in ("bbox_AP", "segm_AP", "train_loss", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]

@@ -47,6 +47,10 @@ def smoke(tmp_path_factory):
 def test_prints_trial_table_and_registered_model(smoke):
     out, _, _ = smoke
     assert "bbox_AP" in out.stdout and "segm_AP" in out.stdout and "status" in out.stdout
+    # The classical baseline is a row of the trial table and a line of its own, never a trial.
+    [row] = [line for line in out.stdout.splitlines() if line.startswith("baseline (otsu)")]
+    assert row.rstrip().endswith("baseline, not a model")
+    assert "classical baseline (otsu) on the same validation images: segm_AP=" in out.stdout
     assert "registered model: name=smoke-model version=1 alias=champion" in out.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
 
@@ -67,6 +71,9 @@ def test_parent_and_nested_runs_hold_params_and_metrics(smoke):
             assert key in child.data.metrics, key
         history = client.get_metric_history(child.info.run_id, "segm_AP")
         assert [m.step for m in history] == [1]
+    baseline = {k: v for k, v in parents[0].data.metrics.items() if k.startswith("baseline_")}
+    assert {"baseline_segm_AP", "baseline_kaggle_mAP", "baseline_bbox_AP"} <= set(baseline)
+    assert all(not k.startswith("baseline_") for child in children for k in child.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"trials.csv", "trials.txt", "learning_curves.png", "search_history.png", "best.yaml"} <= artifacts
 

@@ -5,11 +5,18 @@ printable table, prediction with progress lines, and a timing of pycocotools aga
 Every COCO number comes from COCOeval's evaluate + accumulate (faster-coco-eval's implementation of
 pycocotools' algorithm, see run_cocoeval); the functions here only read its accumulated precision and
 recall arrays, the way pycocotools' own `summarize` does.
+
+Per-image error analysis (the end of the module): each image's predictions matched to its objects
+(match_instances at IoU 0.5: TP, FP, FN), its Kaggle score and its own COCO AP, as table rows.
 """
 
 import copy
+import csv
+import io
 import logging
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import faster_coco_eval
 import numpy as np
@@ -249,3 +256,129 @@ def score_results(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[st
     """COCO metrics and the Kaggle DSB2018/Sartorius metric (kaggle_mAP, matched_mask_IoU, at score 0.5) of
     COCO result dicts from any inference path (whole images, tiles)."""
     return {**coco_metrics(gt, results, max_dets), **kaggle_metrics(gt, results)}
+
+
+# ---- per-image error analysis: which images a model gets wrong, and how --------------------------------
+
+ERROR_IOU = 0.5  # a prediction is a true positive of the per-image table when it matches at IoU > this
+
+
+@dataclass
+class ImageOutcome:
+    """One image's predictions (those scoring >= the threshold) matched one-to-one to its ground truth
+    (crowd regions left out) by match_instances at ERROR_IOU."""
+
+    image_id: int
+    predicted: list[dict]  # RLEs
+    truth: list[dict]  # RLEs
+    ious: np.ndarray  # predictions x ground truth
+    pairs: list[tuple[int, int]]  # (prediction, ground truth) indices of the true positives
+
+    @property
+    def false_positives(self) -> list[int]:
+        matched = {p for p, _ in self.pairs}
+        return [i for i in range(len(self.predicted)) if i not in matched]
+
+    @property
+    def false_negatives(self) -> list[int]:
+        matched = {t for _, t in self.pairs}
+        return [j for j in range(len(self.truth)) if j not in matched]
+
+
+def image_outcomes(gt: COCO, results: list[dict], score_threshold: float = 0.5) -> list[ImageOutcome]:
+    """Every image of `gt` (in its id order) with its predictions from `results` matched to its objects."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        if r["score"] >= score_threshold:
+            by_image.setdefault(r["image_id"], []).append(r["segmentation"])
+    outcomes = []
+    for image_id in gt.getImgIds():
+        truth = [gt.annToRLE(a) for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        predicted = by_image.get(image_id, [])
+        ious = mask_ious(predicted, truth)
+        outcomes.append(ImageOutcome(image_id, predicted, truth, ious, match_instances(ious, ERROR_IOU)))
+    return outcomes
+
+
+def per_image_ap(gt: COCO, results: list[dict], iou_type: str = "segm", max_dets: int = 100) -> dict:
+    """COCO AP (IoU .50:.95) of each image alone, by image id: COCOeval with params.imgIds set to that one
+    image (the ground truth and the results loaded once for all). -1 where it is undefined (no ground
+    truth in the image)."""
+    fast_gt = faster_coco_eval.COCO(gt.dataset, use_deepcopy=True, print_function=_silent)
+    detections = _load_results(fast_gt, results)
+    out = {}
+    for image_id in gt.getImgIds():
+        ev = faster_coco_eval.COCOeval_faster(fast_gt, detections, iou_type, print_function=_silent)
+        ev.params.imgIds = [image_id]
+        ev.params.maxDets = max_dets_list(max_dets)
+        ev.evaluate()
+        ev.accumulate()
+        out[image_id] = coco_stat(ev, "AP", max_dets)
+    return out
+
+
+def per_image_table(
+    gt: COCO, results: list[dict], outcomes: list[ImageOutcome], max_dets: int = 100
+) -> list[dict]:
+    """One row per image: id, name (the image file's stem), objects, predictions scoring >= the outcomes'
+    threshold, segm AP (all predictions; "" when undefined), Kaggle score and TP/FP/FN at ERROR_IOU."""
+    ap = per_image_ap(gt, results, "segm", max_dets)
+    rows = []
+    for o in outcomes:
+        rows.append(
+            {
+                "image_id": o.image_id,
+                "image": Path(gt.imgs[o.image_id]["file_name"]).stem,
+                "n_true": len(o.truth),
+                "n_pred": len(o.predicted),
+                "segm_AP": round(ap[o.image_id], 4) if ap[o.image_id] > -1 else "",
+                "kaggle": round(kaggle_image_score(o.ious), 4),
+                "TP": len(o.pairs),
+                "FP": len(o.false_positives),
+                "FN": len(o.false_negatives),
+            }
+        )
+    return rows
+
+
+def worst_rows(rows: list[dict], n: int) -> list[dict]:
+    """The `n` rows of lowest Kaggle score (ties: most errors first)."""
+    return sorted(rows, key=lambda r: (r["kaggle"], -(r["FP"] + r["FN"])))[:n]
+
+
+def rows_csv(rows: list[dict]) -> str:
+    """Rows of equal keys as CSV text, a header line first ("" for no rows)."""
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def rows_table(rows: list[dict]) -> str:
+    """Rows of equal keys as aligned text columns, floats to 3 decimals."""
+    if not rows:
+        return ""
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+COMPARED = ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "kaggle_mAP", "matched_mask_IoU")
+
+
+def format_comparison(named: dict[str, dict[str, float]], keys: tuple[str, ...] = COMPARED) -> str:
+    """Metric sets side by side, one row each (e.g. the model and the classical baseline); a key a set
+    lacks shows as "-"."""
+    width = max(len(name) for name in named)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{k:>{max(len(k), 6)}}" for k in keys)]
+    for name, metrics in named.items():
+        cells = [
+            f"{metrics[k]:>{max(len(k), 6)}.3f}" if k in metrics else f"{'-':>{max(len(k), 6)}}" for k in keys
+        ]
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)

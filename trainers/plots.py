@@ -1,6 +1,7 @@
 """Evaluation and training plots as matplotlib Figures: precision-recall curves from COCOeval, loss curves
-from metric histories, prediction overlays, and classification confusion matrices, ROC curves and
-per-class F1 bars; `log_figure` stores one in the active MLflow run.
+from metric histories, prediction overlays, per-image error overlays (TP, FP, FN outlines), and
+classification confusion matrices, ROC curves and per-class F1 bars; `log_figure` stores one in the active
+MLflow run.
 
 Figures are built with `matplotlib.figure.Figure`, not pyplot: no GUI backend is involved (they render
 with Agg when saved) and no global figure registry keeps them alive, so servers and Ray workers can plot.
@@ -11,10 +12,11 @@ import math
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
+from skimage.segmentation import find_boundaries
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from datasets.records import load_image
@@ -159,6 +161,45 @@ def evaluation_figures(evals: dict, records, results: list[dict], score_threshol
         [r.image_id[:16] for r in shown],
     )
     return out
+
+
+ERROR_COLOURS = {  # outlines of the per-image error overlays
+    "TP": (0.1, 0.85, 0.1),  # predictions matched to an object: green
+    "FP": (0.95, 0.1, 0.1),  # predictions matching no object: red
+    "FN": (1.0, 0.85, 0.0),  # objects no prediction matched: yellow
+}
+
+
+def outline_layer(shape: tuple[int, int], rles: list[dict], colour: tuple) -> np.ndarray:
+    """An HxWx4 layer with the outline of each RLE mask in `colour` (each object's own outline, also where
+    two touch), transparent elsewhere."""
+    labels = np.zeros(shape, dtype=np.int32)
+    for k, rle in enumerate(rles, start=1):
+        labels[mask_utils.decode(rle).astype(bool)] = k
+    layer = np.zeros((*shape, 4))
+    layer[find_boundaries(labels, mode="inner")] = (*colour, 1.0)
+    return layer
+
+
+def error_overlays(images: list[np.ndarray], outcomes: list, titles: list[str]) -> Figure:
+    """One axes per image (HxWx3 uint8) with the outlines of its outcome (trainers.evaluation.ImageOutcome):
+    true-positive predictions green, false positives red, missed objects (false negatives) yellow."""
+    fig, axes = _grid(len(images), 3, (5.0, 5.0))
+    for ax, image, o, title in zip(axes, images, outcomes, titles, strict=True):
+        ax.imshow(image)
+        groups = {
+            "TP": [o.predicted[i] for i, _ in o.pairs],
+            "FP": [o.predicted[i] for i in o.false_positives],
+            "FN": [o.truth[j] for j in o.false_negatives],
+        }
+        for kind, rles in groups.items():
+            ax.imshow(outline_layer(image.shape[:2], rles, ERROR_COLOURS[kind]), interpolation="nearest")
+        counts = ", ".join(f"{kind} {len(rles)}" for kind, rles in groups.items())
+        ax.set_title(f"{title}\n{counts}", fontsize=8)
+        ax.set_axis_off()
+    handles = [Patch(color=c, label=k) for k, c in ERROR_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+    return fig
 
 
 def log_figure(fig: Figure, artifact_file: str, dpi: int = 120) -> None:

@@ -24,8 +24,10 @@ from ray.tune.search.optuna import OptunaSearch
 from datasets.errors import UserError
 from search_spaces import Space, get_space, optuna_space
 from trainers.config import MaskRCNNConfig, apply_overrides, config_class, from_dict, to_dict
+from trainers.detection.baseline import baseline_metrics
 from trainers.detection.postprocess import POSTPROCESS_FIELDS
 from trainers.detection.thresholds import cache_predictions, evaluate_thresholds, load_cache
+from trainers.detection.train import config_split
 from trainers.ray_seam import CHECKPOINT_PATH_KEY, checkpoint_at, checkpoint_folder, experiment_path, init_ray
 from trainers.search.report import log_trials, write_recipe
 from trainers.search.settings import SearchSettings, SearchSummary, grid, searched
@@ -261,7 +263,8 @@ def _mlflow_callback(settings: SearchSettings, parent) -> TrialLogger:
 
 
 def _finish(results, cfg, space: Space, settings: SearchSettings, parent_id: str, categories, cache: str):
-    table, rows, pareto = log_trials(results, cfg, space, settings, categories)
+    classical = _classical_baseline(cfg)
+    table, rows, pareto = log_trials(results, cfg, space, settings, categories, classical)
     best = _best(results, settings)
     fields = config_fields(best.config)
     best_cfg = from_dict(config_class(fields), fields, "best trial")
@@ -284,7 +287,21 @@ def _finish(results, cfg, space: Space, settings: SearchSettings, parent_id: str
         recipe_path=recipe_path,
         settings=settings,
         pareto=pareto,
+        classical=classical,
     )
+
+
+def _classical_baseline(cfg) -> tuple[str, dict] | None:
+    """A detector search's classical baseline (cfg.baseline) on the base config's validation images, the
+    images its trials validate on, logged to the active (parent) run as baseline_<metric>: a row of the
+    trial table, never a trial, so never registered. None for a classifier search or baseline=off."""
+    if not isinstance(cfg, MaskRCNNConfig) or cfg.baseline == "off":
+        return None
+    _, val = config_split(cfg)
+    metrics = baseline_metrics(val, cfg.baseline, cfg.box_detections_per_img)
+    mlflow.log_metrics({f"baseline_{k}": v for k, v in metrics.items()})
+    mlflow.log_param("baseline", cfg.baseline)
+    return cfg.baseline, metrics
 
 
 def best_checkpoint(summary: SearchSummary, tmp: Path) -> Path:

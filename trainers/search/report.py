@@ -2,8 +2,6 @@
 from Tune's results, per-trial learning curves, and the best config as a recipe file; logged to the
 search's MLflow parent run (the active run when these are called)."""
 
-import csv
-import io
 import logging
 import warnings
 from pathlib import Path
@@ -15,6 +13,7 @@ import yaml
 from datasets.records import write_text_atomic
 from search_spaces import Space, distributions
 from trainers.config import to_dict
+from trainers.evaluation import rows_csv
 from trainers.plots import learning_curves, log_figure
 from trainers.ray_seam import CHECKPOINT_PATH_KEY
 from trainers.search.settings import SearchSettings, searched
@@ -25,16 +24,19 @@ PREDICTIONS_HEADLINE = ("kaggle_mAP", "segm_AP", "detections")  # a thresholds t
 
 
 def log_trials(
-    results, cfg, space: Space, settings: SearchSettings, categories
+    results, cfg, space: Space, settings: SearchSettings, categories, classical=None
 ) -> tuple[str, list[dict], str]:
     """The trial table (best first), its rows, and for a multi-objective search the Pareto front as a
-    table ("" otherwise); the tables, the CSV and the plots are logged to the active run."""
+    table ("" otherwise); the tables, the CSV and the plots are logged to the active run. `classical`
+    (method, metrics) adds the classical baseline as a row of the table and the CSV, ranked among the
+    trials; it is not one of the rows returned (they are the trials)."""
     headline = PREDICTIONS_HEADLINE if space.on_predictions else task_of(cfg).headline
     params = param_names(results, space, settings, categories)
     rows = trial_rows(results, params, cfg.epochs, settings, headline)
-    table = format_table(rows, params, settings.metric, settings.mode)
+    shown = rows + ([baseline_row(rows, *classical)] if classical and rows else [])
+    table = format_table(shown, params, settings.metric, settings.mode)
     mlflow.log_text(table, "trials.txt")
-    mlflow.log_text(_csv(rows), "trials.csv")
+    mlflow.log_text(rows_csv(shown), "trials.csv")
     if not space.on_predictions:
         log_curves(results, settings.metric)
     study = rebuild_study(results, space, settings, categories)
@@ -96,6 +98,13 @@ def trial_rows(results, params: list[str], max_epochs: int, settings: SearchSett
     return rows
 
 
+def baseline_row(rows: list[dict], method: str, metrics: dict) -> dict:
+    """The classical baseline as a row of the trial table: its metrics in the trials' columns, no
+    parameters, and a status saying it is not a trial."""
+    row = {column: metrics.get(column) for column in rows[0]}
+    return {**row, "trial": f"baseline ({method})", "status": "baseline, not a model"}
+
+
 def format_table(rows: list[dict], params: list[str], metric: str, mode: str) -> str:
     """Trials sorted best first; floats to 4 significant digits."""
     sign = -1 if mode == "max" else 1
@@ -120,15 +129,6 @@ def _cell(value) -> str:
     if isinstance(value, float):  # 4 significant digits: learning rates are small, AP is not
         return f"{value:.4g}"
     return str(value)
-
-
-def _csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out.getvalue()
 
 
 def rebuild_study(results, space: Space, settings: SearchSettings, categories) -> optuna.Study:

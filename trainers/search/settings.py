@@ -84,6 +84,9 @@ class SearchSummary:
     recipe_path: Path
     settings: SearchSettings
     pareto: str = ""  # multi-objective: the Pareto front as a table
+    # A detector search: the classical baseline (config field `baseline`) on the search's validation
+    # images, (method, its metrics), shown as a row of the table; never a candidate. None otherwise.
+    classical: tuple[str, dict] | None = None
 
 
 def check_settings(settings: SearchSettings, space: Space) -> None:
