@@ -2,12 +2,15 @@
 
 python -m platform.bench train                      # Ray Train loop vs the same loop in a plain process
 python -m platform.bench train --epochs 4 backbone=resnet50_fpn
+python -m platform.bench train --no-ray --variant amp=bf16 --variant mask_head_channels=128
 python -m platform.bench data                       # loader vs model images/s, volume slices/s
 python -m platform.bench tiled --mosaic 7000        # tiled inference: s/MP, peak RSS, stitching overhead
 python -m platform.bench eval                       # pycocotools vs faster-coco-eval on dense images
 python -m platform.bench asha                       # ASHA vs full-budget trials: best metric and compute
 python -m platform.bench serve                      # HTTP load test, Serve overhead, batching, tiled mosaic
 python -m platform.bench match                      # find in 3D: hit rate, s/query vs library size
+python -m platform.bench quality                    # CPU recipe vs the Otsu baseline on unseen DSB2018
+python -m platform.bench quality --checkpoints A B  # score trained checkpoints (and their ensemble) only
 """
 
 import argparse
@@ -15,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from platform import _cli
@@ -26,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="training throughput: Ray Train (1 worker) vs a plain process")
     train.add_argument("--recipe", default="dsb2018_demo")
     train.add_argument("--epochs", type=int, default=3, help="epochs per side; the first is warm-up")
+    train.add_argument("--rounds", type=int, default=2, help="each side runs once per round, interleaved")
+    train.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="k=v[,k=v]",
+        help="a plain-process side with these config changes (repeatable), e.g. amp=bf16",
+    )
+    train.add_argument("--no-ray", action="store_true", help="plain-process sides only")
     train.add_argument("--data", help="dataset folder (default: the bundled sample)")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     data = sub.add_parser("data", help="loader images/s (heaviest preset) vs Mask R-CNN images/s; slices/s")
@@ -73,13 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--volumes", help="folder of .nii.gz volumes (default: ../shared/data/adrenal3d)")
     match.add_argument("--sizes", default="5,15,50", help="library sizes in volumes, comma-separated")
     match.add_argument("--queries", type=int, default=24, help="queries per size (one per volume)")
+    quality = sub.add_parser(
+        "quality", help="train the CPU recipe, score it on unseen DSB2018 images beside the Otsu baseline"
+    )
+    quality.add_argument("--recipes", nargs="+", default=["dsb2018_cpu"])
+    quality.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; 2+: ensemble")
+    quality.add_argument("--checkpoints", nargs="*", default=[], help="score these folders, train nothing")
+    quality.add_argument("--tta", default="flips", help="TTA mode scored beside each model (off: none)")
+    quality.add_argument("--out", default="bench_out/quality", help="checkpoints and quality.json")
+    quality.add_argument("overrides", nargs="*", metavar="key=value", help="config fields of every recipe")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     benches = {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}
-    return {**benches, "asha": bench_asha, "serve": bench_serve, "match": bench_match}[args.which](args)
+    benches |= {"asha": bench_asha, "serve": bench_serve, "match": bench_match, "quality": bench_quality}
+    return benches[args.which](args)
+
+
+def bench_quality(args) -> int:
+    from platform.benchmarks.quality import run
+
+    out = Path(args.out).resolve()
+    run(args.recipes, args.seeds, args.checkpoints, args.tta, args.overrides, out)
+    print(f"results: {out / 'quality.json'}")
+    return 0
 
 
 def bench_match(args) -> int:
@@ -231,6 +263,9 @@ def bench_data(args) -> int:
 
 
 def bench_train(args) -> int:
+    """Sides (today's loop in a plain process, the same under Ray Train, and each --variant in a plain
+    process) run in turn for --rounds rounds, the order rotated each round, so that a drift of the machine
+    (another process, thermal, the page cache) hits every side alike; ratios are taken within a round."""
     from trainers.config import apply_overrides, parse_overrides
     from trainers.recipes import get_recipe
 
@@ -240,20 +275,40 @@ def bench_train(args) -> int:
         overrides["data"] = os.path.abspath(args.data)
     cfg = apply_overrides(get_recipe(args.recipe), overrides)
     threads = os.cpu_count() or 1
-
-    plain = _plain(cfg, threads)
-    ray_side = _ray(cfg, threads)
-    rows = [("plain process", plain), ("Ray Train, 1 worker", ray_side)]
+    sides = {"plain process": partial(_plain, cfg, threads)}
+    if not args.no_ray:
+        sides["Ray Train, 1 worker"] = partial(_ray, cfg, threads)
+    for variant in args.variant:
+        changed = apply_overrides(cfg, parse_overrides(variant.split(",")))
+        sides[f"plain, {variant}"] = partial(_plain, changed, threads)
+    names = list(sides)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
+            runs[name].append(sides[name]())
     print(
         f"\nrecipe {args.recipe}, backbone {cfg.backbone}, {cfg.min_size}px, batch {cfg.batch_size}, "
-        f"{args.epochs} epochs per side (first = warm-up, excluded), {threads} CPU threads"
+        f"{args.epochs} epochs per side and round (first = warm-up, excluded), {threads} CPU threads"
     )
-    print(f"{'':22s} {'images/s':>10s} {'epoch s':>9s} {'threads':>8s} {'per-epoch images/s':>30s}")
-    for name, r in rows:
-        per_epoch = " ".join(f"{v:.3f}" for v in r["per_epoch"])
-        print(f"{name:22s} {r['images_per_s']:10.3f} {r['epoch_s']:9.1f} {r['threads']:8d} {per_epoch:>30s}")
-    ratio = ray_side["images_per_s"] / plain["images_per_s"]
-    print(f"Ray/plain throughput ratio: {ratio:.3f}  (overhead {100 * (1 - ratio):+.1f} %; goal <= 2 %)")
+    print(f"{'':36s} {'images/s':>9s} {'vs plain':>9s} {'threads':>8s}  per round: images/s (ratio)")
+    plain = [r["images_per_s"] for r in runs["plain process"]]
+    for name in names:
+        rates = [r["images_per_s"] for r in runs[name]]
+        ratios = [rate / base for rate, base in zip(rates, plain, strict=True)]
+        per_round = "  ".join(f"{rate:.3f} ({ratio:.3f})" for rate, ratio in zip(rates, ratios, strict=True))
+        mean_rate, mean_ratio, used = (
+            statistics.mean(rates),
+            statistics.mean(ratios),
+            runs[name][-1]["threads"],
+        )
+        print(f"{name:36s} {mean_rate:9.3f} {mean_ratio:9.3f} {used:8d}  {per_round}")
+    if not args.no_ray:
+        ray_ratio = statistics.mean(
+            r["images_per_s"] / b for r, b in zip(runs["Ray Train, 1 worker"], plain, strict=True)
+        )
+        overhead = 100 * (1 - ray_ratio)
+        print(f"Ray/plain throughput ratio: {ray_ratio:.3f} (overhead {overhead:+.1f} %; goal <= 2 %)")
     return 0
 
 
