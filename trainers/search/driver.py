@@ -25,6 +25,8 @@ from datasets.errors import UserError
 from search_spaces import Space, get_space, optuna_space
 from trainers.config import MaskRCNNConfig, apply_overrides, config_class, from_dict, to_dict
 from trainers.detection.baseline import baseline_metrics
+from trainers.detection.combine import is_ensemble_folder
+from trainers.detection.model import checkpoint_settings
 from trainers.detection.postprocess import POSTPROCESS_FIELDS
 from trainers.detection.thresholds import cache_predictions, evaluate_thresholds, load_cache
 from trainers.detection.train import config_split
@@ -231,11 +233,13 @@ def _trainable(space: Space, settings: SearchSettings, cache: str):
 def _prepare_predictions(settings: SearchSettings):
     """The model's config and categories, and its validation predictions cached once for all trials."""
     folder = Path(settings.model_folder)
+    if is_ensemble_folder(folder):  # its cache takes one Mask R-CNN apart (inference.detect_candidates)
+        raise UserError(f"--model {settings.model}: --space thresholds needs one Mask R-CNN, not an ensemble")
     if not (folder / "categories.json").is_file():
         raise UserError(f"--model {settings.model}: --space thresholds needs a Mask R-CNN, not a classifier")
-    cfg = from_dict(MaskRCNNConfig, json.loads((folder / "config.json").read_text()), str(folder))
+    cfg, categories = checkpoint_settings(folder)
     cfg = apply_overrides(cfg, settings.overrides)
-    categories = tuple(c["name"] for c in json.loads((folder / "categories.json").read_text()))
+    categories = tuple(c["name"] for c in categories)
     if "://" in settings.storage_path:
         raise UserError("--space thresholds: needs a local --storage-path for its predictions cache")
     out = Path(settings.storage_path) / settings.name / "predictions.pkl"
