@@ -1,6 +1,8 @@
 """The classifier deployment: a registered slice classifier or ensemble answering /v1/classify for one
 slice image, or for a volume cut into slices as in training and aggregated as in training. `@serve.batch`
-gathers slices, from one request or several, into one model call."""
+gathers slices, from one request or several, into one model call. The answer keeps the probabilities
+(`top`) and names the model's decision (`predicted`), taken at its operating point (`decision`: the
+cut-off chosen on validation, or argmax for a model without one), which need not be the top class."""
 
 import asyncio
 
@@ -14,11 +16,19 @@ from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
 from deploy.settings import ServeSettings
 from trainers.classification.metrics import aggregate
 from trainers.classification.model import kept_slices
+from trainers.classification.operating_point import decide, describe
 
 
 def _top(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     order = np.argsort(-probs)[:k]
     return [{"class": classes[i], "probability": float(probs[i])} for i in order]
+
+
+def _decision(predictor, probs: np.ndarray) -> dict:
+    """The predicted class of one probability vector at the predictor's operating point, and the rule."""
+    point = predictor.operating_point
+    k = int(decide(probs[None, :], point)[0])
+    return {"predicted": predictor.classes[k], "decision": describe(point)}
 
 
 @serve.deployment
@@ -28,7 +38,12 @@ class ClassifierDeployment:
         configure_batching(self.infer, settings)
 
     def info(self) -> dict:
-        return {**self.registry.current.info, "classes": list(self.registry.current.model.classes)}
+        model = self.registry.current.model
+        return {
+            **self.registry.current.info,
+            "classes": list(model.classes),
+            "decision": describe(model.operating_point),
+        }
 
     @staticmethod
     def run(predictor, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -48,7 +63,7 @@ class ClassifierDeployment:
         models = {"classifier": loaded.ref()}
         if volume is None:
             probs = await self.infer((loaded, image))
-            return {"top": _top(probs, classes, top_k), "models": models}
+            return {"top": _top(probs, classes, top_k), **_decision(predictor, probs), "models": models}
         try:
             kept = await asyncio.to_thread(kept_slices, predictor, volume)
         except UserError as e:
@@ -57,6 +72,7 @@ class ClassifierDeployment:
         _, volume_probs = aggregate(probs, ["volume"] * len(kept), predictor.aggregate)
         return {
             "top": _top(volume_probs[0], classes, top_k),
+            **_decision(predictor, volume_probs[0]),  # the cut-off was chosen on volumes like this one
             "aggregate": predictor.aggregate,
             "shape": list(volume.shape),
             "slices": [

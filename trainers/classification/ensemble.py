@@ -8,12 +8,14 @@ on validation predictions only (`fit_patch`) and saved with the ensemble.
 
 An ensemble folder holds ensemble.json and one checkpoint folder per member (member0/, member1/, ...); it
 loads with `load_predictor` like a single checkpoint, predicts like one, and is logged and registered in
-MLflow the same way (deploy/registry.py).
+MLflow the same way (deploy/registry.py). Its decisions follow its own operating point (`operating_point`
+in ensemble.json, chosen on the ensemble's validation probabilities), argmax without one: the members'
+operating points were chosen for their own probabilities, not for the combined ones.
 """
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,12 @@ from datasets.errors import UserError
 from datasets.records import folder_written_atomically
 from trainers.classification.metrics import aggregate, classification_metrics, sanitise
 from trainers.classification.model import SliceClassifier, load_classifier_checkpoint
+from trainers.classification.operating_point import (
+    OperatingPoint,
+    check_operating_point,
+    coordinate_weights,
+    decide,
+)
 
 METHODS = ("soft", "vote", "patch")
 THRESHOLDS = tuple(np.round(np.arange(0.5, 1.0, 0.05), 2))  # candidate switching confidences
@@ -35,6 +43,7 @@ class Ensemble:
     threshold: float = 1.0  # patch only: secondary confidence at or above which it takes over
     class_weights: list[float] = field(default_factory=list)  # the combined probabilities are multiplied
     # by these and renormalised (an operating point chosen on validation, `fit_class_weights`); [] = none
+    operating_point: OperatingPoint | None = None  # the decision on the combined probabilities; None: argmax
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -73,6 +82,10 @@ class Ensemble:
 
     def predict_proba(self, images) -> np.ndarray:
         return combine(self, [m.predict_proba(images) for m in self.members])
+
+    def predict(self, images) -> np.ndarray:
+        """The class index of every slice: the decision at the ensemble's operating point."""
+        return decide(self.predict_proba(images), self.operating_point)
 
 
 def combine(ensemble: Ensemble, member_probs: list[np.ndarray]) -> np.ndarray:
@@ -120,16 +133,7 @@ def fit_class_weights(
         ids, volume = aggregate(reweight(probs, weights), groups, method)
         return classification_metrics(volume, np.array([first[i] for i in ids]), classes)[objective]
 
-    weights = [1.0] * len(classes)
-    best = score(weights)
-    for _ in range(2):
-        for c in range(len(classes)):
-            for w in WEIGHTS:
-                trial = [*weights[:c], float(w), *weights[c + 1 :]]
-                value = score(trial)
-                if value > best + 1e-9:
-                    weights, best = trial, value
-    return weights, best
+    return coordinate_weights(score, len(classes), WEIGHTS)
 
 
 def patch(primary: np.ndarray, secondary: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
@@ -190,6 +194,7 @@ def save_ensemble(folder: Path, ensemble: Ensemble, member_dirs: list[Path]) -> 
             "threshold": ensemble.threshold,
             "class_weights": ensemble.class_weights,
             "classes": ensemble.classes,
+            "operating_point": asdict(ensemble.operating_point) if ensemble.operating_point else None,
         }
         (tmp / "ensemble.json").write_text(json.dumps(spec, indent=2) + "\n")
     return folder
@@ -209,8 +214,17 @@ def load_predictor(folder: Path, device: str = "cpu") -> SliceClassifier | Ensem
     try:
         spec = json.loads(spec_file.read_text())
         members = [load_classifier_checkpoint(folder / name, device) for name in spec["members"]]
-        return Ensemble(
-            spec["method"], members, list(spec.get("patch_classes", [])), float(spec["threshold"])
+        point = spec.get("operating_point")  # absent in ensembles from before operating points: argmax
+        ensemble = Ensemble(
+            spec["method"],
+            members,
+            list(spec.get("patch_classes", [])),
+            float(spec["threshold"]),
+            [float(w) for w in spec.get("class_weights", [])],
+            OperatingPoint(**point) if point else None,
         )
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{spec_file}: not a valid ensemble description ({e})") from None
+    if ensemble.operating_point is not None:
+        check_operating_point(ensemble.operating_point, ensemble.classes, f"{spec_file}: operating_point")
+    return ensemble

@@ -6,6 +6,8 @@ aggregates the probabilities of its slices, and every metric is computed at both
 
 The sums themselves come from scikit-learn; this module decides what is computed at which level, how
 undefined values are reported (NaN, never an exception mid-run), and how keys are named for MLflow.
+Decisions are argmax; given a model's operating point (trainers/classification/operating_point.py),
+`report` also scores the decisions at that point under `<level>_op_<metric>` (AUC does not depend on it).
 """
 
 import math
@@ -21,9 +23,14 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from trainers.classification.operating_point import OperatingPoint, balanced_accuracy, decide
+
 AGGREGATIONS = ("mean", "vote")
-SUMMARY_METRICS = ("acc", "top3_acc", "precision", "recall", "f1", "auc")
+SUMMARY_METRICS = ("acc", "bal_acc", "top3_acc", "precision", "recall", "f1", "auc")
 PER_CLASS_METRICS = ("precision", "recall", "f1", "auc")
+# the metrics of decisions, at argmax as above and at an operating point as op_<metric>
+DECISION_METRICS = ("acc", "bal_acc", "precision", "recall", "f1")
+OP_PER_CLASS_METRICS = ("recall", "f1")  # per class at the operating point, in the table
 
 # What MLflow accepts in a metric key; anything else in a class name becomes "_".
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-/ ]")
@@ -107,11 +114,31 @@ def _ovr_auc(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
-    """Accuracy, macro precision/recall/F1/AUC (and top-3 accuracy beyond 3 classes), the same per class
-    under `<metric>_<sanitised class name>`, and `n`. Prediction = argmax of probs (N x C); labels are
-    class indices. Classes absent from labels and predictions count in the macro means with 0 (sklearn
-    zero_division=0); AUC is averaged over the classes where it is defined, NaN if none."""
+    """Accuracy, balanced accuracy, macro precision/recall/F1/AUC (and top-3 accuracy beyond 3 classes),
+    the same per class under `<metric>_<sanitised class name>`, and `n`. Prediction = argmax of probs
+    (N x C); labels are class indices. Classes absent from labels and predictions count in the macro means
+    with 0 (sklearn zero_division=0); AUC is averaged over the classes where it is defined, NaN if none."""
     probs = _check_probs(probs, len(labels))
+    labels = _check_labels(labels, probs, classes)
+    n_classes = len(classes)
+    class_ids = list(range(n_classes))
+    metrics = decision_metrics(probs.argmax(1), labels, classes)
+    if n_classes > 3:
+        metrics["top3_acc"] = float(top_k_accuracy_score(labels, probs, k=3, labels=class_ids))
+    aucs = [_ovr_auc(probs, labels, k) for k in class_ids]
+    if n_classes == 2:
+        # The positive class's score; equal to the OvR AUC of class 1 (and of class 0 when rows sum to 1).
+        metrics["auc"] = aucs[1]
+    else:
+        defined = [a for a in aucs if not math.isnan(a)]
+        metrics["auc"] = float(np.mean(defined)) if defined else math.nan
+    for k, name in enumerate(_key_names(classes)):
+        metrics[f"auc_{name}"] = aucs[k]
+    metrics["n"] = float(len(labels))
+    return metrics
+
+
+def _check_labels(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     labels = np.asarray(labels).astype(np.int64)
     n_classes = len(classes)
     if probs.shape[1] != n_classes:
@@ -122,31 +149,23 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
         raise ValueError(
             f"labels must be class indices in [0, {n_classes}), got {labels.min()}..{labels.max()}"
         )
-    names = _key_names(classes)
-    class_ids = list(range(n_classes))
-    pred = probs.argmax(1)
+    return labels
 
-    metrics = {"acc": float(accuracy_score(labels, pred))}
-    if n_classes > 3:
-        metrics["top3_acc"] = float(top_k_accuracy_score(labels, probs, k=3, labels=class_ids))
+
+def decision_metrics(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """Accuracy, balanced accuracy (sklearn's: mean recall over the classes present in `labels`), macro
+    precision/recall/F1 and the same per class, of predicted class indices."""
+    class_ids = list(range(len(classes)))
+    metrics = {"acc": float(accuracy_score(labels, pred)), "bal_acc": balanced_accuracy(labels, pred)}
     precision, recall, f1, _ = precision_recall_fscore_support(
         labels, pred, labels=class_ids, average=None, zero_division=0
     )
     # The plain mean of the per-class values is sklearn's average="macro" over labels=range(C).
     metrics.update(precision=float(precision.mean()), recall=float(recall.mean()), f1=float(f1.mean()))
-    aucs = [_ovr_auc(probs, labels, k) for k in class_ids]
-    if n_classes == 2:
-        # The positive class's score; equal to the OvR AUC of class 1 (and of class 0 when rows sum to 1).
-        metrics["auc"] = aucs[1]
-    else:
-        defined = [a for a in aucs if not math.isnan(a)]
-        metrics["auc"] = float(np.mean(defined)) if defined else math.nan
-    for k, name in enumerate(names):
+    for k, name in enumerate(_key_names(classes)):
         metrics[f"precision_{name}"] = float(precision[k])
         metrics[f"recall_{name}"] = float(recall[k])
         metrics[f"f1_{name}"] = float(f1[k])
-        metrics[f"auc_{name}"] = aucs[k]
-    metrics["n"] = float(len(labels))
     return metrics
 
 
@@ -156,10 +175,14 @@ def report(
     groups: Sequence[str],
     classes: Sequence[str],
     method: str = "mean",
+    point: OperatingPoint | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Slice-level metrics (keys `slice_*`) and volume-level metrics (`volume_*`, each specimen's probs
     from `aggregate(..., method)`, its label that of its slices), and the arrays the plots need:
-    {"slice": {probs, labels, confusion}, "volume": {ids, probs, labels, confusion}}."""
+    {"slice": {probs, labels, confusion}, "volume": {ids, probs, labels, confusion}}.
+
+    With an operating `point`, also the decision metrics at that point (`slice_op_*`, `volume_op_*`). It
+    was chosen on volumes; slices get the same rule (for mean aggregation, on the same scale)."""
     slice_probs = _check_probs(slice_probs, len(slice_labels))
     slice_labels = np.asarray(slice_labels).astype(np.int64)
     if len(groups) != len(slice_labels):
@@ -180,6 +203,13 @@ def report(
     metrics.update(
         {f"volume_{k}": v for k, v in classification_metrics(volume_probs, volume_labels, classes).items()}
     )
+    if point is not None:
+        for level, probs, labels in (
+            ("slice", slice_probs, slice_labels),
+            ("volume", volume_probs, volume_labels),
+        ):
+            at_point = decision_metrics(decide(probs, point), labels, classes)
+            metrics.update({f"{level}_op_{k}": v for k, v in at_point.items()})
     details = {
         "slice": {
             "probs": slice_probs,
@@ -194,6 +224,19 @@ def report(
         },
     }
     return metrics, details
+
+
+def operating_point_numbers(point: OperatingPoint | None) -> dict[str, float]:
+    """The numbers of an operating point under MLflow-safe keys: op_threshold (two classes) or
+    op_weight_<class>; nothing for argmax."""
+    if point is None:
+        return {}
+    if point.positive:
+        return {"op_threshold": float(point.threshold)}
+    return {
+        f"op_weight_{name}": float(w)
+        for name, w in zip(_key_names(point.classes), point.weights, strict=True)
+    }
 
 
 def _cell(value) -> str:
@@ -212,33 +255,35 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_report(metrics: dict, classes: Sequence[str]) -> str:
-    """Plain-text tables of a `report`'s metrics: summary metrics by level, then per class (volume level,
-    then slice level). Missing metrics (top3_acc up to 3 classes, a level not computed) show as "-"."""
+    """Plain-text tables of a `report`'s metrics: summary metrics by level (then the decision metrics at the
+    operating point, `op_*` rows, when the report has them), then per class (volume level, then slice
+    level). Missing metrics (top3_acc up to 3 classes, a level not computed) show as "-"."""
     levels = ("slice", "volume")
+    names = [*SUMMARY_METRICS, *(f"op_{m}" for m in DECISION_METRICS)]
     summary = [
         [name, *(_cell(metrics.get(f"{level}_{name}")) for level in levels)]
-        for name in SUMMARY_METRICS
+        for name in names
         if any(f"{level}_{name}" in metrics for level in levels)
     ]
     counts = ["n", *(str(int(metrics[f"{lv}_n"])) if f"{lv}_n" in metrics else "-" for lv in levels)]
+    columns = [("volume", m) for m in PER_CLASS_METRICS]
+    if "volume_op_acc" in metrics:
+        columns += [("volume", f"op_{m}") for m in OP_PER_CLASS_METRICS]
+    columns += [("slice", m) for m in PER_CLASS_METRICS]
     per_class = [
-        [
-            str(cls),
-            *(
-                _cell(metrics.get(f"{level}_{m}_{key}"))
-                for level in ("volume", "slice")
-                for m in PER_CLASS_METRICS
-            ),
-        ]
+        [str(cls), *(_cell(metrics.get(f"{level}_{m}_{key}")) for level, m in columns)]
         for cls, key in zip(classes, _key_names(classes), strict=True)
     ]
     short = {"precision": "prec", "recall": "rec", "f1": "f1", "auc": "auc"}
     class_header = [
         "class",
-        *(f"{lv[:3]} {short[m]}" for lv in ("volume", "slice") for m in PER_CLASS_METRICS),
+        *(
+            f"{lv[:3]} {'op ' if m.startswith('op_') else ''}{short[m.removeprefix('op_')]}"
+            for lv, m in columns
+        ),
     ]
     return (
         _table(["metric", *levels], [*summary, counts])
-        + "\n\nper class (vol = volume level, sli = slice level)\n"
+        + "\n\nper class (vol = volume level, sli = slice level; op = at the operating point)\n"
         + _table(class_header, per_class)
     )

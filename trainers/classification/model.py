@@ -1,5 +1,6 @@
 """timm slice classifiers: build by name, freeze the backbone for the head-only phase, the two-phase lr
-schedule, and a loaded model that classifies slices and whole volumes."""
+schedule, and a loaded model that classifies slices and whole volumes: probabilities, and decisions at its
+operating point (operating_point.json in the checkpoint; argmax for checkpoints without one)."""
 
 import difflib
 import json
@@ -18,6 +19,12 @@ from datasets.slices import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from datasets.slicing import volume_slices
 from datasets.volumes import VolumeRecord, load_volume
 from trainers.classification.metrics import aggregate
+from trainers.classification.operating_point import (
+    OperatingPoint,
+    decide,
+    read_operating_point,
+    save_operating_point,
+)
 from trainers.config import ClassifierConfig, from_dict, to_dict
 
 
@@ -111,6 +118,7 @@ class SliceClassifier:
     classes: list[str]
     device: str = "cpu"
     batch_size: int = 64
+    operating_point: OperatingPoint | None = None  # how probabilities become a class; None: argmax
 
     @property
     def slicing(self) -> dict:
@@ -135,12 +143,24 @@ class SliceClassifier:
             out.append(torch.softmax(self.model(batch.to(self.device)).float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
+    def predict(self, images) -> np.ndarray:
+        """The class index of every slice: the decision at the model's operating point."""
+        return decide(self.predict_proba(images), self.operating_point)
 
-def save_classifier(folder: Path, cfg: ClassifierConfig, weights: dict, classes: list[str]) -> None:
-    """model.pt (a state_dict), config.json and classes.json: what inference needs."""
+
+def save_classifier(
+    folder: Path,
+    cfg: ClassifierConfig,
+    weights: dict,
+    classes: list[str],
+    point: OperatingPoint | None = None,
+) -> None:
+    """model.pt (a state_dict), config.json, classes.json and the operating point (when there is one):
+    what inference needs."""
     torch.save(weights, folder / "model.pt")
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
     (folder / "classes.json").write_text(json.dumps(list(classes)) + "\n")
+    save_operating_point(folder, point)
 
 
 def load_classifier_checkpoint(folder: Path, device: str = "cpu") -> SliceClassifier:
@@ -154,7 +174,8 @@ def load_classifier_checkpoint(folder: Path, device: str = "cpu") -> SliceClassi
     classes = json.loads((folder / "classes.json").read_text())
     model = build_classifier(cfg, len(classes))
     model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
-    return SliceClassifier(model.to(device).eval(), cfg, classes, str(device))
+    point = read_operating_point(folder, classes)  # None in checkpoints from before operating points
+    return SliceClassifier(model.to(device).eval(), cfg, classes, str(device), operating_point=point)
 
 
 def classify_volume(predictor, volume: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:

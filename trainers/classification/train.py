@@ -1,6 +1,7 @@
 """The slice-classifier training loop run on every Ray Train worker (ForamDeepSlice, RECIPES.md section 2):
 head-only phase, then everything; AdamW; label smoothing; Mixup/CutMix (timm); early stopping on the
-validation loss; each epoch rank 0 validates at slice and volume level and checkpoints."""
+validation loss; each epoch rank 0 validates at slice and volume level, chooses the operating point on the
+validation volumes (trainers/classification/operating_point.py) and checkpoints it with the weights."""
 
 import itertools
 import logging
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from datasets.augment import augmentation
 from datasets.slices import SAMPLE_VOLUMES, SliceDataset, evenly_spaced, slice_index, split_rows
-from trainers.classification.metrics import report
+from trainers.classification.metrics import operating_point_numbers, report
 from trainers.classification.model import (
     backbone_norms_eval,
     build_classifier,
@@ -24,6 +25,11 @@ from trainers.classification.model import (
     lr_at,
     normalisation,
     save_classifier,
+)
+from trainers.classification.operating_point import (
+    OperatingPoint,
+    fit_operating_point,
+    read_operating_point,
 )
 from trainers.config import ClassifierConfig, from_dict
 from trainers.ray_seam import RaySeam
@@ -87,9 +93,10 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         SoftTargetCrossEntropy() if mixer else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     )
     val_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    # best: the lowest validation loss so far, its epoch, epochs since, and (restore_best) its weights
-    best = {"loss": float("inf"), "epoch": 0, "bad_epochs": 0, "weights": None}
-    start_epoch = _resume(cfg, seam, bare, optimizer, scaler, best)
+    # best: the lowest validation loss so far, its epoch, epochs since, and (restore_best) its weights and
+    # the operating point chosen for them
+    best = {"loss": float("inf"), "epoch": 0, "bad_epochs": 0, "weights": None, "point": None}
+    start_epoch = _resume(cfg, seam, bare, optimizer, scaler, best, classes)
     if seam.rank == 0:
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers)
 
@@ -105,14 +112,9 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         return {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "train_slices": len(train_set)}
 
     def end_epoch(epoch: int, metrics: dict):
-        metrics.update(validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate))
-        if metrics["val_loss"] < best["loss"] - 1e-6:
-            best.update(loss=metrics["val_loss"], bad_epochs=0, epoch=epoch + 1)
-            if cfg.restore_best:
-                best["weights"] = {k: v.detach().clone() for k, v in bare.state_dict().items()}
-        else:
-            best["bad_epochs"] += 1
-        stop = cfg.early_stop_patience > 0 and best["bad_epochs"] >= cfg.early_stop_patience
+        val_metrics, point = validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate)
+        metrics.update(val_metrics)
+        stop = _track_best(cfg, best, metrics["val_loss"], epoch, bare, point)
         metrics.update(best_val_loss=best["loss"], best_epoch=best["epoch"], early_stopped=float(stop))
         state = {
             "model": bare.state_dict(),  # the weights training continues from
@@ -123,11 +125,13 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
             "bad_epochs": best["bad_epochs"],
             "best_epoch": best["epoch"],
         }
-        # model.pt is the model this run hands over now: the best so far, or the latest
+        # model.pt is the model this run hands over now: the best so far, or the latest; with the operating
+        # point chosen on the validation probabilities of those very weights
         weights = best["weights"] if cfg.restore_best else state["model"]
+        handed_over = best["point"] if cfg.restore_best else point
 
         def write(folder: Path) -> None:
-            save_classifier(folder, cfg, weights, classes)
+            save_classifier(folder, cfg, weights, classes, handed_over)
             torch.save(state, folder / "train_state.pt")
 
         return write, stop
@@ -145,6 +149,19 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         train_epoch=train_epoch,
         end_epoch=end_epoch,
     )
+
+
+def _track_best(cfg: ClassifierConfig, best: dict, val_loss: float, epoch: int, bare, point) -> bool:
+    """Update `best` with this epoch's validation loss (restore_best: keep its weights and their operating
+    point when it is the lowest so far); whether to stop early."""
+    if val_loss < best["loss"] - 1e-6:
+        best.update(loss=val_loss, bad_epochs=0, epoch=epoch + 1)
+        if cfg.restore_best:
+            best["weights"] = {k: v.detach().clone() for k, v in bare.state_dict().items()}
+            best["point"] = point
+    else:
+        best["bad_epochs"] += 1
+    return cfg.early_stop_patience > 0 and best["bad_epochs"] >= cfg.early_stop_patience
 
 
 def train_one_epoch(
@@ -185,7 +202,7 @@ def _step(model, images, targets, *, optimizer, loss_fn, scaler, amp_dtype) -> f
     return loss.item()
 
 
-def _resume(cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: dict) -> int:
+def _resume(cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: dict, classes: list[str]) -> int:
     """Load the seam's latest checkpoint, if any, into the model, the training state and `best`; the epoch
     to start at."""
     resume = seam.latest_checkpoint()
@@ -195,6 +212,7 @@ def _resume(cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: dict) ->
     bare.load_state_dict(state["model"])
     if cfg.restore_best:
         best["weights"] = torch.load(resume / "model.pt", map_location=seam.device, weights_only=True)
+        best["point"] = read_operating_point(resume, classes)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -211,12 +229,21 @@ def predict_loader(model, loader, device) -> tuple[np.ndarray, torch.Tensor]:
     return torch.softmax(logits, dim=1).numpy(), logits
 
 
-def validate(model, loader, dataset: SliceDataset, loss_fn, device, method: str) -> dict[str, float]:
+def validate(
+    model, loader, dataset: SliceDataset, loss_fn, device, method: str
+) -> tuple[dict[str, float], OperatingPoint | None]:
+    """Validation metrics at slice and volume level, and the operating point chosen on the validation
+    volumes' probabilities with the decision metrics at it (`*_op_*`, optimistic: chosen on these very
+    volumes) and its numbers (op_threshold or op_weight_<class>)."""
     probs, logits = predict_loader(model, loader, device)
-    labels = dataset.labels
-    metrics, _ = report(probs, labels, dataset.specimens, dataset.classes, method)
+    labels, specimens, classes = dataset.labels, dataset.specimens, dataset.classes
+    metrics, details = report(probs, labels, specimens, classes, method)
+    point = fit_operating_point(details["volume"]["probs"], details["volume"]["labels"], classes)
+    if point is not None:
+        metrics, _ = report(probs, labels, specimens, classes, method, point)
+        metrics.update(operating_point_numbers(point))
     metrics["val_loss"] = float(loss_fn(logits, torch.from_numpy(labels)))
-    return metrics
+    return metrics, point
 
 
 def train_loop_per_worker(config: dict) -> None:
