@@ -1,10 +1,15 @@
 """Evaluate a trained Mask R-CNN on a dataset: COCO bbox/segm metrics (per class, per IoU threshold, at a
 chosen max detections, optionally without one class), the Kaggle DSB2018/Sartorius metric and the mean
-matched mask IoU, as a table; metrics and plots go to an MLflow run. A slice classifier or ensemble is
-evaluated on labelled volumes (sliced as in its training) or a slice index, at slice and volume level.
+matched mask IoU, as a table, beside the classical baseline's (the model config's `baseline`: Otsu
+threshold + connected components on the same images); per image: objects, predictions, AP, Kaggle score and
+TP/FP/FN, the worst images drawn with their errors outlined; metrics, tables and plots go to an MLflow run.
+A slice classifier or ensemble is evaluated on labelled volumes (sliced as in its training) or a slice
+index, at slice and volume level.
 
     python -m platform.evaluate --model .ray_results/RUN/checkpoint_000009 --data datasets/sample/dsb2018
     python -m platform.evaluate --model models:/demo@champion --data /data/dsb --predictions-out /tmp/r.json
+    python -m platform.evaluate --model models:/demo@champion --data /data/dsb --tta flips \
+        --per-image-out /tmp/per_image.csv --worst 8
     python -m platform.evaluate --model runs:/RUN_ID/model --data /data/foram --data-format via \\
         --split-file splits/foram.json --split val --max-dets 256 --exclude-class sediment
 
@@ -66,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="predictions scoring below this are left out of the Kaggle metric and the overlays (0.5)",
     )
     p.add_argument(
+        "--tta",
+        help="detector test-time augmentation: off, flips or flips+rot90 (default: the model's own tta)",
+    )
+    p.add_argument(
+        "--worst",
+        type=int,
+        default=6,
+        help="detector: print and draw this many images of lowest Kaggle score (default 6; 0 = none)",
+    )
+    p.add_argument("--per-image-out", help="detector: write the per-image table (CSV) here")
+    p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or .mlflow/ here)"
     )
     p.add_argument("--experiment", default="evaluate", help="MLflow experiment (default evaluate)")
@@ -102,8 +118,11 @@ def read_data(args) -> list:
     return records
 
 
-def log_run(uri: str, experiment: str, params: dict, metrics: dict, table: str, figures: dict, files) -> str:
-    """One MLflow run: the arguments as params, every metric, the table, the figures and written files."""
+def log_run(
+    uri: str, experiment: str, params: dict, metrics: dict, table: str, figures: dict, files, texts=None
+) -> str:
+    """One MLflow run: the arguments as params, every metric, the table, the figures, written files and
+    `texts` (artifact name -> text, e.g. a CSV)."""
     import mlflow
 
     from trainers.plots import log_figure
@@ -117,6 +136,8 @@ def log_run(uri: str, experiment: str, params: dict, metrics: dict, table: str, 
             log_figure(fig, name)
         for path in files:
             mlflow.log_artifact(str(path), "predictions")
+        for name, text in (texts or {}).items():
+            mlflow.log_text(text, name)
     return run.info.run_id
 
 
@@ -149,36 +170,41 @@ def classifier_data(args, predictor):
 
 
 def evaluate_classifier(args, uri: str | None, folder: Path) -> int:
-    import numpy as np
-
     from deploy.registry import load_classifier
-    from trainers.classification.metrics import aggregate, format_report, report
+    from trainers.classification.metrics import format_report, operating_point_numbers, report
+    from trainers.classification.operating_point import decide, describe, explain
     from trainers.plots import classification_figures
 
     predictor = load_classifier(str(folder))
     started = time.perf_counter()
     probs, groups, labels = classifier_data(args, predictor)
     predict_s = time.perf_counter() - started
-    classes = predictor.classes
-    metrics, details = report(probs, labels, groups, classes, predictor.aggregate)
+    classes, point = predictor.classes, predictor.operating_point
+    # argmax rows always; op_* rows at the model's own operating point, when it has one
+    metrics, details = report(probs, labels, groups, classes, predictor.aggregate, point)
     table = format_report(metrics, classes)
     print(f"{len(set(groups))} volumes, {len(labels)} slices; volume = {predictor.aggregate} of its slices")
+    print(f"decision: {explain(point)}")
     print(table)
     print(f"predict {predict_s:.1f} s")
     files = []
     if args.predictions_out:
         from datasets.records import write_text_atomic
 
-        ids, volume = aggregate(probs, groups, predictor.aggregate)
-        volume_labels = details["volume"]["labels"]
+        volume = details["volume"]
+        predicted = decide(volume["probs"], point)  # the model's decision: at its operating point
         lines = [",".join(["specimen", "label", "predicted", *(f"p_{c}" for c in classes)])]
-        for i, p, y in zip(ids, volume, volume_labels, strict=True):
-            lines.append(",".join([i, classes[y], classes[int(np.argmax(p))], *(f"{v:.6f}" for v in p)]))
+        for i, p, y, k in zip(volume["ids"], volume["probs"], volume["labels"], predicted, strict=True):
+            lines.append(",".join([i, classes[y], classes[k], *(f"{v:.6f}" for v in p)]))
         files = [Path(args.predictions_out)]
         write_text_atomic(files[0], "\n".join(lines) + "\n")
         print(f"predictions: {files[0]} (one row per volume)")
     if not args.no_mlflow:
         params = {"model": args.model, "data": str(Path(args.data).resolve()), "volumes": len(set(groups))}
+        # the decision rule as params: op_rule (argmax, cut-off, class weights), op_class, its numbers
+        params.update(op_rule=describe(point)["rule"], **operating_point_numbers(point))
+        if point is not None and point.positive:
+            params["op_class"] = point.positive
         figures = classification_figures(details, metrics, classes)
         run_id = log_run(uri, args.experiment, params, metrics, table, figures, files)
         print(f"MLflow: experiment '{args.experiment}', run {run_id}")
@@ -188,11 +214,18 @@ def evaluate_classifier(args, uri: str | None, folder: Path) -> int:
 
 def predict_detections(args, folder: Path, records: list) -> tuple[list, dict, float]:
     """COCO results of the detector in `folder` on `records`, category ids the data's; the settings they
-    were predicted with (max_dets, tile_size) and the seconds predicting took (without loading)."""
+    were predicted with (max_dets, tile_size, tta, and the config's classical baseline) and the seconds
+    predicting took (without loading)."""
     from deploy.registry import load_detector, own_mode
+    from trainers.detection.combine import TTAModel, with_tta
     from trainers.detection.inference import predict_records
 
     detector = load_detector(str(folder))
+    tta = detector.config.tta
+    if args.tta is not None:  # in place of the model's own (load_detector applied that already)
+        own = detector.model
+        detector.model = with_tta(own.model if isinstance(own, TTAModel) else own, args.tta)
+        tta = args.tta
     model = detector.model
     ids = category_map(detector.categories, records[0].categories)
     if args.max_dets is not None:
@@ -203,16 +236,84 @@ def predict_detections(args, folder: Path, records: list) -> tuple[list, dict, f
             mode[key] = getattr(args, key)
     started = time.perf_counter()
     results = predict_records(model, records, detector.device, **mode)
-    settings = {"max_dets": model.roi_heads.detections_per_img, "tile_size": mode["tile_size"]}
+    settings = {
+        "max_dets": model.roi_heads.detections_per_img,
+        "tile_size": mode["tile_size"],
+        "tta": tta,
+        "baseline": detector.config.baseline,
+    }
     for r in results:
         r["category_id"] = ids[r["category_id"]]
     return results, settings, time.perf_counter() - started
 
 
+def baseline_report(method: str, records: list, gt, max_dets: int) -> dict[str, float]:
+    """The classical baseline's metrics on the evaluated images (trainers/detection/baseline.py), scored
+    as the model is; {} for baseline=off. Shown beside the model, never a model itself."""
+    if method == "off":
+        return {}
+    from trainers.detection.baseline import baseline_metrics
+
+    return baseline_metrics(records, method, max_dets, gt)
+
+
+def error_analysis(args, gt, records: list, results: list, max_dets: int) -> tuple[list, str, dict]:
+    """The per-image table (rows), the printed table of the --worst images, and their overlay figure (TP
+    green, FP red, FN yellow outlines) by artifact name; the CSV goes to --per-image-out."""
+    from datasets.records import load_image, write_text_atomic
+    from trainers.evaluation import (
+        ERROR_IOU,
+        image_outcomes,
+        per_image_table,
+        rows_csv,
+        rows_table,
+        worst_rows,
+    )
+    from trainers.plots import error_overlays
+
+    outcomes = image_outcomes(gt, results, args.score_threshold)
+    rows = per_image_table(gt, results, outcomes, max_dets)
+    if args.per_image_out:
+        write_text_atomic(args.per_image_out, rows_csv(rows))
+        print(f"per-image table: {args.per_image_out}")
+    worst = worst_rows(rows, args.worst)
+    if not worst:
+        return rows, "", {}
+    text = (
+        f"worst {len(worst)} of {len(rows)} images by Kaggle score (TP/FP/FN at IoU > {ERROR_IOU}, "
+        f"predictions scoring >= {args.score_threshold}):\n{rows_table(worst)}"
+    )
+    figure = error_overlays(
+        [load_image(records[r["image_id"] - 1].image_path) for r in worst],
+        [outcomes[r["image_id"] - 1] for r in worst],  # outcomes follow gt's ids 1..N, as rows do
+        [f"{r['image'][:16]}  Kaggle {r['kaggle']:.3f}" for r in worst],
+    )
+    return rows, text, {"plots/worst_images.png": figure}
+
+
+def detector_params(args, settings: dict, images: int) -> dict:
+    return {
+        "model": args.model,
+        "data": str(Path(args.data).resolve()),
+        "split": f"{args.split_file}:{args.split}" if args.split_file else "all images",
+        **settings,
+        "exclude_class": args.exclude_class or "",
+        "score_threshold": args.score_threshold,
+        "images": images,
+    }
+
+
 def evaluate_detector(args, uri: str | None, folder: Path) -> int:
     from datasets.instances import InstanceDataset, coco_ground_truth
     from datasets.records import write_json_atomic
-    from trainers.evaluation import category_ids_without, coco_report, format_table, kaggle_metrics
+    from trainers.evaluation import (
+        category_ids_without,
+        coco_report,
+        format_comparison,
+        format_table,
+        kaggle_metrics,
+        rows_csv,
+    )
     from trainers.plots import evaluation_figures
 
     # Everything about the input is checked before the model runs: a mistake costs seconds, not a pass.
@@ -229,10 +330,16 @@ def evaluate_detector(args, uri: str | None, folder: Path) -> int:
         print(f"predictions: {files[0]} (COCO results), ground truth: {files[1]}")
 
     started = time.perf_counter()
-    max_dets = settings["max_dets"]
+    max_dets, method = settings["max_dets"], settings["baseline"]
     metrics, evals = coco_report(gt, results, max_dets, args.exclude_class)
     metrics.update(kaggle_metrics(gt, results, args.score_threshold))
-    table = format_table(metrics)
+    baseline = baseline_report(method, records, gt, max_dets)
+    rows, worst, figures = error_analysis(args, gt, records, results, max_dets)
+    tables = [format_table(metrics)]
+    if baseline:
+        compared = format_comparison({"model": metrics, f"baseline ({method})": baseline})
+        tables.append(f"the model beside the classical baseline on the same images:\n{compared}")
+    table = "\n\n".join([*tables, *([worst] if worst else [])])
     print(
         f"{len(records)} images, {len(gt.anns)} ground-truth instances, {len(results)} predictions; "
         f"max {max_dets} detections per image; Kaggle metric at score >= {args.score_threshold}"
@@ -240,17 +347,11 @@ def evaluate_detector(args, uri: str | None, folder: Path) -> int:
     print(table)
     print(f"predict {predict_s:.1f} s, evaluate {time.perf_counter() - started:.1f} s")
     if not args.no_mlflow:
-        params = {
-            "model": args.model,
-            "data": str(Path(args.data).resolve()),
-            "split": f"{args.split_file}:{args.split}" if args.split_file else "all images",
-            **settings,
-            "exclude_class": args.exclude_class or "",
-            "score_threshold": args.score_threshold,
-            "images": len(records),
-        }
-        figures = evaluation_figures(evals, records, results, args.score_threshold)
-        run_id = log_run(uri, args.experiment, params, metrics, table, figures, files)
+        figures.update(evaluation_figures(evals, records, results, args.score_threshold))
+        logged = {**metrics, **{f"baseline_{k}": v for k, v in baseline.items()}}
+        params = detector_params(args, settings, len(records))
+        texts = {"per_image.csv": rows_csv(rows)}
+        run_id = log_run(uri, args.experiment, params, logged, table, figures, files, texts)
         print(f"MLflow: experiment '{args.experiment}', run {run_id}")
         print(f"browse: {_cli.browse_hint(uri)}")
     return 0
@@ -265,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-dets: expected a positive integer, got {args.max_dets}")
     if not 0.0 <= args.score_threshold <= 1.0:
         raise UserError(f"--score-threshold: expected a value in [0, 1], got {args.score_threshold}")
+    from trainers.config import TTA_MODES
+
+    if args.tta is not None and args.tta not in TTA_MODES:
+        raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got '{args.tta}'")
+    if args.worst < 0:
+        raise UserError(f"--worst: expected 0 or more images, got {args.worst}")
     uri = None
     if not args.no_mlflow or ":/" in args.model:
         import mlflow

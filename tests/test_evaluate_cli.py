@@ -2,6 +2,7 @@
 logged metrics, the COCO results JSON re-scored by pycocotools, the MLflow run, and input errors."""
 
 import contextlib
+import csv
 import io
 import json
 from pathlib import Path
@@ -13,11 +14,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datasets.errors import UserError
+from datasets.instances import read_records
 from datasets.mask_folders import CATEGORIES
 from tests.helpers import run_cli
 from trainers.config import MaskRCNNConfig
+from trainers.detection.baseline import baseline_metrics
 from trainers.detection.model import build_model
 from trainers.detection.train import save_checkpoint
+from trainers.evaluation import COMPARED
 
 
 @pytest.fixture
@@ -36,6 +40,7 @@ def checkpoint(tmp_path: Path) -> Path:
 def test_evaluate_prints_writes_and_logs(checkpoint, tiny_dataset, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out" / "results.json"
+    per_image = tmp_path / "out" / "per_image.csv"
     result = run_cli(
         "platform.evaluate",
         "--model",
@@ -46,6 +51,8 @@ def test_evaluate_prints_writes_and_logs(checkpoint, tiny_dataset, tmp_path):
         "10",  # an untrained model fills every slot; fewer slots keep the test fast
         "--predictions-out",
         str(out),
+        "--per-image-out",
+        str(per_image),
         "--tracking-uri",
         uri,
         "--experiment",
@@ -58,9 +65,22 @@ def test_evaluate_prints_writes_and_logs(checkpoint, tiny_dataset, tmp_path):
         assert len(printed[row]) == 2, row  # a bbox and a segm column
     assert "AR100" not in printed  # at most 10 detections were asked for
     assert {"kaggle_mAP", "matched_mask_IoU"} <= set(printed)
+    # The classical baseline beside the model, scored as it is (at most 10 detections per image too).
+    baseline = baseline_metrics(read_records(tiny_dataset), "otsu", max_dets=10)
+    assert printed["baseline"][0] == "(otsu)" and len(printed["model"]) == len(COMPARED)
+    for k, key in enumerate(COMPARED):
+        assert float(printed["baseline"][1 + k]) == pytest.approx(baseline[key], abs=5e-4), key
+    assert baseline["kaggle_mAP"] > 0.1  # a threshold finds nuclei; the untrained model does not
+    assert "worst 4 of 4 images by Kaggle score" in result.stdout
+    rows = list(csv.DictReader(per_image.open()))
+    assert [int(r["image_id"]) for r in rows] == [1, 2, 3, 4] and all(int(r["n_pred"]) <= 10 for r in rows)
 
     # The written results re-score with plain pycocotools against the ground truth written beside them.
-    assert sorted(p.name for p in out.parent.iterdir()) == ["results.gt.json", "results.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "per_image.csv",
+        "results.gt.json",
+        "results.json",
+    ]
     results = json.loads(out.read_text())
     assert results and max(len([r for r in results if r["image_id"] == i]) for i in range(1, 5)) <= 10
     with contextlib.redirect_stdout(io.StringIO()):
@@ -73,6 +93,10 @@ def test_evaluate_prints_writes_and_logs(checkpoint, tiny_dataset, tmp_path):
             ev.summarize()
             reference[iou_type] = ev.stats
     assert len(gt.getImgIds()) == 4 and len(gt.anns) > 100
+    assert sum(int(r["n_true"]) for r in rows) == len(gt.anns)
+    for r in rows:  # TP + FN = objects, TP + FP = predictions scoring >= 0.5
+        tp, fp, fn = int(r["TP"]), int(r["FP"]), int(r["FN"])
+        assert tp + fn == int(r["n_true"]) and tp + fp == int(r["n_pred"])
     # An untrained model scores about 0, which would hide mismatched image ids; masks of the right size
     # (the images are 256x256 and 256x320) show the ids name the images predicted.
     assert len({tuple(r["segmentation"]["size"]) for r in results}) == 2
@@ -92,7 +116,10 @@ def test_evaluate_prints_writes_and_logs(checkpoint, tiny_dataset, tmp_path):
         assert logged[f"{iou_type}_AR10"] == pytest.approx(stats[8], abs=1e-12)
         assert float(printed["AP"][("bbox", "segm").index(iou_type)]) == pytest.approx(stats[0], abs=5e-4)
     assert {"kaggle_mAP", "matched_mask_IoU", "segm_AP_class_nucleus"} <= set(logged)
+    for key, value in baseline.items():
+        assert logged[f"baseline_{key}"] == pytest.approx(value, abs=1e-12), key
     assert run.data.params["max_dets"] == "10" and run.data.params["images"] == "4"
+    assert run.data.params["baseline"] == "otsu" and run.data.params["tta"] == "off"
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     artifacts |= {f.path for d in ("plots", "predictions") for f in client.list_artifacts(run.info.run_id, d)}
     assert {
@@ -100,6 +127,8 @@ def test_evaluate_prints_writes_and_logs(checkpoint, tiny_dataset, tmp_path):
         "plots/pr_bbox.png",
         "plots/pr_segm.png",
         "plots/predictions.png",
+        "plots/worst_images.png",
+        "per_image.csv",
         "predictions/results.json",
         "predictions/results.gt.json",
     } <= artifacts
@@ -129,6 +158,9 @@ def test_bad_inputs_name_the_file_or_field(checkpoint, tiny_dataset, tmp_path):
     assert error("--model", str(checkpoint), "--data", str(tiny_dataset), "--exclude-class", "x") == (
         "--exclude-class: unknown class 'x'; valid: nucleus"
     )
+    assert error("--model", str(checkpoint), "--data", str(tiny_dataset), "--tta", "rot45") == (
+        "--tta: expected one of off, flips, flips+rot90, got 'rot45'"
+    )
     assert "--split: needs --split-file" in error(
         "--model", str(checkpoint), "--data", str(tiny_dataset), "--split", "test"
     )
@@ -136,3 +168,23 @@ def test_bad_inputs_name_the_file_or_field(checkpoint, tiny_dataset, tmp_path):
     assert f"{checkpoint / 'categories.json'} not found" in error(
         "--model", str(checkpoint), "--data", str(tiny_dataset)
     )
+
+
+@pytest.mark.parametrize(("own", "flag", "expected"), [("off", "flips", "flips"), ("flips", "off", None)])
+def test_tta_flag_replaces_the_models_own(checkpoint, tiny_dataset, monkeypatch, own, flag, expected):
+    """--tta wraps the bare model in the TTA asked for, in place of the TTA of its config (not on top)."""
+    import trainers.detection.inference as inference
+    from platform.evaluate import main
+    from trainers.detection.combine import TTAModel
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "tta": own}))
+    seen = []
+    monkeypatch.setattr(inference, "predict_records", lambda model, *args, **kwargs: seen.append(model) or [])
+    assert main(["--model", str(checkpoint), "--data", str(tiny_dataset), "--tta", flag, "--no-mlflow"]) == 0
+    [model] = seen
+    if expected is None:
+        assert not isinstance(model, TTAModel)
+    else:
+        assert isinstance(model, TTAModel) and model.mode == expected
+        assert not isinstance(model.model, TTAModel)  # the bare model inside, not the config's TTA
