@@ -153,6 +153,8 @@ def load_members(models: list[str]):
 def fit(ensemble, member_probs, labels, groups, calibrate: str | None) -> None:
     """The patch rule's classes and threshold, and --calibrate's class weights, chosen on validation."""
     from trainers.classification.ensemble import combine, fit_class_weights, fit_patch
+    from trainers.classification.metrics import aggregate
+    from trainers.classification.operating_point import explain, fit_operating_point
 
     classes, method = ensemble.classes, ensemble.aggregate
     if ensemble.method == "patch":
@@ -168,6 +170,15 @@ def fit(ensemble, member_probs, labels, groups, calibrate: str | None) -> None:
         )
         shown = ", ".join(f"{c} x{w:g}" for c, w in zip(classes, ensemble.class_weights, strict=True))
         print(f"class weights: {shown} (validation volume {calibrate} {value:.4f})")
+    # The decision on the combined volume probabilities, chosen on the same validation volumes, as a
+    # trained classifier's (trainers/classification/operating_point.py)
+    import numpy as np  # numpy only where an ensemble is fitted: the CLI's --help stays fast
+
+    ids, volume_probs = aggregate(combine(ensemble, member_probs), groups, method)
+    label_of = dict(zip(groups, labels, strict=True))  # every slice of a specimen has its label
+    volume_labels = np.array([label_of[i] for i in ids])
+    ensemble.operating_point = fit_operating_point(volume_probs, volume_labels, classes)
+    print(f"operating point: {explain(ensemble.operating_point)}")
 
 
 def print_table(rows: list[tuple[str, dict]], groups, labels) -> None:
@@ -183,7 +194,8 @@ def log_ensemble(args, experiment_id: str, folder: Path, ensemble, rows, details
     import mlflow
 
     from deploy.registry import log_classifier
-    from trainers.classification.metrics import format_report
+    from trainers.classification.metrics import format_report, operating_point_numbers
+    from trainers.classification.operating_point import describe
     from trainers.plots import classification_figures, log_figure
 
     metrics = rows[0][1]
@@ -197,6 +209,8 @@ def log_ensemble(args, experiment_id: str, folder: Path, ensemble, rows, details
                 "threshold": ensemble.threshold,
                 "class_weights": ",".join(map(str, ensemble.class_weights)),
                 "validation": args.data or "members' validation split",
+                "op_rule": describe(ensemble.operating_point)["rule"],
+                **operating_point_numbers(ensemble.operating_point),
             }
         )
         mlflow.log_metrics(metrics)
@@ -387,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     member_probs, groups, labels = validation_predictions(members, args.data)
     fit(ensemble, member_probs, labels, groups, args.calibrate)
     classes, method = ensemble.classes, ensemble.aggregate
-    metrics, details = report(combine(ensemble, member_probs), labels, groups, classes, method)
+    point = ensemble.operating_point
+    metrics, details = report(combine(ensemble, member_probs), labels, groups, classes, method, point)
     rows = [("ensemble", metrics)]
     for value, p in zip(args.models, member_probs, strict=True):
         rows.append((value, report(p, labels, groups, classes, method)[0]))

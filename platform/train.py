@@ -241,15 +241,18 @@ def classifier_figures(cfg, checkpoint: Path) -> tuple[dict, dict]:
     validation specimens, and its metrics; the report table goes to the run as text."""
     import mlflow
 
-    from trainers.classification.metrics import format_report, report
+    from trainers.classification.metrics import format_report, operating_point_numbers, report
     from trainers.classification.model import load_classifier_checkpoint
+    from trainers.classification.operating_point import describe
     from trainers.classification.train import slice_sets
     from trainers.plots import classification_figures
 
     predictor = load_classifier_checkpoint(checkpoint)
     _, val, _ = slice_sets(cfg)
     probs = predictor.predict_proba(val.images())
-    metrics, details = report(probs, val.labels, val.specimens, val.classes, cfg.aggregate)
+    point = predictor.operating_point  # chosen on these specimens in training: its op_* are optimistic
+    metrics, details = report(probs, val.labels, val.specimens, val.classes, cfg.aggregate, point)
+    mlflow.log_params({"op_rule": describe(point)["rule"], **operating_point_numbers(point)})
     mlflow.log_text(format_report(metrics, val.classes), "report.txt")
     return classification_figures(details, metrics, val.classes), metrics
 

@@ -264,13 +264,21 @@ async function classify() {
     const { classifier } = result.models;
     const what = volume ? `volume ${result.shape.join(" x ")}, ${result.slices.length} slices, ` +
       `aggregated by ${result.aggregate}` : file.name;
-    status("cls-status", `${what}: ${classifier.name} version ${classifier.version}`);
+    status("cls-status", `${what}: ${classifier.name} version ${classifier.version}` +
+      ` — predicted ${result.predicted} (${decisionText(result.decision)})`);
   } catch (e) {
     if (request === cls.request) {
       $("cls-top").replaceChildren();
       status("cls-status", `${file.name}: ${e.message}`, true);
     }
   }
+}
+
+// The classifier's decision follows its operating point (a cut-off chosen on validation), not the top bar.
+function decisionText(decision) {
+  if (!decision || decision.rule === "argmax") return "highest probability";
+  if (decision.rule === "cut-off") return `${decision.class} when its probability >= ${decision.threshold.toFixed(3)}`;
+  return "class weights chosen on validation";
 }
 
 function showTop(top) {
