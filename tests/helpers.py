@@ -42,3 +42,47 @@ def mlflow_uris_restored():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def masks_ground_truth(images, size: int, categories=({"id": 1, "name": "nucleus"},), file_names=False):
+    """A pycocotools COCO of hand-made binary masks, one list per image (ids 1..N, category 1), images of
+    size x size pixels (file names /data/img<N>.png with `file_names`)."""
+    import io
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    annotations = []
+    for image_id, masks in enumerate(images, start=1):
+        for mask in masks:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+    gt = COCO()
+    gt.dataset = {
+        "images": [
+            {
+                "id": i,
+                "height": size,
+                "width": size,
+                **({"file_name": f"/data/img{i}.png"} if file_names else {}),
+            }
+            for i in range(1, len(images) + 1)
+        ],
+        "annotations": annotations,
+        "categories": list(categories),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt

@@ -9,6 +9,7 @@ from pycocotools import mask as mask_utils
 
 from datasets.instances import read_records
 from datasets.records import rle_to_json
+from tests.helpers import masks_ground_truth
 from trainers.detection.baseline import MIN_AREA, baseline_metrics, baseline_results, label_objects
 from trainers.evaluation import (
     image_outcomes,
@@ -123,34 +124,7 @@ def _rle(mask: np.ndarray) -> dict:
 
 def _ground_truth(images: list[list[np.ndarray]]):
     """A pycocotools COCO of `images` (lists of masks), ids 1..N, file names img<N>.png."""
-    from pycocotools.coco import COCO
-
-    annotations = []
-    for image_id, masks in enumerate(images, start=1):
-        for mask in masks:
-            rle = _rle(mask)
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "segmentation": rle,
-                    "area": float(mask.sum()),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": 0,
-                }
-            )
-    gt = COCO()
-    gt.dataset = {
-        "images": [
-            {"id": i, "file_name": f"/data/img{i}.png", "height": 40, "width": 40}
-            for i in range(1, len(images) + 1)
-        ],
-        "annotations": annotations,
-        "categories": [{"id": 1, "name": "nucleus"}],
-    }
-    gt.createIndex()
-    return gt
+    return masks_ground_truth(images, 40, file_names=True)
 
 
 def _result(image_id: int, mask: np.ndarray, score: float) -> dict:

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from datasets.errors import UserError
 from datasets.instances import InstanceDataset, coco_ground_truth, read_records
 from platform.benchmarks.evaluation import benchmark_evaluators, dense_case
-from tests.helpers import SAMPLE
+from tests.helpers import SAMPLE, masks_ground_truth
 from trainers.evaluation import (
     coco_report,
     coco_summary,
@@ -31,30 +31,7 @@ STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs
 
 def _coco(images: list[list[np.ndarray]], categories=({"id": 1, "name": "nucleus"},)) -> COCO:
     """Ground truth from binary masks, one list per image (category 1)."""
-    annotations = []
-    for image_id, masks in enumerate(images, start=1):
-        for mask in masks:
-            rle = _rle(mask)
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": list(mask_utils.toBbox(rle)),
-                    "iscrowd": 0,
-                }
-            )
-    gt = COCO()
-    gt.dataset = {
-        "images": [{"id": i, "height": 32, "width": 32} for i in range(1, len(images) + 1)],
-        "annotations": annotations,
-        "categories": list(categories),
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-    return gt
+    return masks_ground_truth(images, 32, categories)
 
 
 def _rle(mask: np.ndarray) -> dict:
