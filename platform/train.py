@@ -390,7 +390,8 @@ def register_outcome(outcome: Outcome, name: str, metric: str, force: bool) -> s
         raise UserError(
             f"--register-as: run {outcome.run_id} reported no {metric} to compare with the champion"
         )
-    value = outcome.metrics[metric]
+    # The model handed over is the run's best epoch (restore_best): its own number, not the last epoch's
+    value = outcome.metrics.get(f"best_{metric}", outcome.metrics[metric])
     # The task's metric is maximised (trainers/tasks.py), by platform.tune's default --mode as well.
     registration = register_candidate(outcome.model_uri, name, outcome.cfg, metric, "max", value, force=force)
     return registration.message(metric, value)
