@@ -186,8 +186,9 @@ def dsb2018_maskrcnn() -> MaskRCNNConfig:
 
 
 # Epochs of dsb2018_cpu: 30, one training epoch being the 22 native-resolution tiles of the 18 training
-# images. Measured: 17-18 s per training epoch (1.2-1.3 images/s, bf16) on 2 otherwise idle cores, 55-100 s
-# while other jobs shared them; the old whole-image recipe took 32 s per epoch in fp32. On the 176 unseen
+# images. Measured: 1.77 images/s (~12 s per training epoch) on 2 idle cores, 1.23 with amp=off, 1.02 with
+# the 256-channel mask head too (`platform.bench train --recipe dsb2018_cpu --no-ray --variant amp=off`);
+# 55-100 s per epoch while other jobs shared the cores. On the 176 unseen
 # shared images (platform.bench quality) it scored segm AP 0.262 / Kaggle 0.302 (the old one 0.232 /
 # 0.275; Otsu 0.312 / 0.416): still below the threshold, so longer schedules are the next thing to try.
 CPU_EPOCHS = 30
