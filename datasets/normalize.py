@@ -14,7 +14,7 @@ pixels.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -48,10 +48,9 @@ def normalization(image: np.ndarray, mode: str) -> Normalization:
         sample = sample.mean(axis=2, keepdims=True)
     lo, hi = np.percentile(sample.reshape(-1, sample.shape[2]), PERCENTILES, axis=0)
     norm = Normalization(tuple(lo.tolist()), tuple(hi.tolist()), grey=mode == "grey")
-    if mode == "grey":
-        # Most pixels are background: a median above mid-grey means a bright background.
-        norm = Normalization(norm.lo, norm.hi, grey=True, invert=bool(np.median(_scaled(sample, norm)) > 127))
-    return norm
+    # Most pixels are background: a grey median above mid-grey means a bright background.
+    invert = mode == "grey" and bool(np.median(_scaled(sample, norm)) > 127)
+    return replace(norm, invert=invert)
 
 
 def apply(pixels: np.ndarray, norm: Normalization) -> np.ndarray:

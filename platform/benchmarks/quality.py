@@ -8,13 +8,10 @@ tile size, its normalisation and filters), through the one inference path.
 """
 
 import json
-import logging
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from datasets.errors import UserError
 from datasets.instances import SAMPLE_DATA, InstanceDataset, coco_ground_truth, read_records
@@ -25,8 +22,6 @@ from trainers.detection.combine import MaskVoteEnsemble, load_detector_model, wi
 from trainers.detection.inference import predict_records
 from trainers.evaluation import score_results
 from trainers.recipes import get_recipe
-
-log = logging.getLogger(__name__)
 
 SHARED_DSB2018 = Path(__file__).resolve().parents[3] / "shared" / "data" / "dsb2018" / "stage1_train"
 SHOWN = ("segm_AP", "kaggle_mAP", "segm_AP50", "bbox_AP")
@@ -140,7 +135,6 @@ def run(
     recipes: list[str], seeds: list[int], checkpoints: list[str], tta: str, overrides, out: Path
 ) -> list[Row]:
     """Train (unless `checkpoints` are given) and score; prints the table and writes quality.json to `out`."""
-    torch.set_num_threads(torch.get_num_threads())  # as a training worker: every core of the process
     records = validation_records()
     gt = coco_ground_truth(InstanceDataset(records))
     print(f"validation set: {len(records)} DSB2018 images not in the bundled sample ({SHARED_DSB2018})")
