@@ -77,6 +77,8 @@ def format_summary(s: dict) -> str:
             "instance size (px)    "
             + "  ".join(f"{k} {v:g}" for k, v in zip(("min", "p5", "median", "p95", "max"), q, strict=True))
         )
+        # the detectors' object_diameter setting (trainers/detection/scale.py) is in these units
+        lines.append(f"median diameter (px)  {np.sqrt(4 * q[2] / np.pi):.1f}  (a disc of the median area)")
         edges = _size_bins(areas)
         counts, _ = np.histogram(areas, edges)
         lines.append(

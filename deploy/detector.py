@@ -15,6 +15,7 @@ from deploy.registry import Detector, load_detector
 from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
 from deploy.settings import ServeSettings
 from trainers.detection.inference import detect_tiles, stitched_results, tile_tensor
+from trainers.detection.scale import inference_scale, rescale_image, restore_results
 
 MASK_THRESHOLD = 0.5
 
@@ -46,11 +47,15 @@ class DetectorDeployment:
         cfg = detector.config
         tile = tile_size or cfg.tile_size
         height, width = image.shape[:2]
+        # objects much larger than the trained ones: the image shrunk to them, as predict_image does
+        factor = await asyncio.to_thread(inference_scale, image, cfg.object_diameter)
+        if factor != 1.0:
+            image = await asyncio.to_thread(rescale_image, image, factor)
         # tile 0: the whole image in one call (the model resizes it as it did in training)
         tiles = (
-            tile_grid(height, width, tile, min(cfg.tile_overlap, tile // 2))
+            tile_grid(*image.shape[:2], tile, min(cfg.tile_overlap, tile // 2))
             if tile
-            else [Tile(0, 0, width, height)]
+            else [Tile(0, 0, image.shape[1], image.shape[0])]
         )
         per_tile = []
         norm = normalization(image, cfg.normalize)  # the whole image's, as in training
@@ -59,17 +64,26 @@ class DetectorDeployment:
             items = ((loaded, (t, tile_tensor(image, t, norm), score_threshold)) for t in chunk)
             per_tile += await asyncio.gather(*(self.infer(item) for item in items))
         # Stitching and RLE encoding in a thread: the replica's event loop keeps feeding batches meanwhile.
-        answer = await asyncio.to_thread(instances_json, per_tile, detector, height, width, max_detections)
+        answer = await asyncio.to_thread(
+            instances_json, per_tile, detector, (height, width), max_detections, image.shape[:2]
+        )
         models = {"detector": loaded.ref()}
         return {"width": width, "height": height, "tiles": len(tiles), **answer, "models": models}
 
 
 def instances_json(
-    per_tile: list[TileDetections], detector: Detector, height: int, width: int, max_detections: int
+    per_tile: list[TileDetections],
+    detector: Detector,
+    shape: tuple[int, int],
+    max_detections: int,
+    tiled_shape: tuple[int, int],
 ) -> dict:
-    """Tile detections -> {count, counts per class, categories, instances (best first)} after stitching,
-    the model's class_score_thresh / mask_min_area filters and the max_detections cut (0 = all)."""
-    entries = stitched_results(per_tile, 1, height, width, detector.config, detector.categories)
+    """Tile detections of the image rescaled to `tiled_shape` -> {count, counts per class, categories,
+    instances (best first)} in the image's own `shape` after stitching, the model's class_score_thresh /
+    mask_min_area filters and the max_detections cut (0 = all)."""
+    entries = stitched_results(per_tile, 1, *tiled_shape, detector.config, detector.categories)
+    if tiled_shape != shape:
+        entries = restore_results(entries, tiled_shape, shape)
     entries = sorted(entries, key=lambda r: -r["score"])[: max_detections or None]
     names = {c["id"]: c["name"] for c in detector.categories}
     counts = dict.fromkeys(names.values(), 0)

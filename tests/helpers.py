@@ -5,6 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+from scipy import ndimage
+
+from trainers.detection.combine import mask_boxes
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "datasets" / "sample" / "dsb2018"
@@ -86,3 +92,30 @@ def masks_ground_truth(images, size: int, categories=({"id": 1, "name": "nucleus
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
+
+
+class ThresholdDetector(torch.nn.Module):
+    """Instances = 4-connected components of channel 0 above `level`; score = the component's mean
+    intensity; soft mask = 0.5 + intensity / 2 inside, intensity / 3 outside (below 0.5); box = extent.
+    Every part commutes with flips and 90-degree rotations."""
+
+    def __init__(self, level: float = 0.55, label: int = 1):
+        super().__init__()
+        self.level, self.label = level, label
+        self.roi_heads = type("Heads", (), {"detections_per_img": 100})()  # as a Mask R-CNN's
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        return [self.detect(image[0]) for image in images]
+
+    def detect(self, grey: torch.Tensor) -> dict:
+        components, n = ndimage.label(grey.numpy() > self.level)
+        binary = torch.from_numpy(components[None] == np.arange(1, n + 1)[:, None, None])
+        scores = torch.stack([grey[b].mean() for b in binary]) if n else torch.zeros(0)
+        soft = torch.where(binary, 0.5 + grey / 2, grey / 3)
+        order = torch.argsort(scores, descending=True)[: self.roi_heads.detections_per_img]
+        return {
+            "boxes": mask_boxes(binary)[order],
+            "scores": scores[order],
+            "labels": torch.full((n,), self.label, dtype=torch.long)[order],
+            "masks": soft[order, None].float(),
+        }

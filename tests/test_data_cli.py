@@ -2,6 +2,8 @@
 exit code 2, and leaves no output behind."""
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,8 @@ def test_convert_then_inspect(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(numbers.read_text())
     assert summary["images"] == 3 and summary["instances"] == masks == sum(summary["instances_per_image"])
+    diameter = (4 * statistics.median(summary["instance_areas"]) / math.pi) ** 0.5
+    assert f"median diameter (px)  {diameter:.1f}" in out.stdout
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path):

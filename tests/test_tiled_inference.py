@@ -6,7 +6,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from datasets.instances import masks_to_boxes
+from datasets.instances import masks_to_boxes, patch_rle
 from datasets.mask_folders import read_mask_folders
 from datasets.records import load_image
 from datasets.tiles import Detections, dense_masks, tile_grid
@@ -14,7 +14,7 @@ from platform.benchmarks.tiled import benchmark_tiled, sample_mosaic
 from tests.helpers import SAMPLE
 from trainers.config import MaskRCNNConfig
 from trainers.detection import inference as tiled
-from trainers.detection.inference import detections_to_coco, patch_rle, predict_tiled
+from trainers.detection.inference import detections_to_coco, predict_tiled
 from trainers.detection.model import build_model
 
 

@@ -7,6 +7,7 @@ values of the wrong type are UserErrors that name the key.
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ class MaskRCNNConfig:
     box_detections_per_img: int = 100  # maximum detections per image at inference
     tta: str = "off"  # test-time augmentation at inference: off | flips | flips+rot90 (instances of the
     # transformed images mapped back and merged by mask IoU, scores and soft masks averaged)
+    object_diameter: float = 0.0  # median object diameter (px) the model trained on; > 0: an image whose
+    # objects look much larger (Otsu estimate) is shrunk to it at inference (trainers/detection/scale.py)
     baseline: str = "otsu"  # classical baseline scored beside the model on the validation images: otsu |
     # otsu-watershed | off (never a champion candidate; it shows whether learning beat a threshold)
     # --- optimisation ---
@@ -146,6 +149,8 @@ class MaskRCNNConfig:
             raise UserError(f"tile_size: expected 0 (whole images) or >= 32 pixels, got {self.tile_size}")
         if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
             raise UserError(f"tile_overlap: expected [0, {self.tile_size}) pixels, got {self.tile_overlap}")
+        if not (math.isfinite(self.object_diameter) and self.object_diameter >= 0):
+            raise UserError(f"object_diameter: expected 0 (off) or pixels, got {self.object_diameter}")
         if not 0.0 <= self.tile_min_visible <= 1.0:
             raise UserError(f"tile_min_visible: expected a value in [0, 1], got {self.tile_min_visible}")
         for key in ("epochs", "batch_size", "min_size", "max_size", "box_detections_per_img"):

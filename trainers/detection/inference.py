@@ -18,15 +18,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 
 from datasets.errors import UserError
-from datasets.instances import encode_masks
+from datasets.instances import encode_masks, patch_rle
 from datasets.normalize import Normalization, apply, normalization
 from datasets.progress import Progress
-from datasets.records import ImageRecord, open_image, rle_to_json
+from datasets.records import ImageRecord, open_image
 from datasets.tiles import Detections, Tile, TileDetections, stitch_detections, tile_grid
 from trainers.detection.postprocess import filter_output, filter_results
+from trainers.detection.scale import inference_scale, rescale_image, restore_results
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,49 @@ def predict_image(
     cfg=None,
     categories=None,
     normalize: str | None = None,
+    object_diameter: float | None = None,
 ) -> list[dict]:
     """COCO result dicts of one image: the whole image in one call (the model resizes it as in training),
     or with tile_size > 0 tiled inference at native resolution, `tile_batch` tiles per call. With a
     MaskRCNNConfig `cfg`, its class_score_thresh (in the order of the model's `categories`) and
     mask_min_area filters apply (trainers/detection/postprocess.py). The image is normalised by
-    `normalize`, by default the cfg's mode ("range" without a cfg)."""
-    normalize = normalize or (cfg.normalize if cfg is not None else "range")
+    `normalize`, by default the cfg's mode ("range" without a cfg). With an `object_diameter` (default: the
+    cfg's; 0 = off) an image of much larger objects is shrunk to it first (trainers/detection/scale.py)."""
+    settings = {
+        "image_id": image_id,
+        "tile_size": tile_size,
+        "tile_overlap": tile_overlap,
+        "tile_batch": tile_batch,
+        "mask_threshold": mask_threshold,
+        "cfg": cfg,
+        "categories": categories,
+        "normalize": normalize or (cfg.normalize if cfg is not None else "range"),
+    }
+    if object_diameter is None:
+        object_diameter = cfg.object_diameter if cfg is not None else 0.0
+    factor = inference_scale(image, object_diameter)
+    if factor == 1.0:
+        return predict_native(model, image, device, **settings)
+    small = rescale_image(image, factor)
+    results = predict_native(model, small, device, **settings)
+    return restore_results(results, small.shape[:2], image.shape[:2])
+
+
+def predict_native(
+    model,
+    image,
+    device,
+    *,
+    image_id,
+    tile_size,
+    tile_overlap,
+    tile_batch,
+    mask_threshold,
+    cfg,
+    categories,
+    normalize,
+) -> list[dict]:
+    """predict_image at the image's own scale."""
     if tile_size:
         detections = predict_tiled(
             model,
@@ -241,26 +277,6 @@ def crop_output(tile: Tile, output: dict, score_threshold: float, mask_threshold
         masks=patches,
         mask_origins=np.asarray(origins, dtype=np.int64).reshape(-1, 2),
     )
-
-
-def patch_rle(patch: np.ndarray, x: int, y: int, height: int, width: int) -> dict:
-    """COCO RLE (compressed, JSON-ready) of a bool patch placed at column x, row y of a height x width
-    image, without a full-image mask: RLE runs go down the columns, so the columns the patch spans are one
-    contiguous stretch of the image's runs, and everything before and after it is a single zero run."""
-    block = np.zeros((height, patch.shape[1]), dtype=bool)  # the patch's columns, full height
-    block[y : y + patch.shape[0]] = patch
-    flat = block.ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        runs.insert(0, 0)  # RLE counts start with a run of zeros, possibly empty
-    runs[0] += x * height
-    after = (width - x - patch.shape[1]) * height
-    if len(runs) % 2:  # odd number of runs: the last one is zeros
-        runs[-1] += after
-    elif after:  # pycocotools writes no empty run at the end
-        runs.append(after)
-    return rle_to_json(mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width))
 
 
 def detections_to_coco(detections: Detections, image_id: int, height: int, width: int) -> list[dict]:

@@ -181,6 +181,7 @@ def _tiled_candidates(model, records, cfg, device, mask_threshold: float) -> lis
         tile_batch=1,
         mask_threshold=mask_threshold,
         normalize=cfg.normalize,
+        object_diameter=cfg.object_diameter,
         log_every_s=LOG_EVERY_S,
     )
     per_image = []
