@@ -1,6 +1,6 @@
 """Serve the registered detector and classifier over HTTP with Ray Serve (deploy/app.py).
 
-    python -m platform.serve                                     # the demo's models:/dsb2018_demo@champion
+    python -m platform.serve                                     # the demo's models:/dsb2018_quick@champion
     python -m platform.serve --detector models:/nuclei@champion --classifier models:/adrenal@champion
     python -m platform.serve --config deploy/serve.yaml --port 8080   # the file `serve run` also takes
     python -m platform.serve --classifier models:/adrenal@champion --library ../shared/data/adrenal3d/volumes
@@ -25,7 +25,7 @@ from datasets.errors import UserError
 from platform import _cli
 
 DESCRIPTION = __doc__.split("\n\n")[0]
-DEFAULT_DETECTOR = "models:/dsb2018_demo@champion"  # what `make demo` registers
+DEFAULT_DETECTOR = "models:/dsb2018_quick@champion"  # what `make demo` registers
 APP_NAME = "foram"  # the application's name in Serve (deploy/serve.yaml names it so too)
 
 

@@ -4,7 +4,7 @@ champion on the same validation data).
 
     python -m platform.tune --space rpn_anchors
     python -m platform.tune --space optimizer --num-samples 8 --max-epochs 6 min_size=256
-    python -m platform.tune --space thresholds --model models:/dsb2018_demo@champion --metric kaggle_mAP
+    python -m platform.tune --space thresholds --model models:/dsb2018_quick@champion --metric kaggle_mAP
     python -m platform.tune --space roi_heads --metric segm_AP,val_ms_per_image --mode max,min
     python -m platform.tune --resume                       # continue the latest search after a crash
     python -m platform.tune --list-spaces
@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler", default="asha", help="asha (early stopping) or fifo (every trial its full budget)"
     )
-    p.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        help="ASHA: epochs before a trial can be stopped (default: a quarter of the epochs, at least 2)",
+    )
     p.add_argument(
         "--reduction-factor", type=float, default=2, help="ASHA: keep 1/this of trials at each rung"
     )

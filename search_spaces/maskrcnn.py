@@ -6,7 +6,9 @@ from search_spaces import register_space
 
 
 @register_space(
-    "rpn_anchors", "anchor sizes and aspect ratios, RPN IoU thresholds, RPN NMS, pre/post-NMS top-k"
+    "rpn_anchors",
+    "anchor sizes and aspect ratios, RPN IoU thresholds, RPN NMS, pre/post-NMS top-k",
+    recipe="dsb2018_quick",  # the demo: `python -m platform.tune --space rpn_anchors`
 )
 def rpn_anchors() -> dict:
     return {

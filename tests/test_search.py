@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -32,6 +33,15 @@ def test_grid_spans_each_domain():
     assert g["k"]["grid_search"] == [1, 3, 5]
     assert grid_size(g) == 3 * 3 * 3 * 3
     assert grid({"k": tune.randint(0, 2)}, 5)["k"]["grid_search"] == [0, 1]  # integers de-duplicated
+
+
+@pytest.mark.parametrize(
+    ("given", "epochs", "first_rung"), [(None, 16, 4), (None, 4, 2), (None, 30, 7), (3, 16, 3)]
+)
+def test_ashas_first_rung_defaults_to_a_quarter_of_the_epochs(given, epochs, first_rung):
+    from trainers.search.driver import grace_period
+
+    assert grace_period(SimpleNamespace(grace_period=given), epochs) == first_rung
 
 
 def test_default_modes():

@@ -249,7 +249,7 @@ def test_cli_errors_are_one_line(store, tmp_path):
         assert_user_error(result, message)
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     result = run_cli("platform.serve", "--tracking-uri", empty, env=env, timeout=120)
-    assert_user_error(result, "models:/dsb2018_demo@champion", "run `make demo` first")
+    assert_user_error(result, "models:/dsb2018_quick@champion", "run `make demo` first")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

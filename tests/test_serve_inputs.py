@@ -113,7 +113,7 @@ def test_serve_yaml_args_are_valid_settings():
     app = doc["applications"][0]
     assert app["import_path"] == "deploy.app:build_app"
     settings = settings_from(app["args"], "deploy/serve.yaml")
-    assert settings.detector == "models:/dsb2018_demo@champion" and settings.tracking_uri  # made explicit
+    assert settings.detector == "models:/dsb2018_quick@champion" and settings.tracking_uri  # made explicit
     defaults = ServeSettings(detector="x")
     for key, value in app["args"].items():  # the file documents the defaults
         if key not in ("detector", "tracking_uri"):

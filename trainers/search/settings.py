@@ -30,7 +30,7 @@ class SearchSettings:
     storage_path: str
     searcher: str = "tpe"
     scheduler: str = "asha"
-    grace_period: int = 2
+    grace_period: int | None = None  # ASHA: epochs before a stop; None: a quarter of them, at least 2
     reduction_factor: float = 2
     grid_points: int = 3  # values per numeric parameter of a grid search
     workers_per_trial: int = 1
@@ -112,7 +112,7 @@ def check_settings(settings: SearchSettings, space: Space) -> None:
         raise UserError("--searcher grid: a multi-objective search needs --searcher tpe or random")
     if settings.grid_points < 2:
         raise UserError(f"--grid-points: expected 2 or more, got {settings.grid_points}")
-    if settings.grace_period < 1 or settings.reduction_factor <= 1:
+    if (settings.grace_period is not None and settings.grace_period < 1) or settings.reduction_factor <= 1:
         raise UserError("--grace-period: expected >= 1 epoch; --reduction-factor: expected > 1")
     if settings.searcher == "grid":
         size = grid_size(grid(searched(space, settings), settings.grid_points))
