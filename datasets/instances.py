@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from datasets.augment import apply_transform
 from datasets.coco import load_json, read_coco, write_coco
 from datasets.errors import UserError
+from datasets.label_images import looks_like_label_images, read_label_images, write_label_images
 from datasets.mask_folders import CATEGORIES, load_masks, read_mask_folders, write_mask_folders
 from datasets.records import (
     ImageRecord,
@@ -50,6 +51,11 @@ FORMATS: dict[str, Format] = {
         read_mask_folders, write_mask_folders, "<id>/images/<id>.png + <id>/masks/*.png (DSB2018)"
     ),
     "rle-csv": Format(read_rle_csv, write_rle_csv, "Kaggle run-length CSV (DSB2018, Sartorius)"),
+    "label-images": Format(
+        read_label_images,
+        write_label_images,
+        "<name>_masks.tif label images beside the images (Cellpose, StarDist), or images/ + labels/",
+    ),
 }
 
 
@@ -67,17 +73,21 @@ def _check_options(function: Callable, options: dict, fmt: str, what: str) -> No
 
 
 def guess_format(path: str | Path) -> str:
-    """The format of `path` from what it holds: a CSV is rle-csv; a COCO JSON has "images"; another
-    JSON is via; a folder of <id>/images/ folders is mask-folders."""
+    """The format of `path` from what it holds: a folder with images/ and labels/ of label files, or with
+    <name>_masks.* files, is label-images; a CSV is rle-csv; a COCO JSON has "images"; another JSON is
+    via; a folder of <id>/images/ folders is mask-folders."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: not found")
+    if looks_like_label_images(path):  # first: a Cellpose folder may hold other JSON or CSV files
+        return "label-images"
     files = [path] if path.is_file() else sorted(path.glob("*.csv")) + sorted(path.glob("*.json"))
     if not files:
         if path.is_dir() and any((p / "images").is_dir() for p in path.iterdir()):
             return "mask-folders"
         raise UserError(
-            f"{path}: cannot tell the format (no .csv or .json file, no <id>/images/ folders); "
+            f"{path}: cannot tell the format (no .csv or .json file, no <id>/images/ folders, no "
+            "images/ + labels/ folders, no <name>_masks.tif files); "
             f"give it with --format ({', '.join(sorted(FORMATS))})"
         )
     if files[0].suffix.lower() == ".csv":

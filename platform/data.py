@@ -9,7 +9,8 @@
     python -m platform.data inspect /tmp/dsb_csv --format rle-csv --plot /tmp/dsb_csv.png
 
 Formats: coco (COCO instances JSON), via (VGG Image Annotator JSON), mask-folders (DSB2018 layout),
-rle-csv (Kaggle run-length CSV, DSB2018 or Sartorius layout). A conversion writes to a temporary folder
+rle-csv (Kaggle run-length CSV, DSB2018 or Sartorius layout), label-images (Cellpose/StarDist
+<name>_masks.tif label images, or images/ + labels/ folders). A conversion writes to a temporary folder
 beside DST and renames it at the end: a failed run leaves nothing behind.
 """
 

@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="checkpoint folder, or models:/NAME@alias, runs:/RUN_ID/model, ..."
     )
     p.add_argument("--data", required=True, help="dataset folder or annotation file")
-    p.add_argument("--data-format", help="coco, via, mask-folders or rle-csv (default: guessed from --data)")
+    p.add_argument(
+        "--data-format",
+        help="coco, via, mask-folders, rle-csv or label-images (default: guessed from --data)",
+    )
     p.add_argument("--split-file", help="split JSON (python -m platform.data split): evaluate one split")
     p.add_argument("--split", default="val", help="the split of --split-file to evaluate (default val)")
     p.add_argument(
@@ -216,15 +219,13 @@ def predict_detections(args, folder: Path, records: list) -> tuple[list, dict, f
     """COCO results of the detector in `folder` on `records`, category ids the data's; the settings they
     were predicted with (max_dets, tile_size, tta, and the config's classical baseline) and the seconds
     predicting took (without loading)."""
-    from deploy.registry import load_detector, own_mode
-    from trainers.detection.combine import TTAModel, with_tta
+    from deploy.registry import load_detector, own_mode, set_tta
     from trainers.detection.inference import predict_records
 
     detector = load_detector(str(folder))
     tta = detector.config.tta
     if args.tta is not None:  # in place of the model's own (load_detector applied that already)
-        own = detector.model
-        detector.model = with_tta(own.model if isinstance(own, TTAModel) else own, args.tta)
+        set_tta(detector, args.tta)
         tta = args.tta
     model = detector.model
     ids = category_map(detector.categories, records[0].categories)

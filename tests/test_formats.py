@@ -80,8 +80,9 @@ def _via_round_trip(root, tmp_path):
 
 
 def test_registry_lists_every_format():
-    assert set(FORMATS) == {"coco", "via", "mask-folders", "rle-csv"}
-    with pytest.raises(UserError, match="unknown format 'nope'; valid: coco, mask-folders, rle-csv, via"):
+    assert set(FORMATS) == {"coco", "via", "mask-folders", "rle-csv", "label-images"}
+    valid = "coco, label-images, mask-folders, rle-csv, via"
+    with pytest.raises(UserError, match=f"unknown format 'nope'; valid: {valid}"):
         read_records(SAMPLE, "nope")
     with pytest.raises(UserError, match="mask-folders: unknown read option 'classes'; valid: "):
         read_records(SAMPLE, "mask-folders", classes=["a"])
