@@ -153,6 +153,14 @@ def load_detector(value: str, device: str | None = None) -> Detector:
     return Detector(model, categories, config, device, str(value), name, version)
 
 
+def set_tta(detector: Detector, mode: str) -> None:
+    """Test-time augmentation `mode` in place of the detector's own (load_detector applied the config's)."""
+    from trainers.detection.combine import TTAModel, with_tta
+
+    own = detector.model
+    detector.model = with_tta(own.model if isinstance(own, TTAModel) else own, mode)
+
+
 def registry_version(uri: str) -> tuple[str | None, str | None]:
     """(registered name, version) of a `models:/NAME@alias` or `models:/NAME/VERSION` URI, else Nones."""
     if not uri.startswith("models:/"):

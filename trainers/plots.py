@@ -288,3 +288,45 @@ def classification_figures(details: dict, metrics: dict, classes) -> dict[str, F
         out[f"plots/roc_{level}.png"] = roc_figure(d["probs"], d["labels"], classes, f"{level} ROC")
     out["plots/f1_per_class.png"] = f1_bars_figure(metrics, classes)
     return out
+
+
+def label_overlay(image: np.ndarray, labels: np.ndarray, colours: list[tuple], numbers: bool) -> np.ndarray:
+    """HxWx3 uint8 `image` with each object of `labels` outlined in its colour (`colours[k - 1]` for label
+    k, RGB in [0, 1]), and its label number written at its centre when `numbers`, at full resolution."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    out = image.copy()
+    edges = find_boundaries(labels, mode="inner")
+    palette = np.zeros((len(colours) + 1, 3), dtype=np.uint8)
+    palette[1:] = (np.asarray(colours, dtype=np.float64).reshape(-1, 3) * 255).round()
+    out[edges] = palette[labels[edges]]
+    if not numbers or not colours:
+        return out
+    picture = Image.fromarray(out)
+    draw = ImageDraw.Draw(picture)
+    centres = ndimage.center_of_mass(labels > 0, labels, range(1, len(colours) + 1))
+    for k, (y, x) in enumerate(centres, start=1):
+        if np.isfinite(x):  # an object the overlaps left without pixels has no centre
+            draw.text((x, y), str(k), fill=(255, 255, 255), anchor="mm")
+    return np.asarray(picture)
+
+
+def batch_summary(counts: dict[str, int], diameters: list[float], unit: str, title: str = "") -> Figure:
+    """Objects per class (bars) and the distribution of their equivalent diameters (in `unit`)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    bars, sizes = fig.subplots(1, 2)
+    bars.bar(
+        list(counts), list(counts.values()), color=[colormaps["tab10"](i % 10) for i in range(len(counts))]
+    )
+    bars.set_ylabel("objects")
+    bars.set_title("objects per class")
+    bars.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if diameters:
+        sizes.hist(diameters, bins=min(50, max(5, len(diameters) // 10)), color="tab:orange")
+    sizes.set_xlabel(f"equivalent diameter ({unit})")
+    sizes.set_ylabel("objects")
+    sizes.set_title(f"size distribution ({len(diameters)} objects)")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,163 @@
+"""`python -m platform.predict` as a scientist runs it, on the registered models of the test store: a folder
+of PNG, 16-bit TIFF and OME-TIFF images with a damaged file among them; the label images, COCO file,
+objects and counts agree with each other; micrometres where the file gives a pixel size; a second run
+resumes; user mistakes are one line; a classifier writes a row per volume."""
+
+import csv
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from datasets.label_images import read_label_image
+from tests.classifier_data import write_volumes
+from tests.helpers import SAMPLE, run_cli
+from tests.serving import CLASSIFIER, DETECTOR, clean_env
+
+PIXEL_SIZE = 0.65  # micrometres, written into the OME-TIFF
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two sample PNGs, one as a 16-bit TIFF, one as an OME-TIFF with a pixel size, and a truncated PNG."""
+    root = tmp_path_factory.mktemp("images")
+    pngs = sorted(SAMPLE.glob("*/images/*.png"))[:2]
+    (root / "plate").mkdir()
+    for png in pngs:
+        shutil.copy(png, root / "plate" / f"{png.stem[:8]}.png")
+    grey = np.asarray(Image.open(pngs[0]).convert("L")).astype(np.uint16) * 257  # full 16-bit range
+    tifffile.imwrite(root / "plate" / "sixteen.tif", grey)
+    ome = {"PhysicalSizeX": PIXEL_SIZE, "PhysicalSizeY": PIXEL_SIZE, "axes": "YX"}
+    tifffile.imwrite(root / "ome.ome.tif", grey, ome=True, metadata=ome)
+    (root / "plate" / "broken.png").write_bytes(pngs[1].read_bytes()[:100])
+    return root
+
+
+def predict(store, *args):
+    return run_cli("platform.predict", *args, "--tracking-uri", store, env=clean_env())
+
+
+@pytest.fixture(scope="module")
+def first_run(store, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "out"
+    result = predict(store, "--model", f"models:/{DETECTOR}@champion", str(images), "--out", str(out),
+                     "--overlays", "--mlflow", "--experiment", "predict-test")  # fmt: skip
+    return result, out
+
+
+def test_a_damaged_file_is_reported_and_the_rest_predicted(first_run):
+    result, out = first_run
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 of 5 files failed" in result.stderr and "broken.png" in result.stderr
+    assert "Traceback" not in result.stderr
+    names = sorted(p.stem for p in (out / "labels").glob("*.tif"))
+    assert len(names) == 4 and "plate__broken" not in names
+    assert sorted(p.stem for p in (out / "overlays").glob("*.png")) == names
+    record = json.loads((out / "run.json").read_text())
+    assert record["model"]["name"] == DETECTOR and record["model"]["version"] == "1"
+    assert [f["file"].endswith("broken.png") for f in record["failed"]] == [True]
+
+
+def test_labels_coco_objects_and_counts_agree(first_run):
+    _, out = first_run
+    coco = COCO(str(out / "predictions.json"))  # pycocotools reads it as a dataset
+    with open(out / "objects.csv") as f:
+        objects = list(csv.DictReader(f))
+    with open(out / "counts.csv") as f:
+        counts = list(csv.DictReader(f))
+    assert len(objects) == len(coco.anns) == int(counts[-1]["total"]) > 0
+    assert counts[-1]["image"] == "total" and len(counts) == 5
+    for image in coco.dataset["images"]:
+        name = image["name"]
+        labels = read_label_image(out / "labels" / f"{name}.tif")
+        annotations = coco.imgToAnns[image["id"]]
+        assert labels.max() == len(annotations) == int(next(r for r in counts if r["image"] == name)["total"])
+        for a in annotations:
+            mask = mask_utils.decode(a["segmentation"]).astype(bool)
+            assert np.array_equal(mask, labels == a["object_id"])
+            row = next(o for o in objects if o["image"] == name and int(o["object_id"]) == a["object_id"])
+            assert float(row["area_px"]) == mask.sum() == a["area"]
+            assert float(row["score"]) == pytest.approx(a["score"])
+
+
+def test_micrometres_come_from_the_ome_pixel_size(first_run):
+    _, out = first_run
+    with open(out / "objects.csv") as f:
+        objects = list(csv.DictReader(f))
+    ome = [o for o in objects if o["image"] == "ome"]
+    others = [o for o in objects if o["image"] != "ome"]
+    assert ome and others
+    for o in ome:
+        assert float(o["area_um2"]) == pytest.approx(float(o["area_px"]) * PIXEL_SIZE**2)
+        assert float(o["equivalent_diameter_um"]) == pytest.approx(
+            float(o["equivalent_diameter_px"]) * PIXEL_SIZE
+        )
+    assert all(o["area_um2"] == "" for o in others)
+
+
+def test_the_run_is_logged_to_mlflow(first_run, store):
+    _, out = first_run
+    client = mlflow.MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("predict-test").experiment_id])
+    assert run.data.tags["model_version"] == "1" and run.data.metrics["images"] == 4
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"objects.csv", "counts.csv", "summary.png", "run.json"} <= artifacts
+
+
+def test_a_second_run_skips_finished_images(store, first_run, images):
+    _, out = first_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.tif")}
+    result = predict(store, "--model", f"models:/{DETECTOR}@champion", str(images), "--out", str(out))
+    assert result.returncode == 1 and "4 of 5 images done in an earlier run" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.tif")} == before
+    other = predict(store, "--model", f"models:/{CLASSIFIER}@champion", str(images), "--out", str(out))
+    assert other.returncode == 2 and "choose another --out" in other.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "models:/nope@champion"], "nope"),
+        (["--pixel-size", "-1"], "--pixel-size"),
+        (["--page", "-2"], "--page"),
+    ],
+)
+def test_user_mistakes_are_one_line(store, images, tmp_path, args, needle):
+    argv = ["--model", f"models:/{DETECTOR}@champion", str(images), "--out", str(tmp_path / "o"), *args]
+    result = predict(store, *argv)
+    assert result.returncode == 2 and needle in result.stderr
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_images_and_an_unwritable_out_are_one_line(store, images, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = predict(store, "--model", f"models:/{DETECTOR}@champion", str(tmp_path / "empty"), "--out", "o")
+    assert result.returncode == 2 and "no files" in result.stderr
+    (tmp_path / "file").write_text("x")
+    result = predict(
+        store, "--model", f"models:/{DETECTOR}@champion", str(images), "--out", str(tmp_path / "file")
+    )
+    assert result.returncode == 2 and "--out" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_classifier_writes_a_row_per_volume(store, tmp_path):
+    write_volumes(tmp_path / "volumes")
+    volumes = sorted((tmp_path / "volumes").rglob("*.nii.gz"))
+    out = tmp_path / "out"
+    result = predict(store, "--model", f"models:/{CLASSIFIER}@champion", str(tmp_path / "volumes"),
+                     "--out", str(out), "--top-k", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(volumes) > 0
+    for row in rows:
+        p1, p2 = float(row["probability_1"]), float(row["probability_2"])
+        assert p1 >= p2 and p1 + p2 == pytest.approx(1.0, abs=1e-4)  # two classes: all the mass
+        assert row["predicted"] in (row["class_1"], row["class_2"]) and int(row["slices"]) > 0
