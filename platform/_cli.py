@@ -13,6 +13,9 @@ from datasets.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_RESULTS = REPO / ".ray_results"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, tokens): ours are model
+# training, and tagged so the UI lands on the runs.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def run(main: Callable[[list[str] | None], int]) -> None:
@@ -44,18 +47,21 @@ def tracking_uri(cli_value: str | None) -> str:
 def use_experiment(uri: str, name: str) -> str:
     """Point MLflow at `uri` and return the id of experiment `name`, creating it if needed.
 
-    With a SQLite store, artifacts go beside the database file (.mlflow/artifacts/ for the embedded one)
-    rather than MLflow's default ./mlruns in whatever folder the command was started from.
+    Tagged as model development (KIND_TAG). With a SQLite store, artifacts go beside the database file
+    (.mlflow/artifacts/ for the embedded one) rather than MLflow's default ./mlruns in whatever folder the
+    command was started from.
     """
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if KIND_TAG not in experiment.tags:  # made before the tag existed: the UI would open on GenAI
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
 
 
 def browse_hint(uri: str) -> str:

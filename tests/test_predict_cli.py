@@ -104,7 +104,9 @@ def test_micrometres_come_from_the_ome_pixel_size(first_run):
 def test_the_run_is_logged_to_mlflow(first_run, store):
     _, out = first_run
     client = mlflow.MlflowClient(store)
-    [run] = client.search_runs([client.get_experiment_by_name("predict-test").experiment_id])
+    experiment = client.get_experiment_by_name("predict-test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+    [run] = client.search_runs([experiment.experiment_id])
     assert run.data.tags["model_version"] == "1" and run.data.metrics["images"] == 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"objects.csv", "counts.csv", "summary.png", "run.json"} <= artifacts
@@ -161,3 +163,17 @@ def test_a_classifier_writes_a_row_per_volume(store, tmp_path):
         p1, p2 = float(row["probability_1"]), float(row["probability_2"])
         assert p1 >= p2 and p1 + p2 == pytest.approx(1.0, abs=1e-4)  # two classes: all the mass
         assert row["predicted"] in (row["class_1"], row["class_2"]) and int(row["slices"]) > 0
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it(tmp_path):
+    from platform._cli import KIND, KIND_TAG, use_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    old = client.create_experiment("old", artifact_location=(tmp_path / "a").as_uri())
+    try:
+        assert use_experiment(uri, "old") == old
+    finally:
+        mlflow.set_tracking_uri("")
+        mlflow.set_registry_uri("")
+    assert client.get_experiment(old).tags[KIND_TAG] == KIND
