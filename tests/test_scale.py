@@ -14,7 +14,7 @@ from tests.helpers import ThresholdDetector
 from trainers.config import MaskRCNNConfig, apply_overrides
 from trainers.detection.inference import predict_image
 from trainers.detection.scale import (
-    SHRINK_ABOVE,
+    REACH,
     estimate_diameter,
     inference_scale,
     rescale_image,
@@ -48,10 +48,10 @@ def test_the_estimate_is_the_median_equivalent_diameter_of_the_objects():
 def test_only_clearly_larger_objects_shrink_the_image():
     big, _ = discs((240, 240), 22.5, [(60, 60), (60, 170), (170, 110)])  # diameter ~45
     factor = inference_scale(big, 15.0)
-    assert factor == pytest.approx(15.0 / estimate_diameter(big))
-    assert 0.3 < factor < 0.36
+    assert factor == pytest.approx(REACH * 15.0 / estimate_diameter(big))  # shrunk to REACH x 15 px
+    assert 0.6 < factor < 0.72
     assert inference_scale(big, 0.0) == 1.0  # off
-    assert inference_scale(big, 45.0 / SHRINK_ABOVE + 1) == 1.0  # within the band: left as it is
+    assert inference_scale(big, 45.0 / REACH + 1) == 1.0  # within reach: left as it is
     small, _ = discs((240, 240), 3, [(60, 60), (60, 170)])  # smaller than trained: never upsampled
     assert inference_scale(small, 15.0) == 1.0
 
@@ -83,7 +83,7 @@ def test_restored_masks_are_scikit_images_upsampling_of_the_small_ones():
 def test_predict_image_shrinks_large_objects_to_the_trained_size():
     centres = [(50, 50), (50, 190), (180, 60), (190, 200)]
     image, masks = discs((260, 260), 24, centres)  # 48 px objects
-    cfg = MaskRCNNConfig(object_diameter=16.0)
+    cfg = MaskRCNNConfig(object_diameter=8.0)  # reach 16 px: the 48 px discs shrink 3x
     detector = ThresholdDetector(level=0.5)
     calls = []
     original_forward = detector.forward

@@ -1,5 +1,7 @@
 """The main job end to end: real local Ray (Tune + Train), a real MLflow store, real images."""
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -56,7 +58,7 @@ def test_prints_trial_table_and_registered_model(smoke):
 
 
 def test_parent_and_nested_runs_hold_params_and_metrics(smoke):
-    _, uri, _ = smoke
+    _, uri, data = smoke
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("smoke")
     runs = client.search_runs([experiment.experiment_id])
@@ -76,6 +78,12 @@ def test_parent_and_nested_runs_hold_params_and_metrics(smoke):
     assert all(not k.startswith("baseline_") for child in children for k in child.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"trials.csv", "trials.txt", "learning_curves.png", "search_history.png", "best.yaml"} <= artifacts
+    # the runs table's Dataset column: the images every trial trained and validated on
+    inputs = {i.tags[0].value: i.dataset for i in parents[0].inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    counts = {k: json.loads(d.profile)["images"] for k, d in inputs.items()}
+    assert counts["training"] + counts["validation"] == 4 and counts["validation"] >= 1
+    assert inputs["training"].name == f"{data.name} (training)" and inputs["training"].digest
 
 
 def test_champion_loads_and_predicts(smoke):

@@ -1,15 +1,58 @@
 """MLflow tracking of training runs: the one place an epoch's metrics and the Ray node tags reach MLflow (one
 log_batch per epoch, step = epoch), for platform.train's Ray Train runs and for a search's Tune trials (one
-nested run per trial under the search's parent run)."""
+nested run per trial under the search's parent run); and the data a run trained and was scored on, as
+MLflow dataset inputs (the runs table's Dataset column)."""
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, RunTag
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.train import UserCallback
 
 from trainers.ray_seam import NODE_KEYS
+
+
+class RecordsDataset(MetaDataset):
+    """Image records as an MLflow dataset: the folder or file they come from, a digest of their image ids
+    (two runs on the same images show the same digest), and their counts as the profile."""
+
+    def __init__(self, source: str | Path, name: str, records: list):
+        ids = "\n".join(sorted(r.image_id for r in records))
+        digest = hashlib.sha256(ids.encode()).hexdigest()[:8]
+        super().__init__(resolve_dataset_source(str(Path(source).resolve())), name, digest)
+        instances = sum(len(r.instances) or len(r.mask_paths) for r in records)
+        self._profile = {"images": len(records), "instances": instances}
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def log_data_inputs(source: str | Path, splits: dict[str, list]) -> None:
+    """Each split's records (context -> records, e.g. training, validation) as a dataset input of the active
+    run, named `<folder> (<context>)`."""
+    for context, records in splits.items():
+        name = f"{Path(source).name} ({context})"
+        mlflow.log_input(RecordsDataset(source, name, records), context=context)
+
+
+def log_detector_data(cfg) -> None:
+    """A detector config's training and validation images (its data split as training splits it) as dataset
+    inputs of the active run."""
+    from datasets.instances import SAMPLE_DATA
+    from trainers.detection.train import config_split
+
+    train, val = config_split(cfg)
+    log_data_inputs(cfg.data or SAMPLE_DATA, {"training": train, "validation": val})
 
 
 def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, float], values: dict, step: int) -> None:
