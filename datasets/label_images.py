@@ -33,11 +33,11 @@ from datasets.records import (
     IMAGE_SUFFIXES,
     ImageRecord,
     Instance,
-    dataset_categories,
     image_size,
     open_image,
     record_rles,
     rle_to_json,
+    single_class,
     write_bytes_atomic,
 )
 
@@ -314,13 +314,7 @@ def write_label_images(records: list[ImageRecord], dst: Path) -> None:
     """Write the folder layout under `dst`: images/ copied as they are, labels/<id>.tif. One class only (a
     dataset of several is an error naming them); crowd regions and empty masks are skipped; where
     instances overlap the smaller one keeps the pixel. Label k is the record's k-th kept instance."""
-    categories = dataset_categories(records)
-    if len(categories) > 1:
-        names = ", ".join(c["name"] for c in categories)
-        raise UserError(
-            f"{records[0].source}: label images hold one class but the dataset has {len(categories)} "
-            f"({names}); keep one class, or convert to coco, via or rle-csv instead"
-        )
+    single_class(records, "label-images", "keep one class, or convert to coco, via or rle-csv instead")
     (dst / "images").mkdir(parents=True)
     (dst / "labels").mkdir()
     for record in records:

@@ -14,12 +14,12 @@ from pycocotools import mask as mask_utils
 from datasets.errors import UserError
 from datasets.records import (
     ImageRecord,
-    dataset_categories,
     image_size,
     load_image,
     load_mask_file,
     open_image,
     record_rles,
+    single_class,
 )
 
 __all__ = ["CATEGORIES", "LAYOUT", "ImageRecord", "load_image", "load_masks", "read_mask_folders"]
@@ -55,13 +55,7 @@ def load_masks(record: ImageRecord, shape: tuple[int, int]) -> np.ndarray:
 def write_mask_folders(records: list[ImageRecord], dst: Path) -> None:
     """Write the layout under `dst`. It holds one class and no crowd flag: several classes are an error,
     crowd regions become ordinary masks, empty masks are left out."""
-    categories = dataset_categories(records)
-    if len(categories) > 1:
-        names = ", ".join(c["name"] for c in categories)
-        raise UserError(
-            f"{records[0].source}: mask-folders holds one class but the dataset has {len(categories)} "
-            f"({names}); convert to coco, via or rle-csv instead"
-        )
+    single_class(records, "mask-folders", "convert to coco, via or rle-csv instead")
     for record in records:
         folder = dst / record.image_id
         (folder / "images").mkdir(parents=True)

@@ -215,6 +215,18 @@ def dataset_categories(records: list[ImageRecord]) -> tuple[dict, ...]:
     return records[0].categories
 
 
+def single_class(records: list[ImageRecord], layout: str, instead: str) -> None:
+    """A UserError naming the classes when a one-class layout (mask folders, label images) is asked to hold
+    several; `instead` says what to do."""
+    categories = dataset_categories(records)
+    if len(categories) > 1:
+        names = ", ".join(c["name"] for c in categories)
+        raise UserError(
+            f"{records[0].source}: {layout} holds one class but the dataset has {len(categories)} "
+            f"({names}); {instead}"
+        )
+
+
 def resolve_image(folder: Path, name: str, where: str) -> Path:
     """An image named in an annotation file: beside the file, or in its images/ folder."""
     for candidate in (folder / name, folder / "images" / name, folder / "images" / Path(name).name):

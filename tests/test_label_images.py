@@ -277,7 +277,7 @@ def test_folder_layout_missing_label_and_two_classes(tmp_path):
     with pytest.raises(UserError, match=re.escape(str(tmp_path / "pairs" / "images" / "y.png"))):
         read_records(tmp_path / "pairs", "label-images")
     two = ({"id": 1, "name": "cell"}, {"id": 2, "name": "debris"})
-    with pytest.raises(UserError, match=r"label images hold one class .* \(cell, debris\)"):
+    with pytest.raises(UserError, match=r"label-images holds one class .* \(cell, debris\)"):
         write_records(_records(tmp_path, (), two), tmp_path / "out", "label-images")
     assert not (tmp_path / "out").exists()
 
