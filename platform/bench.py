@@ -10,6 +10,7 @@ python -m platform.bench asha                       # ASHA vs full-budget trials
 python -m platform.bench serve                      # HTTP load test, Serve overhead, batching, tiled mosaic
 python -m platform.bench match                      # find in 3D: hit rate, s/query vs library size
 python -m platform.bench quality                    # CPU recipe vs the Otsu baseline on unseen DSB2018
+python -m platform.bench predict                    # platform.predict vs a direct loop: images/s, peak RSS
 python -m platform.bench quality --checkpoints A B  # score trained checkpoints (and their ensemble) only
 """
 
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiled.add_argument("--batch", type=int, default=4, help="tiles per forward call")
     tiled.add_argument("--backbone", default="resnet18_fpn")
     tiled.add_argument("--device", default="cpu")
+    predict = sub.add_parser("predict", help="platform.predict's path vs the model in a loop: images/s, RSS")
+    predict.add_argument("--recipe", default="dsb2018_cpu", help="model (random weights) and its tiling")
+    predict.add_argument("--images", type=int, default=32, help="256 px images in the folder")
+    predict.add_argument("--mosaic", type=int, default=2048, help="side of the large image, pixels")
+    predict.add_argument("--rounds", type=int, default=1, help="each side runs once per round, interleaved")
     evaluation = sub.add_parser("eval", help="COCO evaluator time on dense images: pycocotools vs faster")
     evaluation.add_argument("--images", type=int, default=4, help="dense images (sample images tiled)")
     evaluation.add_argument("--grid", type=int, default=3, help="each dense image is grid x grid samples")
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     benches = {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}
     benches |= {"asha": bench_asha, "serve": bench_serve, "match": bench_match, "quality": bench_quality}
+    benches["predict"] = bench_predict
     return benches[args.which](args)
 
 
@@ -236,6 +243,13 @@ def bench_asha(args) -> int:
     params = list(best["fifo"])[1 : list(best["fifo"]).index("epochs")]  # the searched columns
     same = all(best["fifo"][k] == best["asha"][k] for k in params)
     print(f"same best config in both: {'yes' if same else 'no'}")
+    return 0
+
+
+def bench_predict(args) -> int:
+    from platform.benchmarks.predict import benchmark_predict
+
+    benchmark_predict(args.recipe, args.images, args.mosaic, args.rounds)
     return 0
 
 

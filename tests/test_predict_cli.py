@@ -177,3 +177,15 @@ def test_an_experiment_made_before_the_kind_tag_gets_it(tmp_path):
         mlflow.set_tracking_uri("")
         mlflow.set_registry_uri("")
     assert client.get_experiment(old).tags[KIND_TAG] == KIND
+
+
+def test_the_predict_benchmark_prints_both_sides_on_both_inputs():
+    result = run_cli(
+        "platform.bench", "predict", "--recipe", "dsb2018_demo", "--images", "2", "--mosaic", "512"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("folder", "mosaic"))]
+    assert len(rows) == 4 and sum("platform.predict" in r for r in rows) == 2
+    for row in rows:
+        images_per_s, s_per_mp, rss = (float(v) for v in row.split()[-4:-1])
+        assert images_per_s > 0 and s_per_mp > 0 and rss > 100  # a process with torch loaded
