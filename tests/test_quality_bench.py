@@ -5,8 +5,9 @@ import torch
 
 from datasets.instances import SAMPLE_DATA, InstanceDataset, coco_ground_truth, read_records
 from datasets.records import image_size
-from platform.benchmarks.quality import format_rows, score_checkpoints, validation_records
+from platform.benchmarks.quality import format_rows, plain_model, score_checkpoints, validation_records
 from trainers.config import MaskRCNNConfig
+from trainers.detection.combine import TTAModel, load_detector_model
 from trainers.detection.model import build_model, save_checkpoint
 
 CATEGORIES = [{"id": 1, "name": "nucleus"}]
@@ -32,6 +33,7 @@ def test_checkpoints_their_tta_and_their_ensemble_are_scored(tmp_path):
             max_size=96,
             normalize="grey",
             box_detections_per_img=5,  # random weights: a few detections keep it cheap
+            tta="flips" if seed else "off",  # a recipe's own tta (dsb2018_cpu has one)
         )
         torch.manual_seed(seed)
         folder = tmp_path / f"seed{seed}"
@@ -48,5 +50,8 @@ def test_checkpoints_their_tta_and_their_ensemble_are_scored(tmp_path):
         "mask-vote ensemble of 2 + tta flips",
     ]
     assert all(0.0 <= r.metrics["segm_AP"] <= 1.0 and "kaggle_mAP" in r.metrics for r in rows)
+    # seed1's config carries tta=flips: its plain row is still the model alone
+    assert not isinstance(plain_model(folders[1])[0], TTAModel)
+    assert isinstance(load_detector_model(folders[1])[0], TTAModel)
     table = format_rows(rows)
     assert "segm_AP" in table.splitlines()[0] and len(table.splitlines()) == len(rows) + 2
