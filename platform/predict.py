@@ -129,11 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.batch import classify_files, predict_images, report_failures
     from trainers.classification.ensemble import is_classifier_folder
 
-    if is_classifier_folder(folder):
-        files = find_images(args.inputs, IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+    classifier = is_classifier_folder(folder)
+    files = find_images(args.inputs, IMAGE_SUFFIXES + VOLUME_SUFFIXES if classifier else IMAGE_SUFFIXES)
+    # --out inside an input folder: its label images and overlays are outputs, never inputs of a rerun
+    out = Path(args.out).expanduser().resolve()
+    files = [f for f in files if not f.is_relative_to(out)]
+    if not files:
+        raise UserError(f"{' '.join(args.inputs)}: no input files outside --out {args.out}")
+    if classifier:
         batch = classify_files(args, folder, files, output_folder(args.out))
     else:
-        batch = predict_images(args, folder, find_images(args.inputs), output_folder(args.out))
+        batch = predict_images(args, folder, files, output_folder(args.out))
     if args.mlflow:
         log_batch(args, Path(args.out), batch)
     return report_failures(batch.failures, batch.files)

@@ -112,6 +112,17 @@ def test_the_run_is_logged_to_mlflow(first_run, store):
     assert {"objects.csv", "counts.csv", "summary.png", "run.json"} <= artifacts
 
 
+def test_outputs_inside_an_input_folder_are_not_inputs(store, images, tmp_path):
+    folder = tmp_path / "plate"
+    shutil.copytree(images / "plate", folder)
+    (folder / "broken.png").unlink()
+    out = folder / "results"
+    for _ in range(2):  # the second run finds results/labels/*.tif in the folder and leaves them out
+        result = predict(store, "--model", f"models:/{DETECTOR}@champion", str(folder), "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((out / "run.json").read_text())["images"]) == 3
+
+
 def test_a_second_run_skips_finished_images(store, first_run, images):
     _, out = first_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.tif")}
