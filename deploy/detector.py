@@ -15,7 +15,7 @@ from deploy.registry import Detector, load_detector
 from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
 from deploy.settings import ServeSettings
 from trainers.detection.inference import detect_tiles, stitched_results, tile_tensor
-from trainers.detection.scale import inference_scale, rescale_image, restore_results
+from trainers.detection.scale import fit_to_model, restore_results
 
 MASK_THRESHOLD = 0.5
 
@@ -48,9 +48,7 @@ class DetectorDeployment:
         tile = tile_size or cfg.tile_size
         height, width = image.shape[:2]
         # objects much larger than the trained ones: the image shrunk to them, as predict_image does
-        factor = await asyncio.to_thread(inference_scale, image, cfg.object_diameter)
-        if factor != 1.0:
-            image = await asyncio.to_thread(rescale_image, image, factor)
+        image = await asyncio.to_thread(fit_to_model, image, cfg.object_diameter)
         # tile 0: the whole image in one call (the model resizes it as it did in training)
         tiles = (
             tile_grid(*image.shape[:2], tile, min(cfg.tile_overlap, tile // 2))

@@ -26,7 +26,7 @@ from datasets.progress import Progress
 from datasets.records import ImageRecord, open_image
 from datasets.tiles import Detections, Tile, TileDetections, stitch_detections, tile_grid
 from trainers.detection.postprocess import filter_output, filter_results
-from trainers.detection.scale import inference_scale, rescale_image, restore_results
+from trainers.detection.scale import fit_to_model, restore_results
 
 log = logging.getLogger(__name__)
 
@@ -159,45 +159,14 @@ def predict_image(
     mask_min_area filters apply (trainers/detection/postprocess.py). The image is normalised by
     `normalize`, by default the cfg's mode ("range" without a cfg). With an `object_diameter` (default: the
     cfg's; 0 = off) an image of much larger objects is shrunk to it first (trainers/detection/scale.py)."""
-    settings = {
-        "image_id": image_id,
-        "tile_size": tile_size,
-        "tile_overlap": tile_overlap,
-        "tile_batch": tile_batch,
-        "mask_threshold": mask_threshold,
-        "cfg": cfg,
-        "categories": categories,
-        "normalize": normalize or (cfg.normalize if cfg is not None else "range"),
-    }
+    normalize = normalize or (cfg.normalize if cfg is not None else "range")
     if object_diameter is None:
         object_diameter = cfg.object_diameter if cfg is not None else 0.0
-    factor = inference_scale(image, object_diameter)
-    if factor == 1.0:
-        return predict_native(model, image, device, **settings)
-    small = rescale_image(image, factor)
-    results = predict_native(model, small, device, **settings)
-    return restore_results(results, small.shape[:2], image.shape[:2])
-
-
-def predict_native(
-    model,
-    image,
-    device,
-    *,
-    image_id,
-    tile_size,
-    tile_overlap,
-    tile_batch,
-    mask_threshold,
-    cfg,
-    categories,
-    normalize,
-) -> list[dict]:
-    """predict_image at the image's own scale."""
+    work = fit_to_model(image, object_diameter)  # the image itself, or shrunk to the objects it knows
     if tile_size:
         detections = predict_tiled(
             model,
-            image,
+            work,
             tile_size=tile_size,
             overlap=tile_overlap,
             batch_size=tile_batch,
@@ -205,10 +174,12 @@ def predict_native(
             mask_threshold=mask_threshold,
             normalize=normalize,
         )
-        return coco_results(detections, image_id, *image.shape[:2], cfg, categories)
-    model.eval()
-    output = model([image_tensor(image, normalize).to(device)])[0]
-    return to_coco_results(output, image_id, mask_threshold, cfg=cfg, categories=categories)
+        results = coco_results(detections, image_id, *work.shape[:2], cfg, categories)
+    else:
+        model.eval()
+        output = model([image_tensor(work, normalize).to(device)])[0]
+        results = to_coco_results(output, image_id, mask_threshold, cfg=cfg, categories=categories)
+    return results if work is image else restore_results(results, work.shape[:2], image.shape[:2])
 
 
 def predict_records(

@@ -25,6 +25,7 @@ from scipy import ndimage
 from skimage.transform import rescale
 
 from datasets.instances import patch_rle
+from datasets.measure import grey_intensity
 from trainers.detection.baseline import label_objects
 
 REACH = 2.0  # objects up to this many times the trained diameter are found as they are (see above)
@@ -39,8 +40,7 @@ def estimate_diameter(image: np.ndarray) -> float:
     height, width = image.shape[:2]
     top, left = max(0, (height - ESTIMATE_SIDE) // 2), max(0, (width - ESTIMATE_SIDE) // 2)
     crop = image[top : top + ESTIMATE_SIDE, left : left + ESTIMATE_SIDE]
-    grey = crop[..., :3].mean(axis=2) if crop.ndim == 3 else crop.astype(np.float64)
-    areas = np.bincount(label_objects(grey, "otsu").ravel())[1:]
+    areas = np.bincount(label_objects(grey_intensity(crop), "otsu").ravel())[1:]
     return float(np.median(np.sqrt(areas * 4 / np.pi))) if areas.size else 0.0
 
 
@@ -52,6 +52,13 @@ def inference_scale(image: np.ndarray, trained_diameter: float) -> float:
     reach = REACH * trained_diameter
     estimated = estimate_diameter(image)
     return 1.0 if estimated <= reach else max(MIN_SCALE, reach / estimated)
+
+
+def fit_to_model(image: np.ndarray, trained_diameter: float) -> np.ndarray:
+    """`image` itself when its objects are within the model's reach (or `trained_diameter` is 0), else the
+    image shrunk by inference_scale; predictions on a shrunk one go back through restore_results."""
+    factor = inference_scale(image, trained_diameter)
+    return image if factor == 1.0 else rescale_image(image, factor)
 
 
 def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
