@@ -155,10 +155,9 @@ def load_detector(value: str, device: str | None = None) -> Detector:
 
 def set_tta(detector: Detector, mode: str) -> None:
     """Test-time augmentation `mode` in place of the detector's own (load_detector applied the config's)."""
-    from trainers.detection.combine import TTAModel, with_tta
+    from trainers.detection.combine import with_tta
 
-    own = detector.model
-    detector.model = with_tta(own.model if isinstance(own, TTAModel) else own, mode)
+    detector.model = with_tta(detector.model, mode)
 
 
 def registry_version(uri: str) -> tuple[str | None, str | None]:

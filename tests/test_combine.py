@@ -48,6 +48,8 @@ def test_tta_of_an_equivariant_detector_finds_the_same_instances(mode, shape):
     plain = detector([image])[0]
     augmented = with_tta(detector, mode)
     assert isinstance(augmented, TTAModel) and with_tta(detector, "off") is detector
+    # a new mode replaces the model's TTA, never wraps it: TTA of TTA would predict each image 4-64 times
+    assert with_tta(augmented, "off") is detector and with_tta(augmented, "flips+rot90").model is detector
     assert_same_instances(augmented([image, blobs(*shape, seed=1)])[0], plain)
     # the stand-in for roi_heads caps the merged output and passes the cap on
     augmented.roi_heads.detections_per_img = 2

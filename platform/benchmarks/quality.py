@@ -18,7 +18,7 @@ from datasets.instances import SAMPLE_DATA, InstanceDataset, coco_ground_truth, 
 from datasets.progress import Progress
 from trainers.config import apply_overrides, parse_overrides, to_dict
 from trainers.detection.baseline import METHODS, baseline_metrics
-from trainers.detection.combine import MaskVoteEnsemble, TTAModel, load_detector_model, with_tta
+from trainers.detection.combine import MaskVoteEnsemble, load_detector_model, with_tta
 from trainers.detection.inference import predict_records
 from trainers.evaluation import score_results
 from trainers.recipes import get_recipe
@@ -103,7 +103,7 @@ def plain_model(folder: Path):
     """load_detector_model's (model, config, categories) without the config's own tta (dsb2018_cpu has
     one): the benchmark's plain rows are the model alone, its tta rows add TTA once."""
     model, cfg, categories = load_detector_model(folder)
-    return (model.model if isinstance(model, TTAModel) else model), cfg, categories
+    return with_tta(model, "off"), cfg, categories
 
 
 def score_checkpoints(folders: list[Path], records, gt, tta: str) -> list[Row]:

@@ -212,8 +212,10 @@ class TTAModel(nn.Module):
 
 
 def with_tta(model: nn.Module, mode: str) -> nn.Module:
-    """`model` under test-time augmentation `mode` (MaskRCNNConfig.tta): the model itself for "off"."""
-    return model if mode == "off" else TTAModel(model, mode)
+    """`model` under test-time augmentation `mode` (MaskRCNNConfig.tta) in place of any TTA it has: the bare
+    model for "off", never TTA of TTA."""
+    bare = model.model if isinstance(model, TTAModel) else model
+    return bare if mode == "off" else TTAModel(bare, mode)
 
 
 class MaskVoteEnsemble(nn.Module):
