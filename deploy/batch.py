@@ -24,8 +24,7 @@ import numpy as np
 from skimage.segmentation import relabel_sequential
 
 from datasets.errors import UserError
-from datasets.instances import patch_rle
-from datasets.label_images import labels_from_rles, write_label_image
+from datasets.label_images import labels_from_rles, rles_from_labels, write_label_image
 from datasets.measure import measure_objects
 from datasets.microscopy import BadImage, read_image
 from datasets.progress import Progress
@@ -123,18 +122,21 @@ def run_images(files: list[Path], out: Path, process, what: str) -> tuple[list[d
     todo = [(f, n) for f, n in zip(files, names, strict=True) if not (parts / f"{n}.json").is_file()]
     if len(todo) < len(files):
         log.info(f"{len(files) - len(todo)} of {len(files)} {what} done in an earlier run: skipped")
+    done = {}
     with Progress(len(todo), "predicted", what, log.info, every_s=10.0) as bar:
         for path, name in todo:
             try:
-                write_json_atomic(parts / f"{name}.json", process(path, name))
+                record = process(path, name)
+                write_json_atomic(parts / f"{name}.json", record)
+                done[name] = record
             except (BadImage, UserError) as e:
                 failures.append(Failure(str(path), str(e)))
                 log.warning(f"skipped {path}: {e}")
             bar.update(status=f"{len(failures)} failed" if failures else "")
-    for name in names:
+    for name in names:  # this run's records as they are, an earlier run's read back
         part = parts / f"{name}.json"
-        if part.is_file():
-            records.append(json.loads(part.read_text()))
+        if name in done or part.is_file():
+            records.append(done[name] if name in done else json.loads(part.read_text()))
     return records, failures
 
 
@@ -157,6 +159,7 @@ def detect_one(detector, path: Path, name: str, out: Path, args) -> dict:
     labels, _, original = relabel_sequential(painted)
     seconds = time.perf_counter() - started
     names = {c["id"]: c["name"] for c in detector.categories}
+    rles = dict(rles_from_labels(labels))  # every object's RLE in one pass over the label image
     objects, annotations = [], []
     for row in measure_objects(labels, pixels, pixel_size):
         k = row["object_id"]
@@ -165,9 +168,8 @@ def detect_one(detector, path: Path, name: str, out: Path, args) -> dict:
             {"image": name, "class": names[result["category_id"]], "score": result["score"], **row}
         )
         x0, y0, x1, y1 = row["bbox_x0"], row["bbox_y0"], row["bbox_x1"], row["bbox_y1"]
-        rle = patch_rle(labels[y0:y1, x0:x1] == k, x0, y0, height, width)
         annotations.append(
-            {"id": k, "category_id": result["category_id"], "score": result["score"], "segmentation": rle,
+            {"id": k, "category_id": result["category_id"], "score": result["score"], "segmentation": rles[k],
              "bbox": [x0, y0, x1 - x0, y1 - y0], "area": row["area_px"], "iscrowd": 0}
         )  # fmt: skip
     write_label_image(out / "labels" / f"{name}.tif", labels)
@@ -190,7 +192,7 @@ def load_for_batch(folder: Path, args):
     return detector
 
 
-def predict_images(args, folder: Path, files: list[Path], out: Path) -> "Batch":
+def predict_images(args, folder: Path, files: list[Path], out: Path) -> Batch:
     """platform.predict for a detector: every image of `files` into `out`."""
     model = model_record(args.model)
     check_same_model(out, model)
