@@ -5,7 +5,6 @@ folder of 256 px sample images and on one large mosaic. Each side runs in its ow
 RSS is its own."""
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from platform.benchmarks.tiled import SAMPLE_IMAGES, sample_mosaic
+from platform.benchmarks.tiled import SAMPLE_IMAGES, peak_rss_mib, sample_mosaic
 
 
 def make_checkpoint(folder: Path, recipe: str) -> Path:
@@ -51,10 +50,6 @@ def make_images(folder: Path, count: int, mosaic: int) -> tuple[list[Path], Path
     return small, large
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def batch_side(checkpoint: str, files: list[str], out: str) -> tuple[float, float, int]:
     """platform.predict's path, with its outputs."""
     from deploy.batch import predict_images
@@ -64,7 +59,7 @@ def batch_side(checkpoint: str, files: list[str], out: str) -> tuple[float, floa
     started = time.perf_counter()
     batch = predict_images(args, Path(checkpoint), [Path(f) for f in files], Path(out))
     objects = sum(len(r["objects"]) for r in batch.records)
-    return time.perf_counter() - started, _peak_rss_mb(), objects
+    return time.perf_counter() - started, peak_rss_mib(), objects
 
 
 def direct_side(checkpoint: str, files: list[str], out: str) -> tuple[float, float, int]:
@@ -78,7 +73,7 @@ def direct_side(checkpoint: str, files: list[str], out: str) -> tuple[float, flo
     objects = 0
     for f in files:
         objects += len(predict_image(detector.model, open_image(Path(f)), "cpu", **own_mode(detector)))
-    return time.perf_counter() - started, _peak_rss_mb(), objects
+    return time.perf_counter() - started, peak_rss_mib(), objects
 
 
 SIDES = {"platform.predict": batch_side, "direct loop": direct_side}

@@ -46,6 +46,11 @@ class _TimedModel(torch.nn.Module):
         return out
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -108,7 +113,7 @@ def benchmark_tiled(
         model(
             [tile_tensor(image, Tile(0, 0, tile_size, tile_size), normalization(image, "range")).to(device)]
         )
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    rss_before = peak_rss_mib()
     n_tiles = len(tile_grid(mosaic_size, mosaic_size, tile_size, overlap))
     print(
         f"tiled inference: {mosaic_size}x{mosaic_size} mosaic of sample images, {backbone} (random weights), "
@@ -128,7 +133,7 @@ def benchmark_tiled(
         progress=lambda line: print(line, flush=True),
     )
     total, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     megapixels = mosaic_size * mosaic_size / 1e6
     numbers = {
         "mosaic_size": mosaic_size,
@@ -177,7 +182,7 @@ def _compare_with_sahi(
     numbers.update({f"sahi_{k}": v for k, v in sahi_result.items()})
     numbers["sahi_detections"] = len(sahi_boxes)
     numbers["matched_sahi"] = _greedy_matches(_box_iou(boxes, sahi_boxes), 0.5)
-    numbers["peak_rss_mib_after_sahi"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    numbers["peak_rss_mib_after_sahi"] = peak_rss_mib()
     print("  side by side          ours      SAHI (get_sliced_prediction, batch 1, GREEDYNMM IOS 0.5)")
     for name, key, unit in (
         ("wall time", "seconds", "s"),
