@@ -92,6 +92,7 @@ def _read_tiff(path: Path, page: int | None, channel: int | None) -> MicroscopyI
             size = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
             if size > MAX_BYTES:
                 raise BadImage(f"{series.shape} {series.dtype} is {size / 2**30:.1f} GiB decoded, over 8 GiB")
+            _check_plane(series.shape, series.axes, page)  # before decoding a stack only to refuse it
             pixels = series.asarray()
             axes = series.axes
             pixel_size = tiff_pixel_size(tif)
@@ -112,18 +113,23 @@ def _read_tiff(path: Path, page: int | None, channel: int | None) -> MicroscopyI
     return MicroscopyImage(_checked(pixels), pixel_size)
 
 
-def _plane(pixels: np.ndarray, axes: str, page: int | None) -> np.ndarray:
-    """The one plane of a stack that `page` numbers (over all plane axes, in file order)."""
-    planes = [i for i, a in enumerate(axes) if a in PLANE_AXES]
-    count = int(np.prod([pixels.shape[i] for i in planes])) if planes else 1
+def _check_plane(shape: tuple[int, ...], axes: str, page: int | None) -> None:
+    """BadImage unless `page` names one plane of a stack of this shape (a single plane needs none)."""
+    count = int(np.prod([n for n, a in zip(shape, axes, strict=True) if a in PLANE_AXES]))
     if count > 1 and page is None:
         raise BadImage(f"{count} planes (axes {axes}): choose one with --page (0-{count - 1})")
     if page is not None and not 0 <= page < count:
         raise BadImage(f"--page {page}: the image has {count} plane(s) (axes {axes})")
+
+
+def _plane(pixels: np.ndarray, axes: str, page: int | None) -> np.ndarray:
+    """The one plane of a stack that `page` numbers (over all plane axes, in file order; checked by
+    _check_plane)."""
+    planes = [i for i, a in enumerate(axes) if a in PLANE_AXES]
     if not planes:
         return pixels
     moved = np.moveaxis(pixels, planes, range(len(planes)))
-    return moved.reshape(count, *moved.shape[len(planes) :])[page or 0]
+    return moved.reshape(-1, *moved.shape[len(planes) :])[page or 0]
 
 
 def _channel(pixels: np.ndarray, channel: int) -> np.ndarray:
