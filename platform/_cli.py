@@ -37,6 +37,14 @@ def run(main: Callable[[list[str] | None], int]) -> None:
     sys.exit(code)
 
 
+def check_tta(value: str | None) -> None:
+    """--tta of the detector CLIs: None (the model's own) or one of the config's TTA modes."""
+    from trainers.config import TTA_MODES
+
+    if value is not None and value not in TTA_MODES:
+        raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got '{value}'")
+
+
 def tracking_uri(cli_value: str | None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded SQLite store inside the checkout."""
     from deploy.registry import default_tracking_uri

@@ -367,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-dets: expected a positive integer, got {args.max_dets}")
     if not 0.0 <= args.score_threshold <= 1.0:
         raise UserError(f"--score-threshold: expected a value in [0, 1], got {args.score_threshold}")
-    from trainers.config import TTA_MODES
-
-    if args.tta is not None and args.tta not in TTA_MODES:
-        raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got '{args.tta}'")
+    _cli.check_tta(args.tta)
     if args.worst < 0:
         raise UserError(f"--worst: expected 0 or more images, got {args.worst}")
     uri = None

@@ -84,11 +84,7 @@ def check_args(args) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to this process")
-    if args.tta is not None:
-        from trainers.config import TTA_MODES
-
-        if args.tta not in TTA_MODES:
-            raise UserError(f"--tta: expected one of {', '.join(TTA_MODES)}, got '{args.tta}'")
+    _cli.check_tta(args.tta)
 
 
 def output_folder(value: str) -> Path:

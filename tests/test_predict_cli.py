@@ -139,6 +139,7 @@ def test_a_second_run_skips_finished_images(store, first_run, images):
         (["--model", "models:/nope@champion"], "nope"),
         (["--pixel-size", "-1"], "--pixel-size"),
         (["--page", "-2"], "--page"),
+        (["--tta", "rot45"], "--tta: expected one of off, flips, flips+rot90"),
     ],
 )
 def test_user_mistakes_are_one_line(store, images, tmp_path, args, needle):
