@@ -302,7 +302,7 @@ def write_overlay(path: Path, pixels, labels, label_classes: list[int], categori
     from trainers.plots import class_colours
 
     palette = class_colours(categories)
-    colours = [palette[c][:3] for c in label_classes[: int(labels.max())]]
+    colours = [palette[c][:3] for c in label_classes]  # label k's class is label_classes[k - 1]
     drawn = label_overlay(normalize(pixels, "percentile"), labels, colours, len(colours) <= MAX_OVERLAY_IDS)
     buffer = io.BytesIO()
     Image.fromarray(drawn).save(buffer, format="PNG")
