@@ -78,6 +78,24 @@ def browse_hint(uri: str) -> str:
     return f"open {uri} in a browser"
 
 
+def add_verbose(parser) -> None:
+    """--verbose of the CLIs that start Ray (trainers/console.py)."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Tune's and the workers' full output here (default: one line per epoch on the "
+        "console, everything in the run's log file, whose path is printed)",
+    )
+
+
+def log_file(storage: str, name: str) -> Path:
+    """The full console output of run or search `name`: in its folder under a local storage path, else (a
+    storage URI, where the driver cannot append) under .ray_results/logs/ here."""
+    if "://" in storage:
+        return LOCAL_RESULTS / "logs" / f"{name}.log"
+    return Path(storage) / name / "console.log"
+
+
 def storage_path(value: str | None) -> str:
     """--storage-path: a local folder made absolute (workers run elsewhere), or a URI such as s3://...
     that is checked here, so that a wrong bucket or missing credentials is one line, not a Ray traceback."""

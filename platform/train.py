@@ -19,6 +19,7 @@ from pathlib import Path
 
 from datasets.errors import UserError
 from platform import _cli
+from trainers import console
 from trainers.config import ClassifierConfig, apply_overrides
 
 # torch, ray, MLflow and the model code are imported inside the functions that use them: --help and a
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray results and checkpoints (default: .ray_results/ here); a shared filesystem or s3:// URI "
         "on a cluster",
     )
+    _cli.add_verbose(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return p
 
@@ -116,7 +118,7 @@ def train_run(
     from trainers.config import to_dict
     from trainers.plots import log_figure, loss_curves
     from trainers.ray_seam import checkpoint_folder
-    from trainers.tasks import make_trainer
+    from trainers.tasks import make_trainer, task_of
     from trainers.tracking import EpochLogger, log_detector_data
 
     cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
@@ -144,7 +146,7 @@ def train_run(
         elif not args.storage_path:  # where the stopped run checkpointed
             storage = run.data.tags.get(RAY_STORAGE_TAG, storage)
         resume = f"python -m platform.train --resume {run.info.run_id}"
-        print(f"MLflow run {run.info.run_id} ({run_name}); if it stops, continue it with: {resume}")
+        console.say(f"MLflow run {run.info.run_id} ({run_name}); if it stops, continue it with: {resume}")
         baseline = log_baseline(cfg)
         trainer = make_trainer(
             to_dict(cfg),
@@ -157,7 +159,8 @@ def train_run(
             callbacks=[EpochLogger(uri, run.info.run_id)],
             max_failures=args.max_failures,
         )
-        result = trainer.fit()
+        with console.RunWatcher(uri, run.info.run_id, cfg.epochs, task_of(cfg).metric):
+            result = trainer.fit()
         with tempfile.TemporaryDirectory() as tmp:  # a checkpoint in object storage is downloaded once
             checkpoint = checkpoint_folder(result.checkpoint, Path(tmp))
             info = log_checkpoint(checkpoint)
@@ -194,7 +197,7 @@ def log_baseline(cfg) -> dict:
     metrics = baseline_metrics(val, cfg.baseline, cfg.box_detections_per_img)  # once per process
     mlflow.log_metrics({f"baseline_{k}": v for k, v in metrics.items()})
     shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in BASELINE_SHOWN)
-    print(f"baseline ({cfg.baseline}) on the {len(val)} validation images: {shown}")
+    console.say(f"baseline ({cfg.baseline}) on the {len(val)} validation images: {shown}")
     return metrics
 
 
@@ -372,14 +375,14 @@ def train_seeds(cfg, args, uri: str, experiment_id: str, run_name: str, task) ->
         )
         table = format_seed_table(summary, len(outcomes))
         mlflow.log_text(table, "seeds.txt")
-    print(table)
+    console.say(table)
     best = max(outcomes, key=lambda o: o.metrics.get(task.metric, 0.0))
-    print(
+    console.say(
         f"best seed: {best.cfg.seed} ({task.metric}={best.metrics.get(task.metric, 0.0):.4f}), "
         f"run {best.run_id}"
     )
     if best.baseline:  # on the best seed's own validation images (the split follows the seed)
-        print(versus_baseline(best))
+        console.say(versus_baseline(best))
     return best
 
 
@@ -415,22 +418,24 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.ray_seam import init_ray
     from trainers.tasks import task_of
 
-    init_ray(args.address, str(_cli.REPO))
     task = task_of(cfg)
     started = time.time()
+    with console.quiet(_cli.log_file(args.storage_path or str(_cli.LOCAL_RESULTS), run_name), args.verbose):
+        init_ray(args.address, str(_cli.REPO))
+        if args.seeds == 1:
+            best = train_run(cfg, args, uri, experiment_id, run_name, run_id=args.resume)
+        else:
+            best = train_seeds(cfg, args, uri, experiment_id, run_name, task)
+        registered = None
+        if args.register_as:
+            registered = register_outcome(best, args.register_as, task.metric, args.force_champion)
     if args.seeds == 1:
-        best = train_run(cfg, args, uri, experiment_id, run_name, run_id=args.resume)
         shown = "  ".join(f"{k}={best.metrics[k]:.4f}" for k in task.headline if k in best.metrics)
         if "best_epoch" in best.metrics:  # a classifier hands over its lowest-val_loss epoch
             shown += f"  (model of epoch {best.metrics['best_epoch']:.0f})"
         print("final: " + shown)
         if best.baseline:
             print(versus_baseline(best))
-    else:
-        best = train_seeds(cfg, args, uri, experiment_id, run_name, task)
-    registered = None
-    if args.register_as:
-        registered = register_outcome(best, args.register_as, task.metric, args.force_champion)
     print(f"MLflow: experiment '{experiment}', run {best.run_id}; model {best.model_uri}")
     if registered:
         print(registered)

@@ -22,6 +22,7 @@ import mlflow
 
 from datasets.errors import UserError
 from platform import _cli
+from trainers import console
 from trainers.config import to_dict
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray results and checkpoints (default: .ray_results/ here); "
         "a shared filesystem or s3:// URI on a cluster",
     )
+    _cli.add_verbose(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return p
 
@@ -129,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{flag.replace('_', '-')}: expected a positive integer, got {value}")
     uri = _cli.tracking_uri(args.tracking_uri)
     if args.resume:
-        from trainers.search.driver import resume_search
-
-        started = time.time()
-        summary = resume_search(args.resume, uri, args.address, str(_cli.REPO))
-        return report(summary, register(summary, args.force_champion), uri, started)
+        return resume(args, uri)
     if not args.space:
         raise UserError(f"--space is required; valid: {', '.join(sorted(SPACES))}")
     space = get_space(args.space)
@@ -186,8 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     _cli.use_experiment(uri, experiment)  # also points the registry at `uri` for --model models:/...
     resolve_model(settings)  # a missing model is a one-line error before Ray starts or a run is opened
     started = time.time()
-    summary = run_search(cfg, space, settings)
-    return report(summary, register(summary, args.force_champion), uri, started)
+    settings.name = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with console.quiet(_cli.log_file(settings.storage_path, settings.name), args.verbose):
+        summary = run_search(cfg, space, settings)
+        registration = register(summary, args.force_champion)
+    return report(summary, registration, uri, started)
+
+
+def resume(args, uri: str) -> int:
+    """--resume: continue a stopped search, register its best model and report."""
+    from trainers.search.driver import resume_search
+
+    started = time.time()
+    log = _cli.LOCAL_RESULTS / "logs" / f"resume-{args.resume}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with console.quiet(log, args.verbose):
+        summary = resume_search(args.resume, uri, args.address, str(_cli.REPO))
+        registration = register(summary, args.force_champion)
+    return report(summary, registration, uri, started)
 
 
 def resolve_model(settings) -> None:

@@ -222,7 +222,7 @@ def test_search_results_table_recipe_and_plots(resumed):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     expected = {"trials.txt", "trials.csv", "best.yaml", "search_history.png", "parallel_coordinates.png"}
     assert expected <= artifacts, artifacts
-    table = out.stdout[out.stdout.index("trial ") :]
+    table = out.stdout[out.stdout.index("\n\ntrial ") + 2 :]
     assert table.count("completed") == 3 and "optimizer" in table.splitlines()[0]
     # The recipe file is the best trial's whole config, and is what platform.train --recipe reads.
     best_id = parent.data.params["best_trial"]

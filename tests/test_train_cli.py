@@ -1,5 +1,7 @@
 """`python -m platform.train` end to end: real local Ray Train, a real MLflow store, real images."""
 
+import re
+
 import mlflow
 import pytest
 
@@ -33,6 +35,11 @@ def test_one_recipe_is_one_tracked_run(tiny_dataset, tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "registered model: name=train-smoke-model version=1 alias=champion" in out.stdout
     assert "model (last epoch) vs baseline (otsu): segm_AP " in out.stdout
+    # the console: a line per epoch; Ray's and the workers' output in the run's log file
+    assert re.search(r"^epoch 2/2  segm_AP \d\.\d{4}  loss \d+\.\d{3}  best ", out.stdout, re.M), out.stdout
+    assert "RayTrainWorker" not in out.stdout + out.stderr
+    [log] = (tmp_path / "ray").glob("*/console.log")
+    assert "RayTrainWorker" in log.read_text()
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("train-smoke")
     runs = client.search_runs([experiment.experiment_id])

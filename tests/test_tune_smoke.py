@@ -1,6 +1,8 @@
 """The main job end to end: real local Ray (Tune + Train), a real MLflow store, real images."""
 
 import json
+import re
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -55,6 +57,20 @@ def test_prints_trial_table_and_registered_model(smoke):
     assert "classical baseline (otsu) on the same validation images: segm_AP=" in out.stdout
     assert "registered model: name=smoke-model version=1 alias=champion" in out.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
+
+
+def test_console_is_one_line_per_trial_epoch_and_the_rest_is_in_the_search_log(smoke):
+    out, _, _ = smoke
+    lines = out.stdout.splitlines()
+    [hint] = [line for line in lines if line.startswith("full log (Ray, workers, warnings): ")]
+    log = Path(hint.split(": ", 1)[1].split("  (--verbose")[0])
+    assert log.name == "console.log" and log.parent.parent.name == "ray"  # in the search's own folder
+    full = log.read_text()
+    assert "Trial status" in full and "RayTrainWorker" in full  # Tune's tables, the workers' lines
+    assert "Trial status" not in out.stdout + out.stderr and "RayTrainWorker" not in out.stdout + out.stderr
+    epochs = [line for line in lines if re.match(r"trial [12]/2 \w+  epoch 1/1  segm_AP \d\.\d{4}  ", line)]
+    assert len(epochs) == 2, out.stdout
+    assert len(lines) + len(out.stderr.splitlines()) < 40, out.stdout + out.stderr
 
 
 def test_parent_and_nested_runs_hold_params_and_metrics(smoke):

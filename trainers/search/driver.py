@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import ray
 from ray import tune
@@ -24,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from datasets.errors import UserError
 from search_spaces import Space, get_space, optuna_space
 from trainers.config import MaskRCNNConfig, apply_overrides, config_class, from_dict, to_dict
+from trainers.console import say
 from trainers.detection.baseline import baseline_metrics
 from trainers.detection.combine import is_ensemble_folder
 from trainers.detection.model import checkpoint_settings
@@ -31,6 +33,7 @@ from trainers.detection.postprocess import POSTPROCESS_FIELDS
 from trainers.detection.thresholds import cache_predictions, evaluate_thresholds, load_cache
 from trainers.detection.train import config_split
 from trainers.ray_seam import CHECKPOINT_PATH_KEY, checkpoint_at, checkpoint_folder, experiment_path, init_ray
+from trainers.search.progress import TrialLines
 from trainers.search.report import log_trials, write_recipe
 from trainers.search.settings import SearchSettings, SearchSummary, grid, searched
 from trainers.search.trials import cached_predictions, config_fields, search_trial, thresholds_trial
@@ -63,21 +66,23 @@ def run_search(cfg, space: Space, settings: SearchSettings) -> SearchSummary:
             {f"search.{k}": v for k, v in asdict(settings).items() if k not in ("repo", "recipe_out")}
         )
         mlflow.log_dict(to_dict(cfg), "base_config.json")
+        param_space = _param_space(cfg, space, settings)
+        lines = TrialLines(_trial_count(param_space, settings), cfg.epochs, settings.metric, settings.mode)
         tuner = tune.Tuner(
             _trainable(space, settings, cache),
-            param_space=_param_space(cfg, space, settings),
+            param_space=param_space,
             tune_config=_tune_config(cfg, space, settings, categories),
             run_config=tune.RunConfig(
                 name=settings.name,
                 storage_path=settings.storage_path,
                 verbose=1,
-                callbacks=[_mlflow_callback(settings, parent)],
+                callbacks=[_mlflow_callback(settings, parent), lines],
                 # A trial whose own process is lost with its node is started again (its Train run then
                 # continues from its last checkpoint); a failure inside training is retried by Train.
                 failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
             ),
         )
-        print(f"search {settings.name} (after an interruption: --resume {settings.name})", flush=True)
+        say(f"search {settings.name} (after an interruption: --resume {settings.name})")
         return _finish(tuner.fit(), cfg, space, settings, parent.info.run_id, categories, cache)
 
 
@@ -103,7 +108,7 @@ def resume_search(name: str, tracking_uri: str, address: str | None, repo: str |
     client = mlflow.MlflowClient()
     client.update_run(parent.info.run_id, status="RUNNING")
     with mlflow.start_run(run_id=parent.info.run_id):
-        print(f"resuming search {settings.name} (MLflow parent run {parent.info.run_id})", flush=True)
+        say(f"resuming search {settings.name} (MLflow parent run {parent.info.run_id})")
         results = tuner.fit()
         return _finish(
             results, cfg, space, settings, parent.info.run_id, tuple(state["categories"]), state["cache"]
@@ -123,6 +128,14 @@ def _find_parent(name: str):
         what = "no search" if name == "latest" else f"no search named '{name}'"
         raise UserError(f"--resume: {what} in the MLflow store {mlflow.get_tracking_uri()}")
     return runs[0]
+
+
+def _trial_count(param_space: dict, settings: SearchSettings) -> int:
+    """How many trials the search runs: the grid's size, else num_samples."""
+    if settings.searcher != "grid":
+        return settings.num_samples
+    grids = [v["grid_search"] for v in param_space.values() if isinstance(v, dict) and "grid_search" in v]
+    return int(np.prod([len(values) for values in grids]))
 
 
 def _param_space(cfg, space: Space, settings: SearchSettings) -> dict:
@@ -244,11 +257,11 @@ def _prepare_predictions(settings: SearchSettings):
         raise UserError("--space thresholds: needs a local --storage-path for its predictions cache")
     out = Path(settings.storage_path) / settings.name / "predictions.pkl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"caching validation predictions of {settings.model} ...", flush=True)
+    say(f"caching validation predictions of {settings.model} ...")
     started = time.perf_counter()
     cache_predictions(folder, out)
     load_cache(out)  # fails here, on the driver, if the cache is unreadable
-    print(f"cached in {time.perf_counter() - started:.1f} s: {out}", flush=True)
+    say(f"cached in {time.perf_counter() - started:.1f} s: {out}")
     mlflow.log_param("search.model_folder", str(folder))
     return cfg, categories, str(out)
 
