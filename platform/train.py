@@ -119,7 +119,7 @@ def train_run(
     from trainers.plots import log_figure, loss_curves
     from trainers.ray_seam import checkpoint_folder
     from trainers.tasks import make_trainer, task_of
-    from trainers.tracking import EpochLogger, log_detector_data
+    from trainers.tracking import EpochLogger, log_data_inputs
 
     cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.workers)
     storage = args.storage_path or str(_cli.LOCAL_RESULTS)  # a given one was checked by check_args()
@@ -132,8 +132,7 @@ def train_run(
         if run_id is None:
             mlflow.log_params(to_dict(cfg))
             mlflow.log_dict(to_dict(cfg), "config.json")
-            if not isinstance(cfg, ClassifierConfig):
-                log_detector_data(cfg)  # the runs table's Dataset column
+            log_data_inputs(cfg)  # the runs table's Dataset column
             mlflow.set_tags(
                 {
                     "recipe": args.recipe,

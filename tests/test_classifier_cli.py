@@ -2,6 +2,7 @@
 models (one on two DDP workers), combine them into a PatchEnsemble, register it, evaluate it on volumes
 by its registry URI, and a small `classifier` search."""
 
+import json
 import os
 
 import mlflow
@@ -110,3 +111,26 @@ def test_one_line_errors(setting):
     bad.write_text("file,label\nmissing.nii.gz,ball\n")
     missing = run_cli("platform.train", "--recipe", "adrenal3d_cpu", "--data", str(bad), env=env)
     assert missing.returncode == 2 and "bad.csv row 2: volume missing.nii.gz not found" in missing.stderr
+
+
+def test_a_classifier_run_logs_its_slices_as_dataset_inputs(setting, monkeypatch):
+    """The runs table's Dataset column for classifiers: the training and validation slices of the run's split
+    (the specimens of the two never overlap), counted per class."""
+    root, labels, uri, env = setting
+    from platform._cli import base_config
+    from trainers.tracking import log_data_inputs
+
+    monkeypatch.setenv("PLATFORM_SLICE_CACHE", env["PLATFORM_SLICE_CACHE"])
+    cfg = base_config("adrenal3d_cpu", str(labels), overrides())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("classifier-data")
+    with mlflow.start_run() as run:
+        log_data_inputs(cfg)
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    datasets = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(datasets) == {"training", "validation"}
+    profiles = {k: json.loads(d.profile) for k, d in datasets.items()}
+    assert profiles["training"]["specimens"] + profiles["validation"]["specimens"] == 16  # 8 balls, 8 boxes
+    for profile in profiles.values():
+        assert profile["slices"] == profile["class ball"] + profile["class box"] > 0
+    assert datasets["training"].digest != datasets["validation"].digest

@@ -6,6 +6,7 @@ MLflow dataset inputs (the runs table's Dataset column)."""
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -15,19 +16,18 @@ from mlflow.entities import Metric, RunTag
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.train import UserCallback
 
+from trainers.config import ClassifierConfig
 from trainers.ray_seam import NODE_KEYS
 
 
 class RecordsDataset(MetaDataset):
-    """Image records as an MLflow dataset: the folder or file they come from, a digest of their image ids
-    (two runs on the same images show the same digest), and their counts as the profile."""
+    """The items a run trained or validated on as an MLflow dataset: the folder or file they come from, a
+    digest of their ids (two runs on the same items show the same digest), and their counts as the profile."""
 
-    def __init__(self, source: str | Path, name: str, records: list):
-        ids = "\n".join(sorted(r.image_id for r in records))
-        digest = hashlib.sha256(ids.encode()).hexdigest()[:8]
+    def __init__(self, source: str | Path, name: str, ids: list[str], profile: dict):
+        digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:8]
         super().__init__(resolve_dataset_source(str(Path(source).resolve())), name, digest)
-        instances = sum(len(r.instances) or len(r.mask_paths) for r in records)
-        self._profile = {"images": len(records), "instances": instances}
+        self._profile = profile
 
     @property
     def profile(self) -> dict:
@@ -37,22 +37,39 @@ class RecordsDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
 
-def log_data_inputs(source: str | Path, splits: dict[str, list]) -> None:
-    """Each split's records (context -> records, e.g. training, validation) as a dataset input of the active
-    run, named `<folder> (<context>)`."""
-    for context, records in splits.items():
+def log_data_inputs(cfg) -> None:
+    """The training and validation items of a config (its data split as training splits it) as dataset
+    inputs of the active run, named `<source> (<training|validation>)`."""
+    source, splits = _classifier_splits(cfg) if isinstance(cfg, ClassifierConfig) else _detector_splits(cfg)
+    for context, (ids, profile) in splits.items():
         name = f"{Path(source).name} ({context})"
-        mlflow.log_input(RecordsDataset(source, name, records), context=context)
+        mlflow.log_input(RecordsDataset(source, name, ids, profile), context=context)
 
 
-def log_detector_data(cfg) -> None:
-    """A detector config's training and validation images (its data split as training splits it) as dataset
-    inputs of the active run."""
+def _detector_splits(cfg) -> tuple[str, dict]:
+    """Images and instances of each split."""
     from datasets.instances import SAMPLE_DATA
     from trainers.detection.train import config_split
 
-    train, val = config_split(cfg)
-    log_data_inputs(cfg.data or SAMPLE_DATA, {"training": train, "validation": val})
+    splits = {}
+    for context, records in zip(("training", "validation"), config_split(cfg), strict=True):
+        instances = sum(len(r.instances) or len(r.mask_paths) for r in records)
+        splits[context] = ([r.image_id for r in records], {"images": len(records), "instances": instances})
+    return str(cfg.data or SAMPLE_DATA), splits
+
+
+def _classifier_splits(cfg) -> tuple[str, dict]:
+    """Slices, specimens and slices per class of each split; a classifier's cfg.data is its slice index."""
+    from datasets.slices import split_rows
+
+    train, val, _ = split_rows(Path(cfg.data), cfg.val_fraction, cfg.split_seed)
+    splits = {}
+    for context, rows in (("training", train), ("validation", val)):
+        profile = {"slices": len(rows), "specimens": len({r["specimen"] for r in rows})}
+        profile.update(sorted(Counter(f"class {r['label']}" for r in rows).items()))
+        ids = [f"{r['specimen']}/{Path(r['path']).name}/{r['label']}" for r in rows]
+        splits[context] = (ids, profile)
+    return cfg.data, splits
 
 
 def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, float], values: dict, step: int) -> None:

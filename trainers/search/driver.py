@@ -37,7 +37,7 @@ from trainers.search.progress import TrialLines
 from trainers.search.report import log_trials, write_recipe
 from trainers.search.settings import SearchSettings, SearchSummary, grid, searched
 from trainers.search.trials import cached_predictions, config_fields, search_trial, thresholds_trial
-from trainers.tracking import TrialLogger, log_detector_data
+from trainers.tracking import TrialLogger, log_data_inputs
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for each trial's driver function
 TRIAL_MAX_FAILURES = 2  # a trial whose worker dies restarts from its last checkpoint (as platform.train)
@@ -280,8 +280,7 @@ def _mlflow_callback(settings: SearchSettings, parent) -> TrialLogger:
 
 
 def _finish(results, cfg, space: Space, settings: SearchSettings, parent_id: str, categories, cache: str):
-    if isinstance(cfg, MaskRCNNConfig):
-        log_detector_data(cfg)  # the parent run's Dataset column: what every trial trained and validated on
+    log_data_inputs(cfg)  # the parent run's Dataset column: what every trial trained and validated on
     classical = _classical_baseline(cfg)
     table, rows, pareto = log_trials(results, cfg, space, settings, categories, classical)
     best = _best(results, settings)
