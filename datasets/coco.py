@@ -20,6 +20,7 @@ from datasets.records import (
     check_rle,
     dataset_categories,
     image_size,
+    is_integer,
     make_categories,
     record_rles,
     resolve_image,
@@ -57,13 +58,38 @@ def load_json(path: Path):
 
 
 def field(obj, key: str, where: str, kind=None):
+    """obj[key], a UserError naming `where` and `key` when obj is not a dict holding it or the value is
+    not of `kind` (a type or tuple of types; a JSON true/false is never an int here)."""
     if not isinstance(obj, dict) or key not in obj:
         raise UserError(f"{where}: lacks the '{key}' field")
     value = obj[key]
-    if kind is not None and not isinstance(value, kind):
+    if kind is not None and (isinstance(value, bool) or not isinstance(value, kind)):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise UserError(f"{where}: field '{key}' must be {names}, got {type(value).__name__}")
     return value
+
+
+def _annotation_where(file: Path, ann, index: int) -> str:
+    """How a message names an annotation: by its id when that is a short number or name, else by index."""
+    ident = ann.get("id") if isinstance(ann, dict) else None
+    if isinstance(ident, bool) or not isinstance(ident, int | str) or len(str(ident)) > 40:
+        return f"{file}: annotations[{index}]"
+    return f"{file}: annotation {ident}"
+
+
+def _image_sizes(file: Path, images: list) -> dict[int, tuple[int, int]]:
+    """image id -> (height, width) as the file states them, each entry's fields checked."""
+    sizes: dict[int, tuple[int, int]] = {}
+    for i, image in enumerate(images):
+        where = f"{file}: images[{i}]"
+        image_id = field(image, "id", where, int)
+        if image_id in sizes:
+            raise UserError(f"{where}: image id {image_id} is used twice; expected one entry per image")
+        sizes[image_id] = (field(image, "height", where, int), field(image, "width", where, int))
+        if min(sizes[image_id]) < 1:
+            raise UserError(f"{where}: height and width must be positive, got {sizes[image_id]}")
+        field(image, "file_name", where, str)
+    return sizes
 
 
 def read_coco(path: str | Path, classes: list[str] | None = None) -> list[ImageRecord]:
@@ -88,18 +114,10 @@ def read_coco(path: str | Path, classes: list[str] | None = None) -> list[ImageR
     by_name = {c["name"]: c["id"] for c in categories}
     new_id = {old: by_name[name] for old, name in names.items()}
 
-    per_image: dict[int, list[Instance]] = {}
-    sizes: dict[int, tuple[int, int]] = {}
-    for i, image in enumerate(images):
-        where = f"{file}: images[{i}]"
-        sizes[field(image, "id", where, int)] = (
-            field(image, "height", where, int),
-            field(image, "width", where, int),
-        )
-        field(image, "file_name", where, str)
-        per_image[image["id"]] = []
+    sizes = _image_sizes(file, images)
+    per_image: dict[int, list[Instance]] = {image_id: [] for image_id in sizes}
     for i, ann in enumerate(annotations):
-        where = f"{file}: annotation {ann.get('id', i) if isinstance(ann, dict) else i}"
+        where = _annotation_where(file, ann, i)
         image_id = field(ann, "image_id", where, int)
         if image_id not in sizes:
             raise UserError(f"{where}: image_id {image_id} is not in 'images'")
@@ -117,11 +135,14 @@ def read_coco(path: str | Path, classes: list[str] | None = None) -> list[ImageR
             seg = [check_polygon(p, height, width, f"{where}, polygon {k}") for k, p in enumerate(seg)]
         else:
             check_rle(seg, height, width, where)
-        per_image[image_id].append(Instance(new_id[category], seg, int(ann.get("iscrowd", 0)), where=where))
+        iscrowd = ann.get("iscrowd", 0)
+        if not is_integer(iscrowd) or iscrowd not in (0, 1):
+            raise UserError(f"{where}: field 'iscrowd' must be 0 or 1, got {str(iscrowd)[:40]}")
+        per_image[image_id].append(Instance(new_id[category], seg, iscrowd, where=where))
 
     records, seen = [], set()
     for image in images:
-        where = f"{file}: image {image['id']} ('{image['file_name']}')"
+        where = f"{file}: image {image['id']} ('{image['file_name'][:200]}')"
         image_path = resolve_image(file.parent, image["file_name"], where)
         actual = image_size(image_path)
         if actual != sizes[image["id"]]:

@@ -26,6 +26,7 @@ from datasets.records import (
     folder_written_atomically,
     image_size,
     load_image,
+    open_image,
     record_rles,
     rle_to_json,
 )
@@ -116,6 +117,8 @@ def write_records(records: list[ImageRecord], dst: str | Path, fmt: str, **optio
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
         raise UserError(f"{records[0].source}: image ids are not unique ({', '.join(twice[:5])})")
+    for record in records:  # writers copy image files as they are: a truncated one must not get through
+        open_image(record.image_path)
     with folder_written_atomically(dst) as work:
         writer(records, work, **options)
     return dst

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image
 
 from datasets.errors import UserError
-from datasets.records import IMAGE_SUFFIXES, open_image
+from datasets.records import IMAGE_SUFFIXES, finite_pixels, open_image
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 MAX_BYTES = 8 << 30  # one decoded image at most: a bound on what a hostile or mistaken file can allocate
@@ -78,11 +77,11 @@ def read_image(path: Path, page: int | None = None, channel: int | None = None) 
         pixels = open_image(path)
     except UserError as e:
         raise BadImage(str(e).removeprefix(f"{path}: ")) from e
-    except (Image.DecompressionBombError, MemoryError) as e:
+    except MemoryError as e:
         raise BadImage(f"not a readable image ({e})") from e
     if channel is not None:
         pixels = _channel(pixels[..., None] if pixels.ndim == 2 else pixels, channel)
-    return MicroscopyImage(_checked(pixels), None)
+    return MicroscopyImage(_checked(pixels, path), None)
 
 
 def _read_tiff(path: Path, page: int | None, channel: int | None) -> MicroscopyImage:
@@ -110,7 +109,7 @@ def _read_tiff(path: Path, page: int | None, channel: int | None) -> MicroscopyI
             raise BadImage(f"{pixels.shape[-1]} channels (axes {series.axes}): choose one with --channel")
     elif channel not in (None, 0):
         raise BadImage(f"--channel {channel}: the image has one channel (axes {series.axes})")
-    return MicroscopyImage(_checked(pixels), pixel_size)
+    return MicroscopyImage(_checked(pixels, path), pixel_size)
 
 
 def _check_plane(shape: tuple[int, ...], axes: str, page: int | None) -> None:
@@ -138,15 +137,18 @@ def _channel(pixels: np.ndarray, channel: int) -> np.ndarray:
     return pixels[..., channel]
 
 
-def _checked(pixels: np.ndarray) -> np.ndarray:
-    """HxW or HxWxC (C 1-4) of a numeric type with finite values, else BadImage saying what it is."""
+def _checked(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """HxW or HxWxC (C 1-4) of a numeric type with a finite value, else BadImage saying what it is."""
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] > 4) or min(pixels.shape[:2]) < 1:
         raise BadImage(f"shape {pixels.shape}: expected a 2-D image, grey or with 1-4 channels")
-    if pixels.dtype.kind not in "uif" or (pixels.dtype.kind == "f" and not np.isfinite(pixels).all()):
-        raise BadImage(f"pixels of type {pixels.dtype} (or not finite): expected integer or finite float")
-    return pixels
+    if pixels.dtype.kind not in "uif":
+        raise BadImage(f"pixels of type {pixels.dtype}: expected integer or float")
+    try:
+        return finite_pixels(pixels, path)  # NaN pixels are kept: the normalisation leaves them out
+    except UserError as e:
+        raise BadImage(str(e).removeprefix(f"{path}: ")) from e
 
 
 def tiff_pixel_size(tif: tifffile.TiffFile) -> float | None:

@@ -7,6 +7,10 @@ and serving (the config field `normalize` names the mode).
 - grey: one grey channel, percentile-stretched, inverted when the background is bright (bright-field,
   H&E) so that objects are always bright on dark, as DSB2018's leading solutions did.
 
+Float images may hold NaN or infinite pixels (ImageJ's "NaN background", ratio images, stitching
+borders): the statistics leave them out, as ImageJ does; NaN pixels take the lowest value (the
+background's) and infinities the ends of the range. A single NaN must not turn the whole image black.
+
 The statistics are the whole image's, never one tile's (the contrast must not change from tile to tile);
 percentiles come from a strided sample of at most SAMPLE_PIXELS pixels, so a memory-mapped mosaic is
 never read whole, and an image up to that size (every training image of the bundled data) uses all its
@@ -41,12 +45,20 @@ def normalization(image: np.ndarray, mode: str) -> Normalization:
     if mode == "range":
         if image.dtype == np.uint8:
             return Normalization(None, None)
-        lo, hi = float(image.min()), float(image.max())  # exact: one pass, no copy of a memmap
+        lo, hi = float(np.nanmin(image)), float(np.nanmax(image))  # exact: one pass, no copy of a memmap
+        if not math.isfinite(lo) or not math.isfinite(hi):  # infinities (rare): the finite pixels' range
+            finite = image[np.isfinite(image)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         return Normalization((lo,), (hi,))
     sample = _channels(_sample(image)).astype(np.float32)
     if mode == "grey":
         sample = sample.mean(axis=2, keepdims=True)
-    lo, hi = np.percentile(sample.reshape(-1, sample.shape[2]), PERCENTILES, axis=0)
+    flat = sample.reshape(-1, sample.shape[2])
+    if image.dtype.kind == "f":  # NaN and inf pixels left out (0 and 255 when a channel has no other)
+        flat = np.where(np.isfinite(flat), flat, np.nan)
+        lo, hi = np.nan_to_num(np.nanpercentile(flat, PERCENTILES, axis=0), posinf=255.0, neginf=0.0)
+    else:
+        lo, hi = np.percentile(flat, PERCENTILES, axis=0)
     norm = Normalization(tuple(lo.tolist()), tuple(hi.tolist()), grey=mode == "grey")
     # Most pixels are background: a grey median above mid-grey means a bright background.
     invert = mode == "grey" and bool(np.median(_scaled(sample, norm)) > 127)
@@ -87,4 +99,4 @@ def _sample(image: np.ndarray) -> np.ndarray:
 def _scaled(pixels: np.ndarray, norm: Normalization) -> np.ndarray:
     lo, hi = np.asarray(norm.lo, dtype=np.float32), np.asarray(norm.hi, dtype=np.float32)
     scaled = (pixels.astype(np.float32) - lo) / np.maximum(hi - lo, 1e-6) * 255
-    return np.clip(scaled, 0, 255).round().astype(np.uint8)
+    return np.clip(np.nan_to_num(scaled, nan=0.0), 0, 255).round().astype(np.uint8)

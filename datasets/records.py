@@ -12,20 +12,44 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from datasets.errors import UserError
 from datasets.normalize import normalize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# What PIL and tifffile raise on a damaged file (a cut stream, a bad header, a codec they lack): each means
+# "not a readable image", never a bug of ours, because only the decoding call is inside the try.
+DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    TypeError,
+    IndexError,
+    KeyError,
+    NotImplementedError,
+    ZeroDivisionError,
+    OverflowError,
+    RuntimeError,
+    zlib.error,
+    struct.error,
+)
+# Bounds on what one polygon may make pycocotools allocate: it walks the outline at 5 steps per pixel and
+# keeps ~24 bytes per step, so the outline (sum over edges of the longer of |dx|, |dy|) is capped at about
+# 120 MB of work; an outline tracing every pixel edge of a 500x500-pixel object is 2000 pixels long.
+MAX_POLYGON_POINTS = 100_000
+MAX_OUTLINE_PIXELS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -53,27 +77,47 @@ class ImageRecord:
 
 
 def open_image(path: Path) -> np.ndarray:
-    """The decoded pixels of an image file; a missing, truncated or non-image file is a UserError."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: image not found")
-    try:
-        with Image.open(path) as im:
+    """The decoded pixels of an image file; a missing, truncated, oversized (PIL's decompression-bomb
+    limit) or non-image file, or a float image without one finite pixel, is a UserError."""
+    with _opened(path) as im:
+        try:
             im.load()
-            return np.asarray(im)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image, expected a PNG, JPEG or TIFF file ({e})") from e
+            pixels = np.asarray(im)
+        except DECODE_ERRORS as e:
+            raise UserError(f"{path}: not a readable image, expected a PNG, JPEG or TIFF file ({e})") from e
+    return finite_pixels(pixels, path)
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file header only; the pixels are decoded later, when they are used."""
+    with _opened(path) as im:
+        width, height = im.size
+    if width < 1 or height < 1:
+        raise UserError(f"{path}: image is {width}x{height} pixels; expected at least 1x1")
+    return height, width
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """PIL's lazy image (header read, pixels not yet) with every way the file can be wrong a UserError."""
     if not Path(path).is_file():
         raise UserError(f"{path}: image not found")
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: image too large to decode ({e})") from e
+    except DECODE_ERRORS as e:
         raise UserError(f"{path}: not a readable image, expected a PNG, JPEG or TIFF file ({e})") from e
-    return height, width
+    with im:
+        yield im
+
+
+def finite_pixels(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """`pixels`, unless they are floats without one finite value (nothing to show). NaN and inf pixels
+    are kept: the normalisation leaves them out of its statistics, as ImageJ does (datasets/normalize.py)."""
+    if pixels.dtype.kind == "f" and pixels.size and not np.isfinite(pixels).any():
+        raise UserError(f"{path}: every pixel is NaN or infinite; expected an image with finite values")
+    return pixels
 
 
 def load_image(path: Path, mode: str = "range") -> np.ndarray:
@@ -84,15 +128,12 @@ def load_image(path: Path, mode: str = "range") -> np.ndarray:
 
 def load_mask_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """HxW bool from one binary mask image (a record's `mask_paths`); a mask whose size is not the
-    image's is an error naming both sizes."""
+    image's is an error naming both sizes, found from the header before any pixel is decoded."""
+    size = image_size(path)
+    if size != tuple(shape):
+        raise UserError(f"{path}: mask is {size[1]}x{size[0]} pixels but its image is {shape[1]}x{shape[0]}")
     mask = open_image(path)
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    if mask.shape != tuple(shape):
-        raise UserError(
-            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {shape[1]}x{shape[0]}"
-        )
-    return mask > 0
+    return (mask[..., 0] if mask.ndim == 3 else mask) > 0
 
 
 def to_rgb8(arr: np.ndarray) -> np.ndarray:
@@ -122,50 +163,105 @@ def _natural(name: str):
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
+def is_number(value) -> bool:
+    """An int or float as JSON gives it (a bool is not a number here, though Python says it is an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_polygon(points: list, height: int, width: int, where: str) -> list[float]:
-    """A flat [x1, y1, x2, y2, ...] list of at least 3 points inside the image (pixel-edge coordinates,
-    so x = width is the right edge; up to one pixel beyond is tolerated as a click on the border)."""
+    """A flat [x1, y1, x2, y2, ...] list of 3 to MAX_POLYGON_POINTS finite points inside the image
+    (pixel-edge coordinates, so x = width is the right edge; up to one pixel beyond is tolerated as a click
+    on the border), whose outline is at most MAX_OUTLINE_PIXELS long."""
+    if not isinstance(points, list):
+        raise UserError(f"{where}: polygon must be a list [x1, y1, x2, y2, ...], got {type(points).__name__}")
+    bad = next((i for i, v in enumerate(points) if not is_number(v)), None)
+    if bad is not None:
+        raise UserError(f"{where}: polygon value {bad} is a {type(points[bad]).__name__}; expected a number")
+    if len(points) % 2 or not 6 <= len(points) <= 2 * MAX_POLYGON_POINTS:
+        raise UserError(
+            f"{where}: polygon has {len(points) / 2:g} point(s); expected at least 3 and at most "
+            f"{MAX_POLYGON_POINTS} (x, y) points"
+        )
     try:
-        coords = [float(v) for v in points]
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: polygon coordinates must be numbers ({e})") from e
-    if len(coords) % 2 or len(coords) < 6:
-        raise UserError(
-            f"{where}: polygon has {len(coords) / 2:g} point(s); expected at least 3 (x, y) points"
-        )
-    xs, ys = np.array(coords[0::2]), np.array(coords[1::2])
-    outside = (xs < -1) | (xs > width + 1) | (ys < -1) | (ys > height + 1)
+        xy = np.array(points, dtype=np.float64).reshape(-1, 2)
+    except OverflowError:  # an integer beyond float range
+        xy = np.full((len(points) // 2, 2), np.inf)
+    if not np.isfinite(xy).all():
+        i = int(np.argmin(np.isfinite(xy).ravel()))
+        raise UserError(f"{where}: polygon value {i} is {str(points[i])[:40]}; expected a finite number")
+    outside = (xy[:, 0] < -1) | (xy[:, 0] > width + 1) | (xy[:, 1] < -1) | (xy[:, 1] > height + 1)
     if outside.any():
-        i = int(outside.argmax())
+        x, y = xy[int(outside.argmax())]
+        raise UserError(f"{where}: polygon point ({x:g}, {y:g}) is outside the {width}x{height} image")
+    outline = float(np.abs(xy - np.roll(xy, 1, axis=0)).max(axis=1).sum())
+    if outline > MAX_OUTLINE_PIXELS:
         raise UserError(
-            f"{where}: polygon point ({xs[i]:g}, {ys[i]:g}) is outside the {width}x{height} image"
+            f"{where}: polygon outline is {outline:.0f} pixels long, over the {MAX_OUTLINE_PIXELS} a polygon "
+            "may have (its edges cross the image back and forth)"
         )
-    return coords
+    return xy.ravel().tolist()
 
 
 def check_rle(rle: dict, height: int, width: int, where: str, row_major: bool = False) -> dict:
-    """An RLE's size must be the image's, and uncompressed counts must cover exactly its pixels."""
+    """An RLE's size must be the image's [height, width], and its counts (a list, or pycocotools'
+    compressed string, decoded here) must cover exactly its pixels: pycocotools trusts both, and decodes a
+    short RLE into uninitialised memory."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise UserError(f"{where}: segmentation must be a polygon list or an RLE with 'size' and 'counts'")
+    size = rle["size"]
+    if not isinstance(size, list) or len(size) != 2 or not all(is_integer(v) for v in size):
+        raise UserError(f"{where}: RLE 'size' must be [height, width] (two integers), got {str(size)[:40]}")
     expected = [width, height] if row_major else [height, width]
-    if list(rle["size"]) != expected:
-        h, w = rle["size"][::-1] if row_major else rle["size"]
+    if size != expected:
+        h, w = size[::-1] if row_major else size
         raise UserError(f"{where}: mask is {w}x{h} pixels but its image is {width}x{height}")
-    if isinstance(rle["counts"], list):
-        total = sum(int(c) for c in rle["counts"])
-        if total != height * width or min(rle["counts"], default=0) < 0:
-            raise UserError(
-                f"{where}: RLE counts cover {total} pixels but the {width}x{height} image has "
-                f"{height * width} (runs past the image, or the wrong size)"
-            )
-    elif isinstance(rle["counts"], str | bytes):
-        counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
-        x, y, w, h = mask_utils.toBbox({"size": rle["size"], "counts": counts})
-        if x + w > (height if row_major else width):  # foreground past the last column: runs too long
-            raise UserError(f"{where}: compressed RLE runs past the end of the {width}x{height} image")
-    else:
-        raise UserError(f"{where}: RLE counts must be a list of ints or a compressed string")
+    total = int(rle_counts(rle["counts"], where).sum())
+    if total != height * width:
+        raise UserError(
+            f"{where}: RLE counts cover {total} pixels but the {width}x{height} image has "
+            f"{height * width} (runs past the image, or the wrong size)"
+        )
     return rle
+
+
+def rle_counts(counts, where: str) -> np.ndarray:
+    """The run lengths (int64) of an RLE's counts: a list of non-negative integers, or pycocotools'
+    compressed string (rleFrString in maskApi.c: each count in 5-bit groups, low first, as characters from
+    '0', 0x20 = another group follows, 0x10 in the last = negative; from the third count on, the value is
+    a difference to the count two before). Malformed counts are a UserError naming `where`."""
+    if isinstance(counts, list):
+        if not all(is_integer(c) and 0 <= c < 1 << 62 for c in counts):
+            raise UserError(f"{where}: RLE counts must be non-negative integers")
+        return np.array(counts, dtype=np.int64)
+    if isinstance(counts, str):
+        if not counts.isascii():
+            raise UserError(f"{where}: compressed RLE counts must be ASCII characters '0' to 'o'")
+        counts = counts.encode("ascii")
+    if not isinstance(counts, bytes):
+        raise UserError(f"{where}: RLE counts must be a list of integers or a compressed string")
+    chars = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    more = (chars & 0x20) != 0
+    if ((chars < 0) | (chars > 63)).any() or (more.size and more[-1]):
+        raise UserError(
+            f"{where}: compressed RLE counts are not pycocotools' encoding (a cut or garbled string)"
+        )
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    lengths = ends - starts + 1
+    if lengths.size and lengths.max() > 7:  # 35 bits: past any count of a 32-bit pycocotools RLE
+        raise UserError(f"{where}: compressed RLE holds a count of more than 7 characters")
+    shifts = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((chars & 0x1F) << shifts, starts) if chars.size else np.zeros(0, np.int64)
+    values -= np.where(chars[ends] & 0x10, np.int64(1) << (5 * lengths), 0)  # sign-extend negatives
+    values[1::2] = np.cumsum(values[1::2])  # counts 3, 5, ... are differences to the one two before
+    values[2::2] = np.cumsum(values[2::2])  # counts 4, 6, ... too (count 2 is not)
+    if (values < 0).any():
+        raise UserError(f"{where}: compressed RLE decodes to a negative run length")
+    return values
 
 
 def instance_rle(instance: Instance, height: int, width: int) -> dict:
@@ -228,10 +324,23 @@ def single_class(records: list[ImageRecord], layout: str, instead: str) -> None:
 
 
 def resolve_image(folder: Path, name: str, where: str) -> Path:
-    """An image named in an annotation file: beside the file, or in its images/ folder."""
+    """An image named in an annotation file: beside the file, or in its images/ folder. The name must be
+    a relative path inside that folder (no absolute path, no '..'): an annotation file must not make a
+    conversion read, or copy out, a file from elsewhere on the machine."""
+    parts = Path(name).parts
+    if not name or "\0" in name or Path(name).is_absolute() or ".." in parts:
+        raise UserError(
+            f"{where}: image name '{name[:200]}' must be a relative path inside the dataset folder "
+            "(no absolute path, no '..')"
+        )
     for candidate in (folder / name, folder / "images" / name, folder / "images" / Path(name).name):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as e:  # a name too long for the file system
+            raise UserError(
+                f"{where}: image name '{name[:200]}' is not a usable file name ({e.strerror})"
+            ) from e
     raise UserError(f"{where}: image '{name}' not found beside the annotation file or in {folder / 'images'}")
 
 

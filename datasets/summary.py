@@ -1,13 +1,14 @@
 """What is in an instance dataset: counts per class, instance sizes, instances per image, overlaps, empty
 masks. Computed on COCO RLEs with pycocotools (area, merge, iou), so no mask is decoded to full size."""
 
+import io
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from datasets.records import ImageRecord, image_size, load_image, record_rles
+from datasets.records import ImageRecord, image_size, load_image, record_rles, write_bytes_atomic
 
 
 def summarize(records: list[ImageRecord], decode_images: bool = True) -> dict:
@@ -129,7 +130,7 @@ def plot_summary(s: dict, path: Path, title: str = "") -> Path:
     ax.text(0, 1, format_summary(s), family="monospace", fontsize=7, va="top", wrap=True)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return write_bytes_atomic(path, buffer.getvalue())  # a rerun never leaves half a plot

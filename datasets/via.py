@@ -45,8 +45,7 @@ def read_via(path: str | Path, classes: list[str] | None = None) -> list[ImageRe
     data = load_json(file)
     options = {}
     if isinstance(data, dict) and "_via_img_metadata" in data:
-        attributes = data.get("_via_attributes", {}).get("region", {}).get(ATTRIBUTE, {})
-        options = {str(k): str(v) for k, v in (attributes.get("options") or {}).items()}
+        options = _class_options(data, file)
         data = field(data, "_via_img_metadata", str(file), dict)
     if isinstance(data, dict):
         entries = list(data.values())
@@ -62,7 +61,7 @@ def read_via(path: str | Path, classes: list[str] | None = None) -> list[ImageRe
         where = f"{file}: '{filename}'"
         regions = field(entry, "regions", where, (list, dict))
         if isinstance(regions, dict):  # VIA 1.x: {"0": region, "1": region, ...}
-            regions = [regions[k] for k in sorted(regions, key=lambda k: int(k) if k.isdigit() else k)]
+            regions = [regions[k] for k in sorted(regions, key=_region_order)]
         shapes = []
         for k, region in enumerate(regions):
             rwhere = f"{where}, region {k}"
@@ -71,9 +70,9 @@ def read_via(path: str | Path, classes: list[str] | None = None) -> list[ImageRe
             if ATTRIBUTE not in attrs:
                 raise UserError(f"{rwhere}: lacks region_attributes.{ATTRIBUTE} (the object's class)")
             value = attrs[ATTRIBUTE]
-            if not isinstance(value, str | int) or str(value).strip() == "":
+            if isinstance(value, bool) or not isinstance(value, str | int) or str(value).strip() == "":
                 raise UserError(
-                    f"{rwhere}: region_attributes.{ATTRIBUTE} must be a class name, got {value!r}"
+                    f"{rwhere}: region_attributes.{ATTRIBUTE} must be a class name, got {str(value)[:40]!r}"
                 )
             name = options.get(str(value), str(value))
             shapes.append((rwhere, _points(shape, rwhere), name))
@@ -104,6 +103,24 @@ def read_via(path: str | Path, classes: list[str] | None = None) -> list[ImageRe
     return records
 
 
+def _class_options(project: dict, file: Path) -> dict[str, str]:
+    """A VIA project's dropdown options of the region class attribute, {stored value: class name}."""
+    node, path = project, []
+    for key in ("_via_attributes", "region", ATTRIBUTE, "options"):
+        node, path = node.get(key) or {}, [*path, key]
+        if not isinstance(node, dict):
+            raise UserError(f"{file}: {'.'.join(path)} must be a JSON object, got {type(node).__name__}")
+    bad = next((k for k, v in node.items() if isinstance(v, bool) or not isinstance(v, str | int)), None)
+    if bad is not None:
+        raise UserError(f"{file}: {'.'.join(path)}['{bad[:40]}'] must be a class name")
+    return {k: str(v) for k, v in node.items()}
+
+
+def _region_order(key: str):
+    """VIA 1.x region keys in numeric order ("2" before "10"), any other keys after them by name."""
+    return (0, int(key), "") if key.isdecimal() else (1, 0, key)
+
+
 def _points(shape: dict, where: str) -> list:
     """A flat [x1, y1, ...] list from a polygon or rect region."""
     kind = shape.get("name")
@@ -114,7 +131,9 @@ def _points(shape: dict, where: str) -> list:
             raise UserError(f"{where}: all_points_x has {len(xs)} values but all_points_y has {len(ys)}")
         return [v for xy in zip(xs, ys, strict=True) for v in xy]
     if kind == "rect":
-        x, y, w, h = (field(shape, k, where + ", shape_attributes") for k in ("x", "y", "width", "height"))
+        x, y, w, h = (
+            field(shape, k, where + ", shape_attributes", (int, float)) for k in ("x", "y", "width", "height")
+        )
         return [x, y, x + w, y, x + w, y + h, x, y + h]
     raise UserError(f"{where}: shape '{kind}' is not supported; expected a polygon or rect region")
 

@@ -17,6 +17,8 @@ Inputs, picked by `read_volumes(source)`:
 
 import csv
 import gzip
+import math
+import struct
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from nibabel.filebasedimages import ImageFileError
 from datasets.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# One volume's voxels as stored; load_volume needs about 3x this at its peak (float32 copy, percentile).
+MAX_VOLUME_BYTES = 4 << 30
 FILE_COLUMNS = ("file", "filename", "path", "volume", "image")
 LABEL_COLUMNS = ("label", "class", "species", "category")
 SPECIMEN_COLUMNS = ("specimen", "specimen_id", "subject", "subject_id", "scan_id")
@@ -170,6 +174,22 @@ def specimen_labels(records: Iterable[VolumeRecord]) -> dict[str, str]:
     return {s: label for s, (label, _) in out.items()}
 
 
+def _check_header(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """What the header promises, checked before any voxel is read: positive dimensions (numpy's memory map
+    fails with an OverflowError on a negative one), one number per voxel (not RGB24), and at most
+    MAX_VOLUME_BYTES once read (a 100-kB .nii.gz of zeros can declare gigabytes)."""
+    if any(n < 1 for n in shape):
+        raise UserError(f"{path}: volume header has dimension(s) {shape}; expected positive sizes")
+    if dtype.kind not in "buif" or dtype.fields:
+        raise UserError(f"{path}: voxels of type {dtype} (e.g. RGB); expected one integer or float per voxel")
+    size = math.prod(shape) * dtype.itemsize
+    if size > MAX_VOLUME_BYTES:
+        raise UserError(
+            f"{path}: volume {'x'.join(map(str, shape))} of {dtype} is {size / 2**30:.1f} GiB once read, "
+            f"over the {MAX_VOLUME_BYTES / 2**30:.0f} GiB a volume may have"
+        )
+
+
 def load_volume(path: str | Path) -> np.ndarray:
     """3D uint8 volume in voxel order (no reorientation: axis k of the result is axis k of the file).
 
@@ -179,11 +199,12 @@ def load_volume(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         img = nib.load(path)
+        _check_header(path, img.shape, img.get_data_dtype())
         data = np.asarray(img.dataobj)
     except FileNotFoundError as e:
         raise UserError(f"{path}: volume not found") from e
-    except (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as e:
-        raise UserError(f"{path}: not a readable NIfTI volume ({e})") from e
+    except (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, struct.error) as e:
+        raise UserError(f"{path}: not a readable NIfTI volume ({str(e).splitlines()[0][:200]})") from e
     if data.ndim == 4 and data.shape[3] == 1:  # (x, y, z, 1) is how some tools write a scalar volume
         data = data[..., 0]
     if data.ndim != 3:

@@ -15,7 +15,6 @@ beside DST and renames it at the end: a failed run leaves nothing behind.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -138,6 +137,7 @@ def convert(args) -> int:
 
 def inspect(args) -> int:
     from datasets.instances import guess_format, read_records
+    from datasets.records import write_json_atomic
     from datasets.summary import format_summary, plot_summary, summarize
 
     fmt = args.format or guess_format(args.path)
@@ -149,7 +149,7 @@ def inspect(args) -> int:
     plot = plot_summary(summary, Path(args.plot or f"{name}_summary.png"), f"{name} ({fmt})")
     print(f"plot: {plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary) + "\n")
+        write_json_atomic(args.json, summary)
         print(f"numbers: {args.json}")
     return 0
 

@@ -223,7 +223,7 @@ def test_bad_coco(tmp_path):
         read_records(tmp_path, "coco")
     too_long = mask_utils.encode(np.asfortranarray(np.ones((6, 10), np.uint8)))["counts"].decode()
     _coco(tmp_path, {"size": [6, 8], "counts": too_long})
-    with pytest.raises(UserError, match=r"annotation 5: compressed RLE runs past the end of the 8x6 image"):
+    with pytest.raises(UserError, match=r"annotation 5: RLE counts cover 60 pixels but the 8x6 image has 48"):
         read_records(tmp_path, "coco")
     _coco(tmp_path, {"size": [5, 5], "counts": [25]})
     with pytest.raises(UserError, match=r"annotation 5: mask is 5x5 pixels but its image is 8x6"):
@@ -328,6 +328,7 @@ def test_truncated_image_and_mask_size(tmp_path):
         InstanceDataset([record])[0]
     with pytest.raises(UserError, match=r"not a readable image.*truncated"):
         load_image(record.image_path)
+    record.image_path.write_bytes(data)  # whole again: a conversion checks every image first
     Image.new("L", (5, 5), 255).save(record.mask_paths[0])
     with pytest.raises(UserError, match=rf"{record.mask_paths[0].name}: mask is 5x5 pixels but its image is"):
         convert(root, tmp_path / "out", "mask-folders", "coco")

@@ -87,7 +87,9 @@ def test_damaged_files_are_refused_with_a_reason(tmp_path):
     nan = np.zeros((10, 10), dtype=np.float32)
     nan[3, 3] = np.nan
     tifffile.imwrite(tmp_path / "nan.tif", nan)
-    with pytest.raises(BadImage, match="finite"):
+    assert np.isnan(read_image(tmp_path / "nan.tif").pixels[3, 3])  # NaN = no data, as in ImageJ
+    tifffile.imwrite(tmp_path / "nan.tif", np.full((10, 10), np.nan, np.float32))
+    with pytest.raises(BadImage, match="every pixel is NaN or infinite"):
         read_image(tmp_path / "nan.tif")
 
 
