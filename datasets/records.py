@@ -243,6 +243,8 @@ def rle_counts(counts, where: str) -> np.ndarray:
         counts = counts.encode("ascii")
     if not isinstance(counts, bytes):
         raise UserError(f"{where}: RLE counts must be a list of integers or a compressed string")
+    if not counts:
+        return np.zeros(0, dtype=np.int64)
     chars = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
     more = (chars & 0x20) != 0
     if ((chars < 0) | (chars > 63)).any() or (more.size and more[-1]):
@@ -255,7 +257,7 @@ def rle_counts(counts, where: str) -> np.ndarray:
     if lengths.size and lengths.max() > 7:  # 35 bits: past any count of a 32-bit pycocotools RLE
         raise UserError(f"{where}: compressed RLE holds a count of more than 7 characters")
     shifts = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
-    values = np.add.reduceat((chars & 0x1F) << shifts, starts) if chars.size else np.zeros(0, np.int64)
+    values = np.add.reduceat((chars & 0x1F) << shifts, starts)
     values -= np.where(chars[ends] & 0x10, np.int64(1) << (5 * lengths), 0)  # sign-extend negatives
     values[1::2] = np.cumsum(values[1::2])  # counts 3, 5, ... are differences to the one two before
     values[2::2] = np.cumsum(values[2::2])  # counts 4, 6, ... too (count 2 is not)

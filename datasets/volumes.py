@@ -27,10 +27,28 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataError
+from nibabel.wrapstruct import WrapStructError
 
 from datasets.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# What nibabel, gzip and numpy raise on a damaged or hostile file (only the reading is inside the try).
+NIFTI_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    HeaderTypeError,
+    ImageDataError,
+    WrapStructError,
+    OSError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+    TypeError,
+    OverflowError,
+    struct.error,
+)
 # One volume's voxels as stored; load_volume needs about 3x this at its peak (float32 copy, percentile).
 MAX_VOLUME_BYTES = 4 << 30
 FILE_COLUMNS = ("file", "filename", "path", "volume", "image")
@@ -203,7 +221,7 @@ def load_volume(path: str | Path) -> np.ndarray:
         data = np.asarray(img.dataobj)
     except FileNotFoundError as e:
         raise UserError(f"{path}: volume not found") from e
-    except (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, struct.error) as e:
+    except NIFTI_ERRORS as e:
         raise UserError(f"{path}: not a readable NIfTI volume ({str(e).splitlines()[0][:200]})") from e
     if data.ndim == 4 and data.shape[3] == 1:  # (x, y, z, 1) is how some tools write a scalar volume
         data = data[..., 0]
