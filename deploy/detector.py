@@ -3,6 +3,7 @@ path (trainers/detection/inference.py), tiled at native resolution for images la
 `@serve.batch` gathers tiles, from one request or several, into one model call."""
 
 import asyncio
+import math
 
 import numpy as np
 import torch
@@ -11,9 +12,10 @@ from ray import serve
 
 from datasets.normalize import normalization
 from datasets.tiles import Tile, TileDetections, tile_grid
+from deploy.inputs import BadInput, user_error
 from deploy.registry import Detector, load_detector
 from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
-from deploy.settings import ServeSettings
+from deploy.settings import ServeSettings, mb
 from trainers.detection.inference import detect_tiles, stitched_results, tile_tensor
 from trainers.detection.scale import fit_to_model, restore_results
 
@@ -26,6 +28,7 @@ class DetectorDeployment:
         self.registry = RegistryModel(settings.detector, load_detector, settings)
         configure_batching(self.infer, settings)
         self.window = 2 * settings.max_batch_size  # tiles in flight per request: bounds tensor memory
+        self.limits = (mb(settings.max_mask_mb), settings.max_tiles)
 
     def info(self) -> dict:
         return self.registry.current.info
@@ -45,16 +48,13 @@ class DetectorDeployment:
         loaded = self.registry.current  # the whole request uses one version, whatever a reload does
         detector = loaded.model
         cfg = detector.config
-        tile = tile_size or cfg.tile_size
         height, width = image.shape[:2]
         # objects much larger than the trained ones: the image shrunk to them, as predict_image does
         image = await asyncio.to_thread(fit_to_model, image, cfg.object_diameter)
-        # tile 0: the whole image in one call (the model resizes it as it did in training)
-        tiles = (
-            tile_grid(*image.shape[:2], tile, min(cfg.tile_overlap, tile // 2))
-            if tile
-            else [Tile(0, 0, image.shape[1], image.shape[0])]
-        )
+        try:
+            tiles = plan_tiles(image.shape[:2], tile_size, cfg, self.limits)
+        except BadInput as e:
+            return user_error(e)
         per_tile = []
         norm = normalization(image, cfg.normalize)  # the whole image's, as in training
         for start in range(0, len(tiles), self.window):
@@ -67,6 +67,45 @@ class DetectorDeployment:
         )
         models = {"detector": loaded.ref()}
         return {"width": width, "height": height, "tiles": len(tiles), **answer, "models": models}
+
+
+def plan_tiles(shape: tuple[int, int], tile_size: int, cfg, limits: tuple[int, int]) -> list[Tile]:
+    """The tiles one request runs: tile_size's (0: the model's own; the model's 0: the whole image in one
+    call, resized by the model as in training). A BadInput when one call's pasted masks (torchvision
+    pastes box_detections_per_img float32 masks at the full size of what it ran on) would pass
+    `limits`' bytes, or the tiles their count: a whole image too large 413, a tile_size too large 422.
+    A whole-image model's image is not tiled unasked: it trained on whole images resized to its
+    min_size..max_size, and native-resolution tiles would show it objects at another scale."""
+    max_mask_bytes, max_tiles = limits
+    height, width = shape
+    tile = tile_size or cfg.tile_size
+    per_pixel = 4 * cfg.box_detections_per_img
+    largest = int(math.isqrt(max_mask_bytes // per_pixel)) // 32 * 32  # a tile side that fits
+    pixels = min(tile, height) * min(tile, width) if tile else height * width  # tiles are never padded
+    if pixels * per_pixel > max_mask_bytes:
+        cost = (
+            f"{cfg.box_detections_per_img} float32 masks at this size take {pixels * per_pixel >> 20} MB, "
+            f"over this server's limit of {max_mask_bytes >> 20} MB (max_mask_mb)"
+        )
+        if tile:
+            raise BadInput(422, f"tile_size: {tile} px tiles' {cost}; expected at most {largest}")
+        raise BadInput(
+            413,
+            f"image is {width}x{height} and this model segments whole images: its {cost}; send "
+            f"tile_size={min(largest, 1024)} (up to {largest}) to segment it in tiles",
+        )
+    if not tile:
+        return [Tile(0, 0, width, height)]
+    overlap = min(cfg.tile_overlap, tile // 2)
+    # counted from one column and one row of the grid, so a refused grid is never built
+    count = len(tile_grid(height, tile, tile, overlap)) * len(tile_grid(tile, width, tile, overlap))
+    if count > max_tiles:
+        raise BadInput(
+            413,
+            f"{width}x{height} in {tile} px tiles is {count} tiles, over this server's limit of "
+            f"{max_tiles} (max_tiles); send a larger tile_size or a smaller image",
+        )
+    return tile_grid(height, width, tile, overlap)
 
 
 def instances_json(

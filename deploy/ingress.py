@@ -1,9 +1,11 @@
 """The HTTP API of the Serve application: a FastAPI ingress deployment with the routes (/healthz,
 /v1/models, /v1/segment, /v1/classify, /v1/crop, /v1/preview, /v1/library, /v1/library/view, /v1/match)
-and the web page (deploy/page/, at `/`). It decodes and checks uploads, hands the pixels to the model
-deployments' handles and turns their answers, errors included, into responses."""
+and the web page (deploy/page/, at `/`). It refuses requests deploy/access.py rules out, reads uploads
+(the raw body or one multipart file, under the size limit), decodes and checks them, hands the pixels to
+the model deployments' handles and turns their answers, errors included, into responses."""
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,12 +16,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from datasets.cropping import crop_object
 from datasets.errors import UserError
+from deploy.access import check_request, read_token
 from deploy.inputs import BadInput, decode_image, decode_volume, is_nifti
 from deploy.library import png
-from deploy.settings import ServeSettings
+from deploy.settings import ServeSettings, mb
 
 PAGE = Path(__file__).parent / "page"
 
@@ -28,22 +33,48 @@ api = FastAPI(
     version="1",
     description="Segment and count instances, classify micro-CT slices and volumes, with the models "
     "registered in MLflow; find a slice in a library of volumes. Send the image or volume file as the raw "
-    "request body. The web page is at /.",
+    "request body with its Content-Type (image/png, ..., application/octet-stream), or as the one file of "
+    "a multipart/form-data upload. The web page is at /.",
 )
 api.mount("/static", StaticFiles(directory=PAGE), name="static")
-# The upload is the raw body (no multipart parser needed; `curl --data-binary @image.png URL`); this tells
-# the OpenAPI page to offer a file chooser for it.
+# The upload: the raw body (`curl -H 'Content-Type: image/png' --data-binary @image.png URL`) or one file
+# of a form (`curl -F file=@image.png URL`); this tells the OpenAPI page to offer a file chooser for it.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _UPLOAD = {
     "requestBody": {
         "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "content": {
+            "application/octet-stream": _BINARY,
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY}}},
+        },
     }
 }
+# Content types of a raw upload. Any other (text/plain, a form's urlencoded body, none at all) is 415:
+# those are what another site's page can send without the browser asking this server first.
+RAW_TYPES = (
+    "application/octet-stream",
+    "application/gzip",  # .nii.gz, as browsers label it
+    "application/x-gzip",
+    "application/x-nifti",
+    "application/nifti",
+)
 
 
 @api.exception_handler(BadInput)
 async def _bad_input(request: Request, e: BadInput) -> JSONResponse:
     return JSONResponse({"error": str(e)}, status_code=e.status)
+
+
+@api.middleware("http")
+async def _access(request: Request, call_next):
+    """deploy/access.py's rules, before any route reads the request (settings set by Ingress.__init__)."""
+    settings, token = request.app.state.access
+    try:
+        check_request(settings, token, request.url.path, request.headers)
+    except BadInput as e:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+    return await call_next(request)
 
 
 @api.exception_handler(RequestValidationError)
@@ -84,21 +115,57 @@ class Ingress:
         settings: ServeSettings,
     ):
         self.detector, self.classifier, self.matcher, self.settings = detector, classifier, matcher, settings
+        api.state.access = (settings, read_token(settings))
+        self.max_decoded = mb(settings.max_decoded_mb)
 
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refused as soon as it passes the upload limit (never held whole)."""
-        limit = int(self.settings.max_upload_mb * 2**20)
+    async def _stream(self, request: Request) -> AsyncIterator[bytes]:
+        """The request body's chunks, refused as soon as they pass the upload limit (never held whole)."""
+        limit = mb(self.settings.max_upload_mb)
         declared = request.headers.get("content-length", "")
         too_big = BadInput(413, f"upload over this server's limit of {self.settings.max_upload_mb:g} MB")
         if declared.isdigit() and int(declared) > limit:
             raise too_big
-        chunks, size = [], 0
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
+            yield chunk
+
+    async def _body(self, request: Request) -> bytes:
+        """The uploaded file: the raw body of an image/*, NIfTI or octet-stream request, or the one file of
+        a multipart/form-data one, both under the upload limit; 415 for any other Content-Type."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind.startswith("image/") or kind in RAW_TYPES:
+            return b"".join([chunk async for chunk in self._stream(request)])
+        if kind != "multipart/form-data":
+            raise BadInput(
+                415,
+                f"Content-Type {kind or 'missing'}: expected image/..., application/octet-stream, a NIfTI "
+                "type or multipart/form-data with one file",
+            )
+        # Files over 1 MB are spooled to disk while the form is parsed; other fields are small by rule.
+        parser = MultiPartParser(request.headers, self._stream(request), max_files=1, max_fields=16)
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise BadInput(400, f"malformed multipart upload ({e.message})") from None
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not files:
+            raise BadInput(
+                400, "multipart upload without a file: expected one file field (e.g. -F file=@x.png)"
+            )
+        try:
+            return await files[0].read()
+        finally:
+            await form.close()
+
+    async def _decode(self, body: bytes) -> np.ndarray:
+        return await asyncio.to_thread(decode_image, body, self.settings.max_pixels, self.max_decoded)
+
+    async def _image(self, request: Request) -> np.ndarray:
+        """The uploaded image, decoded within the limits."""
+        return await self._decode(await self._body(request))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -132,8 +199,7 @@ class Ingress:
             raise BadInput(404, "no detector is served (start the server with --detector models:/NAME@alias)")
         if 0 < tile_size < 32:
             raise BadInput(422, f"tile_size: expected 0 (the model's) or at least 32 pixels, got {tile_size}")
-        body = await self._body(request)
-        image = await asyncio.to_thread(decode_image, body, self.settings.max_pixels)
+        image = await self._image(request)
         return _answer(await self.detector.segment.remote(image, score_threshold, max_detections, tile_size))
 
     @api.post("/v1/classify", openapi_extra=_UPLOAD)
@@ -154,9 +220,9 @@ class Ingress:
             )
         body = await self._body(request)
         if is_nifti(body):
-            volume = await asyncio.to_thread(decode_volume, body, self.settings.max_voxels)
+            volume = await asyncio.to_thread(decode_volume, body, self.settings.max_voxels, self.max_decoded)
             return _answer(await self.classifier.classify.remote(None, volume, top_k))
-        image = await asyncio.to_thread(decode_image, body, self.settings.max_pixels)
+        image = await self._decode(body)
         if crop:
             image = (await asyncio.to_thread(_crop, image, sensitivity, margin)).image
         return _answer(await self.classifier.classify.remote(image, None, top_k))
@@ -165,7 +231,7 @@ class Ingress:
     async def crop(self, request: Request, sensitivity: Sensitivity = 0.5, margin: Margin = 0.05):
         """An image -> its main object cropped square onto black, as PNG (what `/v1/classify?crop=true`
         classifies); the header X-Crop-Box has the square's x0,y0,x1,y1 in the image."""
-        image = await asyncio.to_thread(decode_image, await self._body(request), self.settings.max_pixels)
+        image = await self._image(request)
         result = await asyncio.to_thread(_crop, image, sensitivity, margin)
         box = ",".join(map(str, result.box))
         body = await asyncio.to_thread(png, result.image)
@@ -174,7 +240,7 @@ class Ingress:
     @api.post("/v1/preview", openapi_extra=_UPLOAD, response_class=Response)
     async def preview(self, request: Request):
         """An image as the models see it (8-bit RGB), as PNG: how the page shows a TIFF."""
-        image = await asyncio.to_thread(decode_image, await self._body(request), self.settings.max_pixels)
+        image = await self._image(request)
         return Response(await asyncio.to_thread(png, image), media_type="image/png")
 
     def _matcher(self) -> DeploymentHandle:
@@ -184,7 +250,7 @@ class Ingress:
 
     @api.get("/v1/library")
     async def library(self) -> dict:
-        """The slice library: its folder, volumes (name, shape, slices kept) and slice count."""
+        """The slice library: its volumes (name, shape, slices kept) and slice count (no server paths)."""
         return await self._matcher().info.remote()
 
     @api.get("/v1/library/view", response_class=Response)
@@ -212,7 +278,7 @@ class Ingress:
         rotation (degrees) that lines the image up with it, scores (SSIM, NCC, Dice, ORB matches) and the
         slice's position along its axis (0 = first slice, 1 = last)."""
         matcher = self._matcher()
-        image = await asyncio.to_thread(decode_image, await self._body(request), self.settings.max_pixels)
+        image = await self._image(request)
         return _answer(await matcher.match.remote(image, top_k, volume or None))
 
     @api.get("/", include_in_schema=False)

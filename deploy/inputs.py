@@ -2,20 +2,24 @@
 status and a message), never an exception that would become a 500; a model replica returns its user
 errors as an answer (user_error) that the ingress turns into the same 4xx.
 
-Decoding is bounded before any pixel is decoded: the image's header gives its size, which is checked
-against the pixel limit (a 100-kB PNG can declare 50 000 x 50 000 pixels, a decompression bomb); a
-NIfTI header gives the volume's shape, checked against the voxel limit before the data is read.
+Decoding is bounded before any pixel is decoded: the image's header gives its size, checked against
+the pixel limit and, times its bytes per pixel, the byte limit (a 100-kB PNG can declare 50 000 x 50 000
+pixels, a decompression bomb); a NIfTI header gives the volume's shape and voxel type, checked against
+the voxel and byte limits before the data is read (a 130-kB .nii.gz can hold 256^3 float64 zeros,
+134 MB), and a gzipped volume is inflated no further than its header says the data reaches.
 """
 
 import io
 import math
+import struct
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 from datasets.errors import UserError
 from datasets.records import to_rgb8
@@ -47,8 +51,15 @@ def user_error(e: UserError) -> dict:
     return {"error": str(e), "status": e.status if isinstance(e, BadInput) else 422}
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """HxWx3 uint8 RGB pixels of an uploaded PNG, JPEG, TIFF (8/16-bit grey, RGB) or BMP image."""
+def _over(what: str, size: str, amount: int, unit: str, limit: int, setting: str) -> BadInput:
+    return BadInput(
+        413, f"{what} is {size} = {amount} {unit}, over this server's limit of {limit} {unit} ({setting})"
+    )
+
+
+def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of an uploaded PNG, JPEG, TIFF (8/16-bit grey, RGB) or BMP image; 413 when
+    its header declares more than `max_pixels` pixels or `max_bytes` bytes of decoded samples."""
     if not data:
         raise BadInput(400, "empty request body: expected the bytes of a PNG, JPEG or TIFF image")
     try:
@@ -62,30 +73,44 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         if known:  # PIL gives up on e.g. a zero width before it tells us the format
             raise BadInput(400, f"unreadable {known} header (zero-size or corrupt image)") from None
         raise BadInput(415, "not an image: expected the bytes of a PNG, JPEG or TIFF file") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(400, f"unreadable image header ({e})") from None
+    except Exception as e:  # PIL's format plugins raise many types for a corrupt header; all mean that
+        raise BadInput(400, f"unreadable image header ({type(e).__name__}: {e})") from None
     with im:
         if im.format not in IMAGE_FORMATS:
             raise BadInput(415, f"unsupported image type {im.format}; expected PNG, JPEG or TIFF (or BMP)")
         width, height = im.size
         if width == 0 or height == 0:
             raise BadInput(400, f"zero-size image ({width}x{height} pixels)")
+        size = f"{width}x{height}"
         if width * height > max_pixels:
-            raise BadInput(
-                413,
-                f"image is {width}x{height} = {width * height} pixels, over this server's limit of "
-                f"{max_pixels} (max_pixels)",
-            )
+            raise _over("image", size, width * height, "pixels", max_pixels, "max_pixels")
+        per_pixel = _sample_bytes(im.mode)
+        if width * height * per_pixel > max_bytes:
+            size = f"{size} pixels x {per_pixel} bytes"
+            raise _over("image", size, width * height * per_pixel, "bytes", max_bytes, "max_decoded_mb")
         try:
             im.load()
             if im.mode not in _ARRAY_MODES:
                 im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
             pixels = np.asarray(im)
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise BadInput(400, f"truncated or corrupt {im.format} image ({e})") from None
+        except MemoryError:  # the limits above failed, not the upload: a server error
+            raise
+        except Exception as e:  # as above: a corrupt or truncated stream, whichever plugin reads it
+            raise BadInput(400, f"truncated or corrupt {im.format} image ({type(e).__name__}: {e})") from None
     if pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4):
         raise BadInput(415, f"{pixels.shape[2]}-channel image; expected grey, RGB or RGBA")
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        # to_rgb8 scales by the image's range: one NaN would make every pixel black
+        raise BadInput(400, "float image with NaN or infinite pixels; expected finite values")
     return to_rgb8(pixels)
+
+
+def _sample_bytes(mode: str) -> int:
+    """Bytes per pixel of a PIL mode as decode_image holds it (modes it converts become RGBA, 4)."""
+    if mode not in _ARRAY_MODES:
+        return 4
+    layout = ImageMode.getmode(mode)
+    return len(layout.bands) * np.dtype(layout.typestr).itemsize
 
 
 def is_nifti(data: bytes) -> bool:
@@ -95,23 +120,70 @@ def is_nifti(data: bytes) -> bool:
     return data[344:348] in (b"n+1\0", b"ni1\0") or data[4:8] in (b"n+2\0", b"ni2\0")
 
 
-def decode_volume(data: bytes, max_voxels: int) -> np.ndarray:
-    """A 3D uint8 volume (datasets.volumes.load_volume's scaling) from uploaded .nii or .nii.gz bytes."""
-    suffix = ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
+def decode_volume(data: bytes, max_voxels: int, max_bytes: int) -> np.ndarray:
+    """A 3D uint8 volume (datasets.volumes.load_volume's scaling) from uploaded .nii or .nii.gz bytes; 413
+    when its header declares more than `max_voxels` voxels or `max_bytes` bytes of voxel data. A gzipped
+    upload is inflated only as far as its header says the volume reaches, so a gzip bomb costs no more."""
+    gzipped = data[:2] == b"\x1f\x8b"
+    header = _nifti_header(_gunzip(data, _NIFTI2_HEADER) if gzipped else data)
+    end = _volume_end(header, max_voxels, max_bytes)
+    raw = _gunzip(data, end) if gzipped else data
+    if len(raw) < end:
+        raise BadInput(400, f"truncated NIfTI volume: {len(raw)} bytes, its header declares {end}")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"upload{suffix}"
-        path.write_bytes(data)
-        try:
-            shape = nib.load(path).shape  # the header only: the data is read by load_volume
-        except Exception as e:  # nibabel raises many types for a bad header; all mean "not a volume"
-            raise BadInput(415, f"not a readable NIfTI volume ({str(e).splitlines()[0]})") from None
-        voxels = math.prod(shape)
-        if voxels > max_voxels:
-            dims = "x".join(map(str, shape))
-            raise BadInput(
-                413, f"volume is {dims} = {voxels} voxels, over this server's limit of {max_voxels}"
-            )
+        path = Path(tmp) / "upload.nii"
+        path.write_bytes(raw[:end])
         try:
             return load_volume(path)
         except UserError as e:
-            raise BadInput(400, str(e).replace(f"{path}: ", "")) from None
+            raise BadInput(400, str(e).replace(str(path), "upload")) from None
+        except MemoryError:  # as in decode_image
+            raise
+        except Exception as e:  # nibabel's scaling of odd headers; never a server path in the answer
+            raise BadInput(400, f"unreadable NIfTI data ({type(e).__name__})") from None
+
+
+_NIFTI2_HEADER = 540  # bytes; NIfTI-1's is 348
+
+
+def _gunzip(data: bytes, size: int) -> bytes:
+    """The first `size` bytes (or fewer, if the stream ends first) of gzipped `data`."""
+    try:
+        return zlib.decompressobj(wbits=31).decompress(data, size)
+    except zlib.error as e:
+        raise BadInput(400, f"corrupt gzip stream ({e})") from None
+
+
+def _nifti_header(head: bytes):
+    """The NIfTI-1 or NIfTI-2 header at the start of `head` (either byte order); 415 if there is none."""
+    try:
+        size = next(n for n in (348, 540) for order in "<>" if head[:4] == struct.pack(f"{order}i", n))
+        kind = nib.Nifti1Header if size == 348 else nib.Nifti2Header
+        return kind.from_fileobj(io.BytesIO(head[:size]))
+    except StopIteration:
+        raise BadInput(415, "not a NIfTI volume: expected the bytes of a .nii or .nii.gz file") from None
+    except Exception as e:  # nibabel raises many types for a bad header; all mean "not a volume"
+        raise BadInput(415, f"not a readable NIfTI volume ({str(e).splitlines()[0]})") from None
+
+
+def _volume_end(header, max_voxels: int, max_bytes: int) -> int:
+    """Where the voxel data a header declares ends, in bytes, after checking it is a volume this server
+    can hold: positive dimensions, integer or float voxels, within the voxel and byte limits."""
+    try:
+        shape, dtype = header.get_data_shape(), header.get_data_dtype()
+        offset = int(header.get_data_offset())
+    except Exception as e:  # as in _nifti_header
+        raise BadInput(415, f"not a readable NIfTI volume ({str(e).splitlines()[0]})") from None
+    dims = "x".join(map(str, shape))
+    if not shape or min(shape) < 1:
+        raise BadInput(400, f"volume has dimensions {dims or 'none'}; expected positive sizes")
+    if dtype.kind not in "buif":
+        raise BadInput(415, f"unsupported voxel type {dtype}; expected integer or float voxels")
+    voxels = math.prod(shape)
+    if voxels > max_voxels:
+        raise _over("volume", dims, voxels, "voxels", max_voxels, "max_voxels")
+    nbytes = voxels * dtype.itemsize
+    if offset + nbytes > max_bytes:  # the header's offset counts: a gzipped upload is inflated that far
+        size = f"{dims} voxels x {dtype.itemsize} bytes + {offset} header bytes"
+        raise _over("volume", size, offset + nbytes, "bytes", max_bytes, "max_decoded_mb")
+    return offset + nbytes

@@ -25,7 +25,6 @@ class MatcherDeployment:
     """The slice library of `settings.library`, built once at start (datasets.matching.build_library)."""
 
     def __init__(self, settings: ServeSettings):
-        self.folder = settings.library
         self.paths = {p.name: p for p in library_paths(settings.library)}
         self.shapes = {name: volume_shape(path) for name, path in self.paths.items()}
         self.library = build_library(list(self.paths.values()), step=settings.library_step)
@@ -40,7 +39,6 @@ class MatcherDeployment:
     def info(self) -> dict:
         per_volume = np.bincount(self.library.volume_ids, minlength=len(self.library.names))
         return {
-            "folder": self.folder,
             "step": self.step,
             "slices": len(self.library),
             "volumes": [
@@ -73,6 +71,6 @@ class MatcherDeployment:
         draw = slice_image if kind == "slice" else position_image
         try:
             pixels = draw(await asyncio.to_thread(self._volume, volume), axis, index)
-        except UserError as e:
-            return user_error(e)
+        except UserError as e:  # a volume unreadable since the start names its file, not the server's path
+            return user_error(UserError(str(e).replace(str(self.paths[volume]), volume)))
         return {"png": await asyncio.to_thread(png, pixels)}

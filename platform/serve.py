@@ -5,8 +5,11 @@
     python -m platform.serve --config deploy/serve.yaml --port 8080   # the file `serve run` also takes
     python -m platform.serve --classifier models:/adrenal@champion --library ../shared/data/adrenal3d/volumes
     # then open http://127.0.0.1:8000/ : the page (segment & count, classify, find in 3D)
-    curl --data-binary @image.png 'http://127.0.0.1:8000/v1/segment?score_threshold=0.5'
-    curl --data-binary @volume.nii.gz 'http://127.0.0.1:8000/v1/classify?top_k=3'
+    curl -F file=@image.png 'http://127.0.0.1:8000/v1/segment?score_threshold=0.5'
+    curl -H 'Content-Type: application/octet-stream' --data-binary @volume.nii.gz \
+        'http://127.0.0.1:8000/v1/classify?top_k=3'
+    python -m platform.serve --host 0.0.0.0 --allowed-hosts gpu1.lab --auth-token-file ~/.foram-token
+    curl -H "Authorization: Bearer $(cat ~/.foram-token)" -F file=@image.png http://gpu1.lab:8000/v1/segment
 
 Settings: ServeSettings defaults < the config file's application `args` < these flags. Only registered
 models are served (models:/NAME@alias or models:/NAME/VERSION). Ctrl-C stops the application and Ray.
@@ -22,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from datasets.errors import UserError
+from deploy.access import LOOPBACK, TOKEN_ENV, read_token
 from platform import _cli
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -67,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels")
     p.add_argument("--max-upload-mb", type=float, help="largest request body accepted")
+    p.add_argument(
+        "--auth-token-file", help=f"file with the bearer token /v1/ requests must send (or ${TOKEN_ENV})"
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        help="comma-separated Host names answered (default 127.0.0.1,localhost,[::1]; *: any)",
+    )
+    p.add_argument("--request-timeout", type=float, help="seconds a request may take, upload included (300)")
     return p
 
 
@@ -86,7 +98,12 @@ _FLAGS = {
     "max_batch_size": "max_batch_size",
     "max_pixels": "max_pixels",
     "max_upload_mb": "max_upload_mb",
+    "auth_token_file": "auth_token_file",
+    "allowed_hosts": "allowed_hosts",
 }
+# Serve's proxy settings (http_options) this CLI passes on: a request that takes longer, its upload
+# included, is answered 408 and cancelled; an idle keep-alive connection is closed after this.
+HTTP_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 300.0, "keep_alive_timeout_s": 5}
 
 
 def read_config(path: str) -> tuple[dict, dict]:
@@ -128,18 +145,39 @@ def _check_port(host: str, port: int) -> None:
             ) from None
 
 
+def http_options(args: argparse.Namespace, http: dict, source: str) -> dict:
+    """Serve's http_options: HTTP_DEFAULTS < the config file's http_options < flags, checked."""
+    options = {key: http.get(key, value) for key, value in HTTP_DEFAULTS.items()}
+    flags = {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout}
+    options.update({key: value for key, value in flags.items() if value is not None})
+    options["host"] = str(options["host"])
+    port = options["port"]
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise UserError(f"{source}: port: expected a TCP port number, got {port!r}")
+    timeout, keep_alive = options["request_timeout_s"], options["keep_alive_timeout_s"]
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise UserError(
+            f"{source}: request_timeout_s: expected a positive number of seconds, got {timeout!r}"
+        )
+    if isinstance(keep_alive, bool) or not isinstance(keep_alive, int) or keep_alive < 1:
+        raise UserError(
+            f"{source}: keep_alive_timeout_s: expected whole seconds, at least 1, got {keep_alive!r}"
+        )
+    return options
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def start_app(settings, host: str, port: int) -> None:
-    """Serve's HTTP proxy on host:port and the application (deploy.app.application) at / on the Ray this
-    process is connected to; a UserError when a replica fails to start."""
+def start_app(settings, http_options: dict) -> None:
+    """Serve's HTTP proxy (http_options: host, port, timeouts) and the application (deploy.app.application)
+    at / on the Ray this process is connected to; a UserError when a replica fails to start."""
     from ray import serve
 
     from deploy.app import application
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options)
     try:
         serve.run(application(settings), name=APP_NAME, route_prefix="/")
     except RuntimeError as e:  # a replica failed in __init__ (its traceback is in the log above)
@@ -165,12 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         hint = "; run `make demo` first or pass --detector" if settings.detector == DEFAULT_DETECTOR else ""
         raise UserError(f"{e}{hint}") from None
-    host = str(args.host or http.get("host", "127.0.0.1"))
-    port = args.port if args.port is not None else http.get("port", 8000)
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise UserError(f"{source}: port: expected a TCP port number, got {port!r}")
+    options = http_options(args, http, source)
+    host, port = options["host"], options["port"]
     if not args.address:  # on a cluster the proxies listen on other machines
         _check_port(host, port)
+    if host not in LOOPBACK and not read_token(settings):
+        print(
+            f"warning: listening on {host} without a token: anyone who can reach port {port} can use the "
+            f"models; give --auth-token-file FILE or set {TOKEN_ENV}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     from ray import serve
 
@@ -180,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a service manager, `kill`) stops as cleanly as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        start_app(settings, host, port)
+        start_app(settings, options)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         for role, (name, version) in models.items():
             print(f"serving {role}: {name} version {version} ({getattr(settings, role)})")

@@ -21,6 +21,7 @@ DETECTOR = "nuclei"
 CLASSIFIER = "slices"
 SHELL = SHARED_DATA / "microct_shell" / "shell_225x128x128.nii.gz"
 ADRENAL = sorted((SHARED_DATA / "adrenal3d" / "volumes").glob("*.nii.gz"))
+RAW = {"Content-Type": "application/octet-stream"}  # an upload's label: unlabelled ones are 415
 
 
 def clean_env() -> dict:

@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tests.helpers import REPO, SHARED_DATA
-from tests.serving import ADRENAL, SHELL
+from tests.serving import ADRENAL, RAW, SHELL
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -91,7 +91,9 @@ def test_segment_count_filter_and_download(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    expected = requests.post(f"{server.url}/v1/segment", data=IMAGE.read_bytes(), timeout=WAIT).json()
+    expected = requests.post(
+        f"{server.url}/v1/segment", data=IMAGE.read_bytes(), headers=RAW, timeout=WAIT
+    ).json()
     scores = [inst["score"] for inst in expected["instances"]]
     assert scores, "the test detector found nothing: the slider could not be checked"
 
@@ -160,7 +162,9 @@ def test_segment_count_filter_and_download(server, browser):
 
 def test_the_page_decodes_masks_as_pycocotools_does(server, browser):
     """The page's COCO RLE decoder (JavaScript) against pycocotools on the server's masks."""
-    result = requests.post(f"{server.url}/v1/segment", data=IMAGE.read_bytes(), timeout=WAIT).json()
+    result = requests.post(
+        f"{server.url}/v1/segment", data=IMAGE.read_bytes(), headers=RAW, timeout=WAIT
+    ).json()
     browser.get(server.url)
     for inst in result["instances"][:20]:
         decoded = browser.execute_script("return Array.from(foram.decodeRle(arguments[0]))", inst["mask"])
@@ -183,7 +187,9 @@ def test_classify_with_crop_preview(server, browser):
     bars = browser.find_elements(By.CSS_SELECTOR, "#cls-top li")
     params = {"crop": "true", "top_k": 5}
     url = f"{server.url}/v1/classify"
-    expected = requests.post(url, data=IMAGE.read_bytes(), params=params, timeout=WAIT).json()["top"]
+    expected = requests.post(url, data=IMAGE.read_bytes(), headers=RAW, params=params, timeout=WAIT).json()[
+        "top"
+    ]
     assert [b.find_element(By.CLASS_NAME, "label").text for b in bars] == [t["class"] for t in expected]
     shown = [float(b.find_element(By.CLASS_NAME, "value").text.rstrip(" %")) for b in bars]
     assert shown == pytest.approx([100 * t["probability"] for t in expected], abs=0.06)

@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tests.helpers import SHARED_DATA, run_cli
-from tests.serving import ADRENAL, CLASSIFIER, DETECTOR, SHELL, clean_env, library_folder, start_server
+from tests.serving import ADRENAL, CLASSIFIER, DETECTOR, RAW, SHELL, clean_env, library_folder, start_server
 from tests.test_cli_errors import _assert_user_error as assert_user_error
 
 IMAGES = sorted((SHARED_DATA / "dsb2018" / "stage1_train").glob("*/images/*.png"))
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def post(server, path: str, body: bytes, **params) -> requests.Response:
-    return requests.post(f"{server.url}{path}", data=body, params=params, timeout=120)
+    return requests.post(f"{server.url}{path}", data=body, params=params, headers=RAW, timeout=120)
 
 
 def check_segmentation(result: dict, height: int, width: int) -> None:
@@ -326,7 +326,7 @@ def test_crop_preview_and_classify_the_cropped_object(server):
     from deploy.inputs import decode_image
 
     body = IMAGES[3].read_bytes()
-    image = decode_image(body, 10**8)
+    image = decode_image(body, 10**8, 2**30)
     assert np.array_equal(decoded_png(post(server, "/v1/preview", body)), image)
 
     response = post(server, "/v1/crop", body, sensitivity=0.7)

@@ -4,6 +4,7 @@ every kind of bad upload answered with its 4xx status before anything large is d
 import gzip
 import io
 import struct
+import time
 import zlib
 
 import nibabel as nib
@@ -17,6 +18,7 @@ from deploy.settings import ServeSettings, settings_from
 from tests.helpers import REPO, SHARED_DATA
 
 IMAGES = sorted((SHARED_DATA / "dsb2018" / "stage1_train").glob("*/images/*.png"))
+GB = 2**30  # a byte limit these tests do not reach
 
 
 def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
@@ -35,12 +37,12 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def test_sample_png_decodes_as_training_reads_it():
-    assert np.array_equal(decode_image(IMAGES[0].read_bytes(), 10**8), load_image(IMAGES[0]))
+    assert np.array_equal(decode_image(IMAGES[0].read_bytes(), 10**8, GB), load_image(IMAGES[0]))
 
 
 def test_16_bit_grey_tiff_and_palette_png():
     grey = np.linspace(1000, 40000, 64 * 48).reshape(48, 64).astype(np.uint16)
-    decoded = decode_image(encode(grey, "TIFF"), 10**6)
+    decoded = decode_image(encode(grey, "TIFF"), 10**6, GB)
     assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
     # scaled by the image's own range, as datasets.records.load_image does for 16-bit training images
     expected = np.round((grey.astype(np.float32) - 1000) / 39000 * 255).astype(np.uint8)
@@ -49,13 +51,13 @@ def test_16_bit_grey_tiff_and_palette_png():
     palette = Image.fromarray(rgb).quantize(16)
     buffer = io.BytesIO()
     palette.save(buffer, "PNG")
-    assert np.array_equal(decode_image(buffer.getvalue(), 10**6), np.asarray(palette.convert("RGB")))
+    assert np.array_equal(decode_image(buffer.getvalue(), 10**6, GB), np.asarray(palette.convert("RGB")))
 
 
 def test_jpeg_and_rgba():
     rgba = np.random.default_rng(1).integers(0, 255, (16, 16, 4), dtype=np.uint8)
-    assert np.array_equal(decode_image(encode(rgba, "PNG"), 10**6), rgba[..., :3])
-    assert decode_image(encode(rgba[..., :3], "JPEG"), 10**6).shape == (16, 16, 3)
+    assert np.array_equal(decode_image(encode(rgba, "PNG"), 10**6, GB), rgba[..., :3])
+    assert decode_image(encode(rgba[..., :3], "JPEG"), 10**6, GB).shape == (16, 16, 3)
 
 
 @pytest.mark.parametrize(
@@ -72,15 +74,15 @@ def test_jpeg_and_rgba():
 )
 def test_bad_images_are_4xx(body, status, words):
     with pytest.raises(BadInput, match=words) as caught:
-        decode_image(body, max_pixels=10**8)
+        decode_image(body, 10**8, GB)
     assert caught.value.status == status
 
 
 def test_pixel_limit_counts_pixels_not_bytes():
     body = encode(np.zeros((100, 100), np.uint8), "PNG")  # tiny file, 10 000 pixels
-    assert decode_image(body, 10_000).shape == (100, 100, 3)
+    assert decode_image(body, 10_000, GB).shape == (100, 100, 3)
     with pytest.raises(BadInput, match="over this server's limit of 9999") as caught:
-        decode_image(body, 9_999)
+        decode_image(body, 9_999, GB)
     assert caught.value.status == 413
 
 
@@ -91,18 +93,18 @@ def test_nifti_volumes(tmp_path):
     from datasets.volumes import load_volume
 
     expected = load_volume(shell)
-    assert np.array_equal(decode_volume(body, 10**8), expected)
-    assert np.array_equal(decode_volume(gzip.decompress(body), 10**8), expected)  # plain .nii
+    assert np.array_equal(decode_volume(body, 10**8, GB), expected)
+    assert np.array_equal(decode_volume(gzip.decompress(body), 10**8, GB), expected)  # plain .nii
     with pytest.raises(BadInput, match="225x128x128 = 3686400 voxels") as caught:
-        decode_volume(body, 10**6)
+        decode_volume(body, 10**6, GB)
     assert caught.value.status == 413
     with pytest.raises(BadInput) as caught:
-        decode_volume(body[: len(body) // 2], 10**8)  # truncated gzip
+        decode_volume(body[: len(body) // 2], 10**8, GB)  # truncated gzip
     assert caught.value.status in (400, 415)
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.uint8), np.eye(4)), flat)
     with pytest.raises(BadInput, match="expected a 3D volume") as caught:
-        decode_volume(flat.read_bytes(), 10**8)
+        decode_volume(flat.read_bytes(), 10**8, GB)
     assert caught.value.status == 400
 
 
@@ -115,12 +117,87 @@ def test_serve_yaml_args_are_valid_settings():
     settings = settings_from(app["args"], "deploy/serve.yaml")
     assert settings.detector == "models:/dsb2018_quick@champion" and settings.tracking_uri  # made explicit
     defaults = ServeSettings(detector="x")
-    for key, value in app["args"].items():  # the file documents the defaults
+    for key in app["args"]:  # the file documents the defaults
         if key not in ("detector", "tracking_uri"):
-            assert getattr(defaults, key) == value, key
+            assert getattr(defaults, key) == getattr(settings, key), key
     from datasets.errors import UserError
 
     with pytest.raises(UserError, match="unknown config key 'max_batch' .*max_batch_size"):
         settings_from({"detector": "x", "max_batch": 4}, "serve.yaml")
     with pytest.raises(UserError, match="nothing to serve"):
         settings_from({}, "serve.yaml")
+
+
+def nifti_bytes(volume: np.ndarray, **header) -> bytes:
+    """A NIfTI-1 file of `volume`, with header fields (dim, datatype, vox_offset, ...) set afterwards."""
+    image = nib.Nifti1Image(volume, np.eye(4))
+    image.header["vox_offset"] = 352  # the data right after the header and its 4 extension bytes
+    for key, value in header.items():
+        image.header[key] = value
+    return image.header.binaryblock + b"\0" * 4 + np.asarray(volume).tobytes(order="F")
+
+
+def test_the_byte_limit_counts_the_bytes_voxels_and_pixels_expand_to():
+    """Issue #21: a 256^3 float64 all-zero .nii.gz is a ~130-kB upload of 134 MB of voxels; the voxel
+    limit alone let it through. Now the header's voxels x item size meet max_decoded_mb before decoding."""
+    zeros = gzip.compress(nifti_bytes(np.zeros((256, 256, 256))))
+    assert len(zeros) < 200_000
+    with pytest.raises(BadInput, match="256x256x256 voxels x 8 bytes .* over this server's limit") as caught:
+        decode_volume(zeros, 10**9, 2**26)
+    assert caught.value.status == 413
+    small = nifti_bytes(np.arange(4096, dtype=np.float64).reshape(16, 16, 16))  # 32 kB of voxels
+    assert decode_volume(small, 10**9, 32768 + 352).shape == (16, 16, 16)
+    with pytest.raises(BadInput, match="max_decoded_mb"):
+        decode_volume(small, 10**9, 32768 + 351)
+    grey16 = encode(np.zeros((100, 100), np.uint16), "TIFF")  # 2 bytes a pixel
+    assert decode_image(grey16, 10**6, 20_000).shape == (100, 100, 3)
+    with pytest.raises(BadInput, match="100x100 pixels x 2 bytes = 20000 bytes") as caught:
+        decode_image(grey16, 10**6, 19_999)
+    assert caught.value.status == 413
+
+
+def test_a_gzip_bomb_is_inflated_only_as_far_as_its_header_says():
+    """A 4^3 volume followed by 256 MB of zeros in one gzip stream: decoded at once, the zeros unread."""
+    deflate = zlib.compressobj(1, wbits=31)
+    parts = [deflate.compress(nifti_bytes(np.ones((4, 4, 4), np.uint8)))]
+    zeros = bytes(2**24)
+    parts += [deflate.compress(zeros) for _ in range(16)]
+    bomb = b"".join(parts) + deflate.flush()
+    start = time.perf_counter()
+    assert decode_volume(bomb, 10**6, 2**20).shape == (4, 4, 4)
+    assert time.perf_counter() - start < 1.0  # inflating all of it takes seconds
+
+
+@pytest.mark.parametrize(
+    "header, status, words",
+    [
+        ({"dim": [3, -5, 4, 4, 1, 1, 1, 1]}, 400, "expected positive sizes"),  # was an OverflowError
+        ({"datatype": 128, "bitpix": 24}, 415, "unsupported voxel type"),  # RGB24, was a TypeError
+        ({"vox_offset": 2**31}, 413, "max_decoded_mb"),  # would inflate 2 GB to reach the data
+    ],
+    ids=["negative-dim", "rgb24", "far-offset"],
+)
+def test_hostile_nifti_headers_are_4xx(header, status, words):
+    body = nifti_bytes(np.zeros((4, 4, 4), np.uint8), **header)
+    for upload in (body, gzip.compress(body)):
+        with pytest.raises(BadInput, match=words) as caught:
+            decode_volume(upload, 10**6, 2**20)
+        assert caught.value.status == status
+
+
+def test_errors_name_no_server_path():
+    body = nifti_bytes(np.random.default_rng(0).integers(0, 255, (4, 4, 4), np.uint8))
+    packed = gzip.compress(body)
+    for upload in (body[:400], packed[: len(packed) // 2], nifti_bytes(np.zeros((8, 8), np.uint8))):
+        with pytest.raises(BadInput) as caught:
+            decode_volume(upload, 10**6, 2**20)
+        assert "/" not in str(caught.value).replace("n/a", ""), str(caught.value)
+
+
+def test_a_float_image_with_nan_is_refused_not_blackened():
+    pixels = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    assert decode_image(encode(pixels, "TIFF"), 10**6, GB)[..., 0].max() == 255
+    pixels[3, 5] = np.nan
+    with pytest.raises(BadInput, match="NaN") as caught:
+        decode_image(encode(pixels, "TIFF"), 10**6, GB)
+    assert caught.value.status == 400

@@ -49,12 +49,39 @@ function decodeRle(rle) {
 }
 
 // ------------------------------------------------------------------------------------------ requests
+// A server started with a token answers the API 401 without it: the page asks once, keeps it for this
+// tab (sessionStorage) and sends it with every request; one question even when several requests fail.
+let tokenQuestion = null;
+
+async function api(url, options = {}) {
+  const send = () => {
+    const token = sessionStorage.getItem("token");
+    const headers = { ...options.headers, ...(token ? { Authorization: `Bearer ${token}` } : {}) };
+    return fetch(url, { ...options, headers });
+  };
+  let response = await send();
+  if (response.status === 401) {
+    tokenQuestion ??= Promise.resolve(prompt("This server asks for an access token:")).finally(() => {
+      tokenQuestion = null;
+    });
+    const token = await tokenQuestion;
+    if (token) {
+      sessionStorage.setItem("token", token.trim());
+      response = await send();
+    }
+  }
+  return response;
+}
+
+// The file as the raw body, labelled as bytes (the server refuses unlabelled uploads and reads the format
+// from the bytes themselves; browsers know no type for .nii).
 async function post(path, file, params = {}) {
   const url = new URL(path, location.href);
   for (const [key, value] of Object.entries(params)) {
     for (const v of [].concat(value)) url.searchParams.append(key, v);
   }
-  return fetch(url, { method: "POST", body: file });
+  const headers = { "Content-Type": "application/octet-stream" };
+  return api(url, { method: "POST", body: file, headers });
 }
 
 async function errorOf(response) {
@@ -332,7 +359,7 @@ function setUpClassify() {
 
 // --------------------------------------------------------------------------------------- find in 3D
 async function loadLibrary() {
-  const response = await fetch("/v1/library");
+  const response = await api("/v1/library");
   if (!response.ok) {
     status("match-library", await errorOf(response), true);
     $("match-drop").hidden = $("match-restrict").hidden = true;
@@ -383,7 +410,10 @@ function matchCard(m, rank, querySrc) {
   const view = (kind) => {
     const img = document.createElement("img");
     const params = new URLSearchParams({ volume: m.volume, axis: m.axis, index: m.index, kind });
-    img.src = `/v1/library/view?${params}`;
+    // fetched, not linked: an <img> cannot send the token
+    api(`/v1/library/view?${params}`).then(async (response) => {
+      if (response.ok) img.src = URL.createObjectURL(await response.blob());
+    });
     img.alt = `${kind} of ${m.volume}`;
     return img;
   };
@@ -427,7 +457,7 @@ function setUpMatch() {
 
 // -------------------------------------------------------------------------------------------- models
 async function loadModels() {
-  const [health, models] = await Promise.all([fetch("/healthz"), fetch("/v1/models")]);
+  const [health, models] = await Promise.all([fetch("/healthz"), api("/v1/models")]);
   if (!models.ok) {
     status("models-status", await errorOf(models), true);
     return;

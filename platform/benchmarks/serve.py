@@ -91,6 +91,9 @@ def _percentiles(latencies: list[float]) -> dict:
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)} if len(ms) else {}
 
 
+RAW = {"Content-Type": "application/octet-stream"}  # the server refuses unlabelled uploads (415)
+
+
 def load_test(url: str, body: bytes, clients: int, seconds: float) -> dict:
     """`clients` threads posting `body` back to back for `seconds`: requests/s, latency quantiles, errors."""
     latencies, errors, lock = [], [], threading.Lock()
@@ -101,7 +104,7 @@ def load_test(url: str, body: bytes, clients: int, seconds: float) -> dict:
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 try:
-                    response = session.post(url, data=body, timeout=600)
+                    response = session.post(url, data=body, headers=RAW, timeout=600)
                     ok = response.status_code == 200
                     response.json()
                 except (requests.RequestException, ValueError) as e:
@@ -213,7 +216,8 @@ def mosaic_test(url: str, mosaic: int, tile_size: int) -> dict:
     rss_before, _ = _memory_mb(pid)
     body = png(sample_mosaic(mosaic))
     start = time.perf_counter()
-    response = requests.post(f"{url}/v1/segment", data=body, params={"tile_size": tile_size}, timeout=3600)
+    params = {"tile_size": tile_size}
+    response = requests.post(f"{url}/v1/segment", data=body, params=params, headers=RAW, timeout=3600)
     seconds = time.perf_counter() - start
     rss_after, peak = _memory_mb(pid)
     return {
