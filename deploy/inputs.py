@@ -151,7 +151,7 @@ def _gunzip(data: bytes, size: int) -> bytes:
     try:
         return zlib.decompressobj(wbits=31).decompress(data, size)
     except zlib.error as e:
-        raise BadInput(400, f"corrupt gzip stream ({e})") from None
+        raise BadInput(415, f"not a readable .nii.gz (corrupt gzip stream: {e})") from None
 
 
 def _nifti_header(head: bytes):

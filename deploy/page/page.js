@@ -50,27 +50,22 @@ function decodeRle(rle) {
 
 // ------------------------------------------------------------------------------------------ requests
 // A server started with a token answers the API 401 without it: the page asks once, keeps it for this
-// tab (sessionStorage) and sends it with every request; one question even when several requests fail.
-let tokenQuestion = null;
-
+// tab (sessionStorage) and sends it with every request. A request that failed with an older token than
+// the one stored meanwhile (another request asked) just retries.
 async function api(url, options = {}) {
-  const send = () => {
-    const token = sessionStorage.getItem("token");
+  const send = (token) => {
     const headers = { ...options.headers, ...(token ? { Authorization: `Bearer ${token}` } : {}) };
     return fetch(url, { ...options, headers });
   };
-  let response = await send();
-  if (response.status === 401) {
-    tokenQuestion ??= Promise.resolve(prompt("This server asks for an access token:")).finally(() => {
-      tokenQuestion = null;
-    });
-    const token = await tokenQuestion;
-    if (token) {
-      sessionStorage.setItem("token", token.trim());
-      response = await send();
-    }
+  const sent = sessionStorage.getItem("token");
+  const response = await send(sent);
+  if (response.status !== 401) return response;
+  if (sessionStorage.getItem("token") === sent) {
+    const token = prompt("This server asks for an access token:");
+    if (!token) return response;
+    sessionStorage.setItem("token", token.trim());
   }
-  return response;
+  return send(sessionStorage.getItem("token"));
 }
 
 // The file as the raw body, labelled as bytes (the server refuses unlabelled uploads and reads the format
