@@ -99,9 +99,10 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
             raise BadInput(400, f"truncated or corrupt {im.format} image ({type(e).__name__}: {e})") from None
     if pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4):
         raise BadInput(415, f"{pixels.shape[2]}-channel image; expected grey, RGB or RGBA")
-    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
-        # to_rgb8 scales by the image's range: one NaN would make every pixel black
-        raise BadInput(400, "float image with NaN or infinite pixels; expected finite values")
+    if pixels.dtype.kind == "f" and pixels.size and not np.isfinite(pixels).any():
+        raise BadInput(400, "float image without one finite pixel; nothing to show")
+    # NaN pixels are "no data" and scaled as the readers do (datasets/normalize.py): the same picture as
+    # platform.predict and training give, not an error and not an all-black image
     return to_rgb8(pixels)
 
 

@@ -114,8 +114,9 @@ def hostile_requests() -> list[tuple[str, str, bytes, dict, int]]:
     cube[10:30, 10:30, 10:30] = 200
     bomb = deflate.compress(nifti_bytes(cube))
     bomb += b"".join(deflate.compress(bytes(2**24)) for _ in range(64)) + deflate.flush()  # + 1 GB of 0
-    nan = np.ones((64, 64), np.float32)
-    nan[5, 5] = np.nan
+    nan = np.full(
+        (64, 64), np.nan, np.float32
+    )  # one NaN is "no data" (datasets/normalize.py); all is nothing
     big = np.zeros((2000, 2000), np.uint8)
     return [
         ("256^3 float64 .nii.gz", "/v1/classify", gzip.compress(nifti_bytes(np.zeros((256,) * 3))), {}, 413),
@@ -131,7 +132,7 @@ def hostile_requests() -> list[tuple[str, str, bytes, dict, int]]:
         ("1024x1024 on a whole-image model", "/v1/segment", png(np.zeros((1024, 1024), np.uint8)), {}, 413),
         ("tile_size=32 on 2000x2000", "/v1/segment", png(big), {"tile_size": 32}, 413),
         ("tile_size=8192 on 2000x2000", "/v1/segment", png(big), {"tile_size": 8192}, 422),
-        ("float TIFF with a NaN", "/v1/segment", tiff(nan), {}, 400),
+        ("float TIFF of NaN only", "/v1/segment", tiff(nan), {}, 400),
         (
             "negative NIfTI dimension",
             "/v1/classify",

@@ -194,10 +194,17 @@ def test_errors_name_no_server_path():
         assert "/" not in str(caught.value).replace("n/a", ""), str(caught.value)
 
 
-def test_a_float_image_with_nan_is_refused_not_blackened():
+def test_a_float_image_with_nan_is_scaled_on_its_finite_pixels_as_the_readers_do():
+    from datasets.records import to_rgb8
+
     pixels = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     assert decode_image(encode(pixels, "TIFF"), 10**6, GB)[..., 0].max() == 255
     pixels[3, 5] = np.nan
-    with pytest.raises(BadInput, match="NaN") as caught:
-        decode_image(encode(pixels, "TIFF"), 10**6, GB)
+    decoded = decode_image(encode(pixels, "TIFF"), 10**6, GB)
+    assert np.array_equal(decoded, to_rgb8(pixels))  # what platform.predict and training see
+    assert (
+        decoded[..., 0].max() == 255 and decoded[3, 5, 0] == 0
+    )  # not blackened; the NaN is the lowest value
+    with pytest.raises(BadInput, match="finite") as caught:
+        decode_image(encode(np.full((8, 8), np.nan, np.float32), "TIFF"), 10**6, GB)
     assert caught.value.status == 400
