@@ -38,27 +38,6 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
 
 
-class MaskRCNNPyfunc(mlflow.pyfunc.PythonModel):
-    """`mlflow.pyfunc.load_model(uri).predict([image, ...])` -> one dict of numpy arrays per image.
-
-    Loading needs this checkout importable (run from the repo root), as the platform itself does.
-    """
-
-    # predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; without
-    # this, every import printed its advice to add type hints (its own filter overrides ours).
-    _skip_type_hint_validation = True
-
-    def load_context(self, context):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.config, self.categories = load_detector_model(
-            Path(context.artifacts["checkpoint"]), device
-        )
-        self.device = device
-
-    def predict(self, context, model_input, params=None):
-        return [predict_image(self, image) for image in model_input]
-
-
 @dataclass
 class Detector:
     """A loaded registered detector and where it came from."""
@@ -70,6 +49,46 @@ class Detector:
     uri: str
     name: str | None = None
     version: str | None = None
+
+
+class PlatformPyfunc(mlflow.pyfunc.PythonModel):
+    """`mlflow.pyfunc.load_model(uri).predict(inputs)` of a logged platform model: a detector (artifact
+    `checkpoint`) takes [image, ...] and gives one dict of numpy arrays per image (predict_image's); a
+    classifier or ensemble (artifact `classifier`) takes [slice, ...] and gives N x C class probabilities
+    (`classes` of the unwrapped model names the columns). It loads through load_detector / load_classifier,
+    as the platform does; loading needs this checkout importable (run from the repo root).
+    """
+
+    # predict takes a list of numpy images, which MLflow's type-hint schemas cannot describe; without
+    # this, every import printed its advice to add type hints (its own filter overrides ours).
+    _skip_type_hint_validation = True
+
+    def load_context(self, context):
+        if "checkpoint" in context.artifacts:
+            self.model = load_detector(context.artifacts["checkpoint"])
+        else:
+            self.model = load_classifier(context.artifacts["classifier"])
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(self.model, Detector):
+            return [predict_image(self.model, image) for image in model_input]
+        return self.model.predict_proba(model_input)
+
+
+# The models are logged "from code": MLflow copies this file into the logged model and runs it when
+# `mlflow.pyfunc.load_model` loads one, where a pickled `python_model` would be unpickled, and a pickle
+# can run any code. So no logged model of ours holds a pickle; the weights load with weights_only=True.
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def _log_pyfunc(artifact_name: str, kind: str, folder: Path) -> ModelInfo:
+    # Explicit requirements: MLflow's inference would import-trace the model in a subprocess.
+    return mlflow.pyfunc.log_model(
+        name=artifact_name,
+        python_model=str(PYFUNC_CODE),
+        artifacts={kind: str(folder)},
+        pip_requirements=_requirements(),
+    )
 
 
 def _requirements() -> list[str]:
@@ -87,27 +106,7 @@ def log_detector(checkpoint_dir: Path, artifact_name: str = "model") -> ModelInf
             slim.mkdir()
             for name in CHECKPOINT_FILES:
                 shutil.copy2(checkpoint_dir / name, slim / name)
-        # Explicit requirements: MLflow's inference would import-trace the model in a subprocess.
-        return mlflow.pyfunc.log_model(
-            name=artifact_name,
-            python_model=MaskRCNNPyfunc(),
-            artifacts={"checkpoint": str(slim)},
-            pip_requirements=_requirements(),
-        )
-
-
-class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
-    """`mlflow.pyfunc.load_model(uri).predict([slice, ...])` -> N x C class probabilities (a single
-    classifier or an ensemble; `classes` of the unwrapped model names the columns)."""
-
-    _skip_type_hint_validation = True  # as MaskRCNNPyfunc's
-
-    def load_context(self, context):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.predictor = load_predictor(Path(context.artifacts["classifier"]), device)
-
-    def predict(self, context, model_input, params=None):
-        return self.predictor.predict_proba(model_input)
+        return _log_pyfunc(artifact_name, "checkpoint", slim)
 
 
 def log_classifier(folder: Path, artifact_name: str = "model") -> ModelInfo:
@@ -115,12 +114,7 @@ def log_classifier(folder: Path, artifact_name: str = "model") -> ModelInfo:
     with tempfile.TemporaryDirectory() as tmp:
         slim = Path(tmp) / "classifier"
         shutil.copytree(folder, slim, ignore=shutil.ignore_patterns("train_state.pt", ".*"))
-        return mlflow.pyfunc.log_model(
-            name=artifact_name,
-            python_model=ClassifierPyfunc(),
-            artifacts={"classifier": str(slim)},
-            pip_requirements=_requirements(),
-        )
+        return _log_pyfunc(artifact_name, "classifier", slim)
 
 
 def log_checkpoint(folder: Path, artifact_name: str = "model") -> ModelInfo:

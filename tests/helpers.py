@@ -119,3 +119,26 @@ class ThresholdDetector(torch.nn.Module):
             "labels": torch.full((n,), self.label, dtype=torch.long)[order],
             "masks": soft[order, None].float(),
         }
+
+
+def random_checkpoint(folder, data, seed: int):
+    """A random-weight ResNet-18 Mask R-CNN checkpoint on `data` (small inputs, few proposals: seconds)."""
+    from trainers.config import MaskRCNNConfig
+    from trainers.detection.model import build_model, save_checkpoint
+    from trainers.detection.train import config_split
+
+    cfg = MaskRCNNConfig(
+        data=str(data),
+        backbone="resnet18_fpn",
+        min_size=128,
+        max_size=160,
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=50,
+        box_detections_per_img=20,
+        mask_head_channels=64,
+    )
+    categories = config_split(cfg)[0][0].categories
+    torch.manual_seed(seed)
+    folder.mkdir()
+    save_checkpoint(folder, cfg, build_model(cfg, len(categories)), categories, {})
+    return folder

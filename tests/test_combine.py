@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from datasets.errors import UserError
-from tests.helpers import ThresholdDetector, mlflow_uris_restored, sample_subset
+from tests.helpers import ThresholdDetector, mlflow_uris_restored, random_checkpoint, sample_subset
 from trainers.detection.combine import (
     MaskVoteEnsemble,
     TTAModel,
@@ -137,29 +137,6 @@ def test_members_must_share_their_input(tmp_path):
         check_folders([tmp_path / "a", tmp_path / "b"], ["A", "B"])
     with pytest.raises(UserError, match="members differ in tile_size"):
         check_folders([tmp_path / "a", tmp_path / "c"])
-
-
-def random_checkpoint(folder, data, seed: int):
-    """A random-weight ResNet-18 Mask R-CNN checkpoint on `data` (small inputs, few proposals: seconds)."""
-    from trainers.config import MaskRCNNConfig
-    from trainers.detection.model import build_model, save_checkpoint
-    from trainers.detection.train import config_split
-
-    cfg = MaskRCNNConfig(
-        data=str(data),
-        backbone="resnet18_fpn",
-        min_size=128,
-        max_size=160,
-        rpn_pre_nms_top_n_test=100,
-        rpn_post_nms_top_n_test=50,
-        box_detections_per_img=20,
-        mask_head_channels=64,
-    )
-    categories = config_split(cfg)[0][0].categories
-    torch.manual_seed(seed)
-    folder.mkdir()
-    save_checkpoint(folder, cfg, build_model(cfg, len(categories)), categories, {})
-    return folder
 
 
 def test_ensemble_cli_registers_a_detector_that_loads_and_predicts(tmp_path, capsys):

@@ -23,6 +23,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 NORMS = ("frozen_bn", "bn", "sync_bn", "group")
 AMP_MODES = ("off", "bf16", "fp16")
 TTA_MODES = ("off", "flips", "flips+rot90")  # test-time augmentation (trainers/detection/combine.py)
+# The largest side a Mask R-CNN input is resized or tiled to (a 67-megapixel input): a config file, which a
+# registered model carries, cannot make every image it sees cost unbounded memory.
+MAX_INPUT_SIDE = 8192
 BASELINES = ("otsu", "otsu-watershed", "off")  # the classical baseline (trainers/detection/baseline.py)
 
 
@@ -156,6 +159,9 @@ class MaskRCNNConfig:
         for key in ("epochs", "batch_size", "min_size", "max_size", "box_detections_per_img"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: expected a positive integer, got {getattr(self, key)}")
+        for key in ("min_size", "max_size", "tile_size"):  # what the model resizes to: its memory
+            if getattr(self, key) > MAX_INPUT_SIDE:
+                raise UserError(f"{key}: expected at most {MAX_INPUT_SIDE} pixels, got {getattr(self, key)}")
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise UserError(f"trainable_backbone_layers: expected 0-5, got {self.trainable_backbone_layers}")
         _one_of("amp", self.amp, AMP_MODES)
@@ -452,7 +458,14 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[C], values: dict[str, Any], source: str) -> C:
-    return apply_overrides(cls(), values, source)
+    if not isinstance(values, dict):  # a config file's content: a forged one may be any JSON value
+        raise UserError(f"{source}: expected an object of {cls.__name__} keys, got {type(values).__name__}")
+    try:
+        return apply_overrides(cls(), values, source)
+    except UserError as e:  # validate's messages name the field; this one names the file as well
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise UserError(f"{source}: {e}") from None
 
 
 def write_json(config: Any, path: Path) -> None:

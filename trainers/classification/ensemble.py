@@ -22,6 +22,7 @@ import numpy as np
 
 from datasets.errors import UserError
 from datasets.records import folder_written_atomically
+from trainers.checkpoints import member_folder
 from trainers.classification.metrics import aggregate, classification_metrics, sanitise
 from trainers.classification.model import SliceClassifier, load_classifier_checkpoint
 from trainers.classification.operating_point import (
@@ -213,7 +214,8 @@ def load_predictor(folder: Path, device: str = "cpu") -> SliceClassifier | Ensem
         return load_classifier_checkpoint(folder, device)
     try:
         spec = json.loads(spec_file.read_text())
-        members = [load_classifier_checkpoint(folder / name, device) for name in spec["members"]]
+        folders = [member_folder(folder, name, spec_file) for name in spec["members"]]
+        members = [load_classifier_checkpoint(f, device) for f in folders]
         point = spec.get("operating_point")  # absent in ensembles from before operating points: argmax
         ensemble = Ensemble(
             spec["method"],
@@ -223,7 +225,7 @@ def load_predictor(folder: Path, device: str = "cpu") -> SliceClassifier | Ensem
             [float(w) for w in spec.get("class_weights", [])],
             OperatingPoint(**point) if point else None,
         )
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{spec_file}: not a valid ensemble description ({e})") from None
     if ensemble.operating_point is not None:
         check_operating_point(ensemble.operating_point, ensemble.classes, f"{spec_file}: operating_point")

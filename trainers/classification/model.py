@@ -6,18 +6,21 @@ import difflib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from timm.models import get_pretrained_cfg_value
 
+from datasets.coco import load_json
 from datasets.errors import UserError
 from datasets.progress import Progress
 from datasets.slices import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from datasets.slicing import volume_slices
 from datasets.volumes import VolumeRecord, load_volume
+from trainers.checkpoints import load_into, read_state_dict
 from trainers.classification.metrics import aggregate
 from trainers.classification.operating_point import (
     OperatingPoint,
@@ -163,17 +166,40 @@ def save_classifier(
     save_operating_point(folder, point)
 
 
+def check_classes(classes, where: Path) -> list[str]:
+    """classes.json's content: a list of at least two distinct class names."""
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{where}: expected a list of at least two class names (text), got {classes!r:.200}")
+    if len(set(classes)) < len(classes):
+        raise UserError(f"{where}: class names repeat: {classes}")
+    return classes
+
+
+def check_head(state: dict, model_name: str, classes: int, folder: Path) -> None:
+    """The weights' classifier head has one output per class of classes.json (checked before the model is
+    built: a forged class list cannot make it larger than its weights file), where timm names the head."""
+    head = get_pretrained_cfg_value(model_name, "classifier")
+    bias = state.get(f"{head}.bias") if isinstance(head, str) else None
+    if bias is not None and tuple(bias.shape) != (classes,):
+        raise UserError(
+            f"{folder / 'model.pt'}: a head of {tuple(bias.shape)} outputs, but "
+            f"{folder / 'classes.json'} lists {classes} classes"
+        )
+
+
 def load_classifier_checkpoint(folder: Path, device: str = "cpu") -> SliceClassifier:
     folder = Path(folder)
     for name in CLASSIFIER_FILES:
         if not (folder / name).is_file():
             raise UserError(f"{folder / name} not found (a classifier checkpoint holds {CLASSIFIER_FILES})")
-    values = json.loads((folder / "config.json").read_text())
+    cfg = from_dict(ClassifierConfig, load_json(folder / "config.json"), str(folder / "config.json"))
     # The checkpoint's tensors replace any initial weights: never download or read them again.
-    cfg = from_dict(ClassifierConfig, {**values, "pretrained": ""}, str(folder / "config.json"))
-    classes = json.loads((folder / "classes.json").read_text())
+    cfg = replace(cfg, pretrained="")
+    classes = check_classes(load_json(folder / "classes.json"), folder / "classes.json")
+    state = read_state_dict(folder / "model.pt", device)
+    check_head(state, cfg.model_name, len(classes), folder)
     model = build_classifier(cfg, len(classes))
-    model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
+    load_into(model, state, str(folder / "model.pt"))
     point = read_operating_point(folder, classes)  # None in checkpoints from before operating points
     return SliceClassifier(model.to(device).eval(), cfg, classes, str(device), operating_point=point)
 

@@ -185,7 +185,7 @@ def read_operating_point(folder: Path, classes: Sequence[str]) -> OperatingPoint
         return None
     try:
         point = OperatingPoint(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise UserError(f"{path}: not a valid operating point ({e})") from None
     return check_operating_point(point, classes, str(path))
 

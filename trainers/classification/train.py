@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from datasets.augment import augmentation
 from datasets.slices import SAMPLE_VOLUMES, SliceDataset, evenly_spaced, slice_index, split_rows
+from trainers.checkpoints import read_state_dict, read_tensors
 from trainers.classification.metrics import operating_point_numbers, report
 from trainers.classification.model import (
     backbone_norms_eval,
@@ -208,10 +209,10 @@ def _resume(cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: dict, cl
     resume = seam.latest_checkpoint()
     if resume is None:
         return 0
-    state = torch.load(resume / "train_state.pt", map_location=seam.device, weights_only=True)
+    state = read_tensors(resume / "train_state.pt", seam.device)
     bare.load_state_dict(state["model"])
     if cfg.restore_best:
-        best["weights"] = torch.load(resume / "model.pt", map_location=seam.device, weights_only=True)
+        best["weights"] = read_state_dict(resume / "model.pt", seam.device)
         best["point"] = read_operating_point(resume, classes)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):

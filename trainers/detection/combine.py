@@ -36,6 +36,7 @@ from torch import nn
 
 from datasets.errors import UserError
 from datasets.records import folder_written_atomically
+from trainers.checkpoints import member_folder
 from trainers.config import TTA_MODES, MaskRCNNConfig
 from trainers.detection.model import CHECKPOINT_FILES, checkpoint_settings, load_checkpoint_model
 
@@ -319,12 +320,13 @@ def load_ensemble(folder: Path, device="cpu") -> tuple[MaskVoteEnsemble, MaskRCN
     try:
         spec = json.loads(spec_file.read_text())
         names, method, tta = list(spec["members"]), spec["method"], spec.get("tta", "off")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{spec_file}: not a valid detector ensemble description ({e})") from None
     if method not in METHODS or tta not in TTA_MODES or not names:
         raise UserError(f"{spec_file}: method {method!r}, tta {tta!r}, members {names}: not a valid ensemble")
-    check_folders([Path(folder) / n for n in names], names)
-    members = [load_checkpoint_model(Path(folder) / n, device) for n in names]
+    folders = [member_folder(folder, n, spec_file) for n in names]
+    check_folders(folders, names)
+    members = [load_checkpoint_model(f, device) for f in folders]
     cfg = replace(members[0][1], tta=tta)
     return MaskVoteEnsemble([m for m, _, _ in members]), cfg, members[0][2]
 

@@ -17,7 +17,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
+from datasets.coco import field, load_json
 from datasets.errors import UserError
+from trainers.checkpoints import load_into, read_state_dict, read_tensors
 from trainers.config import MaskRCNNConfig, from_dict, to_dict, write_json
 
 log = logging.getLogger(__name__)
@@ -120,12 +122,7 @@ def _whole_model_state(cfg: MaskRCNNConfig) -> dict[str, torch.Tensor]:
                 f"weights: torchvision has COCO weights for {', '.join(COCO_WEIGHTS)}, not {cfg.backbone}"
             )
         return COCO_WEIGHTS[cfg.backbone].DEFAULT.get_state_dict(progress=True)
-    try:
-        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"weights: file not found: {cfg.weights}") from None
-    except Exception as e:  # torch raises several types for a file that is not a state dict
-        raise UserError(f"weights: {cfg.weights} is not a readable torch state_dict ({e})") from None
+    state = read_tensors(Path(cfg.weights), where="weights")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint rather than a bare state_dict
     if not isinstance(state, dict):
@@ -166,17 +163,41 @@ def save_checkpoint(
 
 
 def checkpoint_settings(folder: Path) -> tuple[MaskRCNNConfig, list[dict]]:
-    """A checkpoint folder's config and categories, without its weights."""
+    """A checkpoint folder's config and categories, without its weights; a UserError naming the file and
+    the field for a value of the wrong type."""
     config_file = folder / "config.json"
-    cfg = from_dict(MaskRCNNConfig, json.loads(config_file.read_text()), str(config_file))
-    return cfg, json.loads((folder / "categories.json").read_text())
+    cfg = from_dict(MaskRCNNConfig, load_json(config_file), str(config_file))
+    return cfg, check_categories(load_json(folder / "categories.json"), folder / "categories.json")
+
+
+def check_categories(categories, where: Path) -> list[dict]:
+    """categories.json's content: a non-empty list of {"id": positive integer, "name": text}, ids unique."""
+    if not isinstance(categories, list) or not categories:
+        raise UserError(f"{where}: expected a non-empty list of categories, got {type(categories).__name__}")
+    for i, category in enumerate(categories):
+        field(category, "id", f"{where}: [{i}]", int)
+        field(category, "name", f"{where}: [{i}]", str)
+        if isinstance(category["id"], bool) or category["id"] < 1:
+            raise UserError(f"{where}: [{i}]: field 'id' must be a positive integer, got {category['id']!r}")
+    if len({c["id"] for c in categories}) < len(categories):
+        raise UserError(f"{where}: category ids repeat: {[c['id'] for c in categories]}")
+    return categories
 
 
 def load_checkpoint_model(folder: Path, device="cpu") -> tuple[torch.nn.Module, MaskRCNNConfig, list[dict]]:
-    """The model of a checkpoint folder, in eval mode, with its config and categories."""
+    """The model of a checkpoint folder, in eval mode, with its config and categories. The weights are
+    read first and must hold as many classes as categories.json lists: a forged list cannot make the
+    model it builds larger than its weights file."""
     cfg, categories = checkpoint_settings(folder)
+    state = read_state_dict(folder / "model.pt", device)
+    classes = state.get("roi_heads.box_predictor.cls_score.bias")
+    if classes is None or tuple(classes.shape) != (len(categories) + 1,):
+        found = "no box predictor" if classes is None else f"{classes.shape[0] - 1} classes"
+        raise UserError(
+            f"{folder / 'model.pt'}: {found}, but {folder / 'categories.json'} lists {len(categories)}"
+        )
     model = build_model(_without_weights(cfg), num_classes=len(categories))
-    model.load_state_dict(torch.load(folder / "model.pt", map_location=device, weights_only=True))
+    load_into(model, state, str(folder / "model.pt"))
     return model.to(device).eval(), cfg, categories
 
 

@@ -22,6 +22,7 @@ from datasets.instances import (
     read_records,
 )
 from datasets.splits import train_val_split
+from trainers.checkpoints import read_state_dict, read_tensors
 from trainers.config import MaskRCNNConfig, from_dict
 from trainers.detection.inference import predict, predict_records
 from trainers.detection.model import build_model, save_checkpoint
@@ -185,8 +186,8 @@ def _resume(cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch) -> i
     resume = seam.latest_checkpoint()
     if resume is None:
         return 0
-    state = torch.load(resume / "train_state.pt", map_location=seam.device, weights_only=True)
-    handed_over = torch.load(resume / "model.pt", map_location=seam.device, weights_only=True)
+    state = read_tensors(resume / "train_state.pt", seam.device)
+    handed_over = read_state_dict(resume / "model.pt", seam.device)
     bare.load_state_dict(state.get("model", handed_over))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
