@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from trainers.checkpoints import finished_checkpoint, swap_in
+
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # where Tune's results carry the reported checkpoint (Train V2)
 # Left out when the checkout is shipped to a cluster (init_ray, platform.launch); Ray also leaves out what
 # .gitignore lists (caches, local stores).
@@ -97,19 +99,16 @@ class LocalSeam:
         return value
 
     def latest_checkpoint(self) -> Path | None:
-        if self.checkpoint_dir and (self.checkpoint_dir / "model.pt").exists():
-            return self.checkpoint_dir
-        return None
+        return finished_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
 
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None] | None) -> None:
         if write_checkpoint is not None and self.checkpoint_dir is not None:
-            # Written beside, then swapped in: a crash never leaves half a checkpoint.
+            # Written beside, then swapped in: a crash never leaves half a checkpoint, nor none.
             tmp = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             write_checkpoint(tmp)
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-            tmp.rename(self.checkpoint_dir)
+            swap_in(tmp, self.checkpoint_dir)
         self.reports.append(metrics)
         if self.on_report:
             self.on_report(metrics)
