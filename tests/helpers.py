@@ -142,3 +142,19 @@ def random_checkpoint(folder, data, seed: int):
     folder.mkdir()
     save_checkpoint(folder, cfg, build_model(cfg, len(categories)), categories, {})
     return folder
+
+
+def write_marker(path: str):
+    """What the forged pickles of the tests (RunsCode) run when unpickled: a file that says so."""
+    Path(path).write_text("unpickled\n")
+    return {}
+
+
+class RunsCode:
+    """An object whose pickle runs write_marker (pickle's __reduce__: a callable and its arguments)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return write_marker, (self.marker,)

@@ -1,3 +1,4 @@
+import json
 import pickle
 import shutil
 import time
@@ -16,20 +17,20 @@ from datasets.records import load_image, rle_to_json, write_bytes_atomic
 from datasets.splits import train_val_split
 from search_spaces import get_space, sample
 from search_spaces.thresholds import DETECTIONS_PER_IMG
-from tests.helpers import sample_subset
+from tests.helpers import RunsCode, sample_subset
 from trainers.config import MaskRCNNConfig, apply_overrides, to_dict
 from trainers.detection import postprocess
 from trainers.detection.inference import to_coco_results
 from trainers.detection.model import build_model
 from trainers.detection.postprocess import filter_output
 from trainers.detection.thresholds import (
-    CACHE_VERSION,
     PERMISSIVE,
     PredictionCache,
     apply_postprocess,
     cache_predictions,
     evaluate_thresholds,
     load_cache,
+    save_cache,
     score_postprocessed,
 )
 from trainers.detection.train import save_checkpoint
@@ -61,7 +62,7 @@ def checkpoint(tmp_path_factory):
     folder = root / "checkpoint"
     folder.mkdir()
     save_checkpoint(folder, cfg, model, TWO, {})
-    cache = cache_predictions(folder, root / "cache" / "val.pkl", device="cpu")
+    cache = cache_predictions(folder, root / "cache" / "val.npz", device="cpu")
     return folder, cfg, model.eval(), load_cache(cache)
 
 
@@ -76,7 +77,7 @@ def test_tiled_cache_and_filters(checkpoint, tmp_path):
     copy = tmp_path / "tiled"
     shutil.copytree(folder, copy)
     save_checkpoint(copy, tiled, model, TWO, {})  # same weights, tiled config
-    cache = load_cache(cache_predictions(copy, tmp_path / "tiled.pkl", device="cpu"))
+    cache = load_cache(cache_predictions(copy, tmp_path / "tiled.npz", device="cpu"))
     assert cache.tiled and cache.images == 2 and len(cache.scores) > 0
     for i in range(cache.images):  # per image, by score, as apply_postprocess expects
         assert (np.diff(cache.scores[cache.offsets[i] : cache.offsets[i + 1]]) <= 0).all()
@@ -454,18 +455,54 @@ def test_scores_agree_with_the_reference_and_follow_the_thresholds():
 
 def test_cache_file_round_trip_and_errors(tmp_path):
     cache = synthetic_cache(images=2)
-    path = tmp_path / "c.pkl"
-    data = {f: getattr(cache, f) for f in PredictionCache.__dataclass_fields__}
-    write_bytes_atomic(path, pickle.dumps({"version": CACHE_VERSION, **data}))
+    path = save_cache(cache, tmp_path / "c.npz")
     loaded = load_cache(path)
+    for f in PredictionCache.__dataclass_fields__:  # the same contents, arrays with their dtypes
+        ours, theirs = getattr(loaded, f), getattr(cache, f)
+        if isinstance(theirs, np.ndarray):
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), f
+        else:
+            assert ours == theirs, f
     params = {"box_score_thresh": 0.2, "box_nms_thresh": 0.5}
     assert apply_postprocess(loaded, params) == apply_postprocess(cache, params)
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pkl"]  # no temporary file left behind
-    path.write_bytes(b"not a pickle")
-    with pytest.raises(UserError, match="c.pkl"):
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary file left behind
+    path.write_bytes(b"not a cache")
+    with pytest.raises(UserError, match="c.npz: not a prediction cache"):
         load_cache(path)
     with pytest.raises(UserError, match="not found"):
-        load_cache(tmp_path / "missing.pkl")
+        load_cache(tmp_path / "missing.npz")
+
+
+def test_an_old_pickle_cache_is_refused_without_being_unpickled(tmp_path):
+    """Version 1 caches were pickles, and a pickle can run code: load_cache reads with allow_pickle=False."""
+    marker = tmp_path / "unpickled"
+    old = tmp_path / "predictions.pkl"
+    write_bytes_atomic(old, pickle.dumps(RunsCode(marker)))
+    with pytest.raises(UserError, match=r"predictions.pkl: not a prediction cache \(\.npz; remake"):
+        load_cache(old)
+    assert not marker.exists()
+    pickle.loads(old.read_bytes())  # the control: unpickling it would have run the code
+    assert marker.exists()
+
+
+def test_a_cache_of_another_version_or_dtype_is_refused(tmp_path):
+    cache = synthetic_cache(images=1)
+    path = save_cache(cache, tmp_path / "c.npz")
+    with np.load(path) as npz:
+        members = dict(npz)
+    meta = json.loads(members["json"].tobytes())
+    for change, message in (
+        ({"json": {**meta, "version": 1}}, "prediction cache version 1, expected 2"),
+        ({"labels": members["labels"].astype(np.float32)}, "labels has dtype float32"),
+        ({"json": {k: v for k, v in meta.items() if k != "rles"}}, "lacks rles"),
+    ):
+        changed = {**members, **change}
+        if isinstance(changed["json"], dict):
+            changed["json"] = np.frombuffer(json.dumps(changed["json"]).encode(), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, **changed)
+        with pytest.raises(UserError, match=message):
+            load_cache(path)
 
 
 # ---- the search space ---------------------------------------------------------------------------------

@@ -16,28 +16,12 @@ import torch
 
 from datasets.errors import UserError
 from deploy.registry import load_classifier, load_detector, log_checkpoint, predict_image, register, resolve
-from tests.helpers import mlflow_uris_restored, random_checkpoint, sample_subset
+from tests.helpers import RunsCode, mlflow_uris_restored, random_checkpoint, sample_subset, write_marker
 from trainers.classification.model import build_classifier, save_classifier
 from trainers.config import ClassifierConfig
 from trainers.detection.combine import save_ensemble
 from trainers.detection.inference import open_image
 from trainers.detection.train import config_split
-
-
-def write_marker(path: str):
-    """What the forged pickles below run when unpickled: a file that says so."""
-    Path(path).write_text("unpickled\n")
-    return {}
-
-
-class RunsCode:
-    """An object whose pickle runs write_marker (pickle's __reduce__: a callable and its arguments)."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return write_marker, (self.marker,)
 
 
 class PicklingModel(mlflow.pyfunc.PythonModel):

@@ -18,9 +18,11 @@ is complete only above its lowest cached score (`complete_above`); both are logg
 stitched boxes, where the model runs them per tile, an approximation.
 """
 
+import io
+import json
 import logging
-import pickle
 import time
+import zipfile
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 PERMISSIVE = {"box_score_thresh": 0.001, "box_nms_thresh": 1.0, "box_detections_per_img": 1000}
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: .npz + JSON (1 was a pickle)
 
 
 LOG_EVERY_S = 5.0
@@ -96,27 +98,61 @@ class PredictionCache:
         return len(self.offsets) - 1
 
 
+ARRAYS = {  # the cache's arrays and their dtype kinds (numpy's: i integer, f float); the rest is JSON
+    "offsets": "i",
+    "complete_above": "f",
+    "labels": "i",
+    "scores": "f",
+    "nms_boxes": "f",
+    "bboxes": "f",
+    "areas": "i",
+}
+JSON_KEY = "json"  # the .npz member holding the other fields, as UTF-8 JSON bytes
+
+
+def save_cache(cache: PredictionCache, out: str | Path) -> Path:
+    """A PredictionCache as one .npz file (its arrays, and the other fields as JSON in the uint8 member
+    `json`), written atomically: loaded without unpickling anything (load_cache)."""
+    rest = {f.name: getattr(cache, f.name) for f in fields(PredictionCache) if f.name not in ARRAYS}
+    text = json.dumps({"version": CACHE_VERSION, **rest}, separators=(",", ":"))
+    buffer = io.BytesIO()
+    arrays = {key: np.asarray(getattr(cache, key)) for key in ARRAYS}
+    np.savez(buffer, **arrays, **{JSON_KEY: np.frombuffer(text.encode(), dtype=np.uint8)})
+    return write_bytes_atomic(out, buffer.getvalue())
+
+
 def load_cache(path: str | Path) -> PredictionCache:
-    """A cache written by cache_predictions; UserError naming the file if it is not one."""
+    """A cache written by save_cache, read with allow_pickle=False; a UserError naming the file if it is
+    not one (a pickle cache of an older version among them: remake it)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: prediction cache not found (make one with cache_predictions)")
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        raise UserError(f"{path}: not a prediction cache ({e})") from None
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
-        version = data.get("version") if isinstance(data, dict) else None
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in ARRAYS}
+            rest = json.loads(npz[JSON_KEY].tobytes().decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path}: not a prediction cache (.npz; remake an older one): {first}") from None
+    if not isinstance(rest, dict) or rest.get("version") != CACHE_VERSION:
+        version = rest.get("version") if isinstance(rest, dict) else None
         raise UserError(f"{path}: prediction cache version {version}, expected {CACHE_VERSION}; remake it")
-    return PredictionCache(**{f.name: data[f.name] for f in fields(PredictionCache)})
+    for key, kind in ARRAYS.items():
+        if arrays[key].dtype.kind != kind:
+            raise UserError(f"{path}: {key} has dtype {arrays[key].dtype}, expected kind {kind!r}; remake it")
+    missing = [f.name for f in fields(PredictionCache) if f.name not in ARRAYS and f.name not in rest]
+    if missing:
+        raise UserError(f"{path}: prediction cache lacks {', '.join(missing)}; remake it")
+    # JSON has no tuples: the config comes back as to_dict gave it (tuple fields), checked on the way
+    rest["config"] = to_dict(from_dict(MaskRCNNConfig, rest["config"], f"{path}: config"))
+    return PredictionCache(**{f.name: arrays.get(f.name, rest.get(f.name)) for f in fields(PredictionCache)})
 
 
 def cache_predictions(
     checkpoint: str | Path, out: str | Path, *, device: str | None = None, mask_threshold: float = 0.5
 ) -> Path:
     """Run a checkpoint folder's model (model.pt, config.json, categories.json) on its validation images
-    with PERMISSIVE post-processing and write a PredictionCache (pickle, atomically) to `out`.
+    with PERMISSIVE post-processing and write a PredictionCache (save_cache: .npz, atomically) to `out`.
 
     The validation split is rebuilt as training built it (cfg.data, cfg.data_format, val_fraction, seed,
     split_file); whole images one at a time, or tiled inference when the config has tile_size > 0.
@@ -136,25 +172,24 @@ def cache_predictions(
     else:
         per_image = _whole_image_candidates(model, val_records, cfg, device, mask_threshold)
     counts = [len(p[0]) for p in per_image]
-    data = {
-        "version": CACHE_VERSION,
-        "config": to_dict(cfg),
-        "categories": list(categories),
-        "ground_truth": coco_ground_truth(InstanceDataset(val_records)).dataset,
-        "image_files": [str(r.image_path) for r in val_records],
-        "permissive": dict(PERMISSIVE),
-        "tiled": bool(cfg.tile_size),
-        "mask_threshold": mask_threshold,
-        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        "complete_above": np.array([p[6] for p in per_image], dtype=np.float64),
-        "labels": np.concatenate([p[0] for p in per_image]),
-        "scores": np.concatenate([p[1] for p in per_image]),
-        "nms_boxes": np.concatenate([p[2].reshape(-1, 4) for p in per_image]),
-        "bboxes": np.concatenate([p[3].reshape(-1, 4) for p in per_image]),
-        "areas": np.concatenate([p[4] for p in per_image]),
-        "rles": [rle for p in per_image for rle in p[5]],
-    }
-    write_bytes_atomic(out, pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+    cache = PredictionCache(
+        config=to_dict(cfg),
+        categories=list(categories),
+        ground_truth=coco_ground_truth(InstanceDataset(val_records)).dataset,
+        image_files=[str(r.image_path) for r in val_records],
+        permissive=dict(PERMISSIVE),
+        tiled=bool(cfg.tile_size),
+        mask_threshold=mask_threshold,
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        complete_above=np.array([p[6] for p in per_image], dtype=np.float64),
+        labels=np.concatenate([p[0] for p in per_image]),
+        scores=np.concatenate([p[1] for p in per_image]),
+        nms_boxes=np.concatenate([p[2].reshape(-1, 4) for p in per_image]),
+        bboxes=np.concatenate([p[3].reshape(-1, 4) for p in per_image]),
+        areas=np.concatenate([p[4] for p in per_image]),
+        rles=[rle for p in per_image for rle in p[5]],
+    )
+    save_cache(cache, out)
     log.info(
         "prediction cache %s: %d images, %d detections (%.1f s)",
         out,

@@ -255,7 +255,7 @@ def _prepare_predictions(settings: SearchSettings):
     categories = tuple(c["name"] for c in categories)
     if "://" in settings.storage_path:
         raise UserError("--space thresholds: needs a local --storage-path for its predictions cache")
-    out = Path(settings.storage_path) / settings.name / "predictions.pkl"
+    out = Path(settings.storage_path) / settings.name / "predictions.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     say(f"caching validation predictions of {settings.model} ...")
     started = time.perf_counter()
