@@ -4,7 +4,7 @@
 # (laptops, Ray workers) need only the server's URL, never database or bucket credentials.
 #
 #   mlflow/server.sh serve --backend-store-uri postgresql://mlflow:PASS@db.internal:5432/mlflow \
-#       --artifacts-destination s3://team-bucket/mlflow --host 0.0.0.0
+#       --artifacts-destination s3://team-bucket/mlflow      # on 127.0.0.1: behind a TLS proxy (README)
 #   mlflow/server.sh local-postgres /srv/mlflow-pg      # a throw-away PostgreSQL on 127.0.0.1 (prints its URI)
 #   mlflow/server.sh serve --backend-store-uri "$(cat /srv/mlflow-pg/backend-uri)"
 #   mlflow/server.sh upgrade --backend-store-uri URI    # after an MLflow version bump, server stopped

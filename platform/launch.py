@@ -276,9 +276,9 @@ def connect(dashboard: str):
     # resolved here (from --address, or RAY_ADDRESS itself) must win.
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-    _send_token_if_available()
+    with_token = _send_token_if_available()
     try:
-        return JobSubmissionClient(dashboard)
+        client = JobSubmissionClient(dashboard)
     except AuthenticationError:
         raise UserError(
             f"--address: the cluster at {dashboard} wants a Ray auth token: set RAY_AUTH_MODE=token and "
@@ -290,24 +290,31 @@ def connect(dashboard: str):
             f"--address: no Ray job server answers at {dashboard} ({first}); is the cluster up and its "
             f"dashboard port reachable (e.g. kubectl port-forward svc/HEAD-svc 8265)?"
         ) from None
+    if not with_token:  # it answered a request that carried no token: so does it everyone else's
+        print(
+            f"warning: the cluster at {dashboard} takes jobs without a Ray auth token: whoever reaches its "
+            "dashboard or GCS runs code on it; start it with RAY_AUTH_MODE=token (deploy/cluster/README.md)",
+            file=sys.stderr,
+        )
+    return client
 
 
-def _send_token_if_available() -> None:
+def _send_token_if_available() -> bool:
     """Send the Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) when there is one
     and RAY_AUTH_MODE is unset, as `ray start` does: Ray 2.60 clusters started where a token exists
-    require it, and its job client sends it only in token mode."""
+    require it, and its job client sends it only in token mode. Whether a token is sent."""
     try:
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available,
         )
     except ImportError:  # a Ray without token auth
-        return
+        return False
     # Its note "Token authentication is enabled for this Ray cluster" is about a cluster it starts: none here.
     logger = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     finally:
         logger.setLevel(level)
 

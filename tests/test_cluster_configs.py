@@ -60,8 +60,18 @@ def test_launcher_gpu_nodes_and_project_runtime():
     assert all(t["max_workers"] >= 1 and t["min_workers"] == 0 for t in gpu_types)
     check_image(config["docker"]["image"], gpu=True)
     check_image(config["docker"]["head_image"], gpu=False)
-    assert list(config["file_mounts"].values()) == ["."], "the checkout goes to every node"
+    assert config["file_mounts"]["~/foram-platform"] == ".", "the checkout goes to every node"
     assert set(WORKING_DIR_EXCLUDES) <= set(config["rsync_exclude"])
+
+
+def test_launcher_nodes_require_the_ray_token():
+    """Every container runs Ray in token mode and gets the token file Ray reads by default (the one
+    `ray get-auth-token --generate` writes and platform.launch sends); the dashboard stays on localhost."""
+    config = load("aws-gpu.yaml")
+    assert "--env RAY_AUTH_MODE=token" in [o.split(" #")[0].strip() for o in config["docker"]["run_options"]]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "RAY_AUTH_MODE=disabled" not in command and "dashboard-host" not in command
 
 
 def test_launcher_installs_exactly_the_pinned_dependencies(tmp_path):
@@ -93,6 +103,8 @@ SHARED_RESULTS = "/results"  # where the manifests mount the shared --storage-pa
 
 def check_cluster_spec(spec: dict) -> None:
     assert spec["rayVersion"] == RAY_VERSION
+    assert spec["authOptions"] == {"mode": "token"}, "Ray token authentication on (KubeRay >= 1.5.1)"
+    assert tuple(int(v) for v in RAY_VERSION.split(".")) >= (2, 52), "token authentication needs Ray 2.52"
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "trials never run on the head"
     (head_container,) = head["template"]["spec"]["containers"]
@@ -143,3 +155,24 @@ def test_pinned_requirements_are_pyprojects_without_ray():
     pins = launch.pinned_requirements()
     assert pins == [p for p in PINS if not p.startswith("ray")]
     assert all("==" in p for p in pins) and "torch==2.15.0" in pins
+
+
+def test_network_policy_lets_only_ray_pods_reach_ray_ports():
+    """Ray pods accept every port from Ray pods only; anyone else the policy admits (the operator, the
+    RayJob's submitter, labelled clients) reaches the dashboard port alone, never the GCS or client port."""
+    (policy,) = yaml.safe_load_all((CLUSTER / "kuberay-networkpolicy.yaml").read_text())
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    spec = policy["spec"]
+    ray_pods = {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+    assert spec["podSelector"] == ray_pods and spec["policyTypes"] == ["Ingress"]
+    job_name = load("kuberay-rayjob.yaml")["metadata"]["name"]
+    peers = []
+    for rule in spec["ingress"]:
+        assert rule["from"], "an empty `from` admits everyone"
+        if rule["from"] == [{"podSelector": ray_pods}]:
+            continue
+        assert [p["port"] for p in rule["ports"]] == [8265] and rule["ports"][0]["protocol"] == "TCP"
+        peers += rule["from"]
+    labels = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
+    assert {"batch.kubernetes.io/job-name": job_name} in labels, "the RayJob's submitter reaches its cluster"
+    assert any("namespaceSelector" in p and "podSelector" not in p for p in peers), "the KubeRay operator"

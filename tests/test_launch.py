@@ -173,6 +173,20 @@ def test_cli_unreachable_cluster_is_one_error_line():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("mode, warned", [("disabled", True), ("token", False)])
+def test_a_cluster_that_takes_jobs_without_a_token_is_named(monkeypatch, capsys, mode, warned):
+    """Only the launcher's side, with a stand-in for Ray's client: a cluster that answered a client sending
+    no token answers everyone; tests/test_cluster.py submits to a real one."""
+    import ray.job_submission
+
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address: SimpleNamespace())
+    launch.connect("http://127.0.0.1:8265")
+    err = capsys.readouterr().err
+    assert ("takes jobs without a Ray auth token" in err) == warned, err
+
+
 # ---- following a job: only the control flow, with a stand-in for Ray's JobSubmissionClient -----------------
 
 
