@@ -5,6 +5,7 @@ and a run's epoch checkpoint folder is replaced in steps that keep one whole che
 the process dies (`swap_in`, `finished_checkpoint`)."""
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,18 +14,27 @@ import torch
 from datasets.errors import UserError
 
 
+def _named(path: Path, where: str) -> str:
+    return f"{where}: {path}" if where else str(path)
+
+
 def read_tensors(path: Path, device="cpu", where: str = "") -> object:
     """A tensors file's content (a state_dict, or a training state of tensors and numbers), loaded with
-    weights_only=True; a UserError that starts with `where` (default the path) for a missing file, one
-    that is no torch file, or one whose pickle names anything but tensors and plain containers."""
-    where = where or str(path)
+    weights_only=True; a UserError naming the file (after `where`, e.g. a config field) for a missing
+    file, one that is no torch file, or one whose pickle names anything but tensors and plain containers."""
+    named = _named(path, where)
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"{where}: file not found: {path}") from None
+        raise UserError(f"{where}: file not found: {path}" if where else f"{path}: file not found") from None
     except Exception as e:  # torch raises several types for a file that is not a plain tensors file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise UserError(f"{where}: {path} is not a readable torch state_dict ({first})") from None
+        # A pickle naming other objects: torch's advice (weights_only=False) is what must not happen here
+        refused = re.search(r"WeightsUnpickler error: ([^.]*)", str(e))
+        if refused:
+            detail = f"it holds Python objects besides tensors, refused unread: {refused.group(1)}"
+        else:
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"{named} is not a readable torch state_dict ({detail})") from None
 
 
 def read_state_dict(path: Path, device="cpu", where: str = "") -> dict[str, torch.Tensor]:
@@ -34,7 +44,7 @@ def read_state_dict(path: Path, device="cpu", where: str = "") -> dict[str, torc
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         kind = type(state).__name__
-        raise UserError(f"{where or path}: {path} holds a {kind}, expected a state_dict of named tensors")
+        raise UserError(f"{_named(path, where)} holds a {kind}, expected a state_dict of named tensors")
     return state
 
 

@@ -192,7 +192,7 @@ def load_checkpoint_model(folder: Path, device="cpu") -> tuple[torch.nn.Module, 
     state = read_state_dict(folder / "model.pt", device)
     classes = state.get("roi_heads.box_predictor.cls_score.bias")
     if classes is None or tuple(classes.shape) != (len(categories) + 1,):
-        found = "no box predictor" if classes is None else f"{classes.shape[0] - 1} classes"
+        found = "no box predictor" if classes is None else f"weights for {classes.shape[0] - 1} categories"
         raise UserError(
             f"{folder / 'model.pt'}: {found}, but {folder / 'categories.json'} lists {len(categories)}"
         )
