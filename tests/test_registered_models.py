@@ -138,7 +138,7 @@ def rewrite(path: Path, value) -> None:
         ("categories.json", [{"id": "1", "name": "x"}], r"\[0\]: field 'id' must be int, got str"),
         ("categories.json", [{"id": 1, "name": 7}], r"\[0\]: field 'name' must be str, got int"),
         ("categories.json", [{"id": True, "name": "x"}], "'id' must be a positive integer, got True"),
-        ("categories.json", [{"id": 1, "name": "x"}] * 2, "category ids repeat"),
+        ("categories.json", [{"id": 1, "name": "x"}] * 2, "category id 1 repeats"),
         ("categories.json", [{"id": i, "name": str(i)} for i in range(1, 100_001)], "lists 100000"),
         ("model.pt", {"a": 1}, "holds a dict, expected a state_dict of named tensors"),
         ("model.pt", {"roi_heads.box_predictor.cls_score.bias": torch.zeros(2)}, "do not fit the model"),
@@ -164,7 +164,7 @@ def test_forged_detector_files_are_one_clear_error(detector_folder, file, conten
     [
         ('"benign"', "expected a list of at least two class names"),
         ([1, 2], "expected a list of at least two class names"),
-        (["a", "a"], "class names repeat"),
+        (["a", "a"], "class name 'a' repeats"),
         (["a", "b", "c"], r"a head of \(2,\) outputs, but .*classes.json lists 3 classes"),
     ],
 )

@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -170,8 +171,9 @@ def check_classes(classes, where: Path) -> list[str]:
     """classes.json's content: a list of at least two distinct class names."""
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{where}: expected a list of at least two class names (text), got {classes!r:.200}")
-    if len(set(classes)) < len(classes):
-        raise UserError(f"{where}: class names repeat: {classes}")
+    (most, count), *_ = Counter(classes).most_common(1)
+    if count > 1:
+        raise UserError(f"{where}: class name {most!r:.100} repeats")
     return classes
 
 

@@ -3,6 +3,7 @@ saved by training, loaded by inference and the registry."""
 
 import json
 import logging
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -179,8 +180,9 @@ def check_categories(categories, where: Path) -> list[dict]:
         field(category, "name", f"{where}: [{i}]", str)
         if isinstance(category["id"], bool) or category["id"] < 1:
             raise UserError(f"{where}: [{i}]: field 'id' must be a positive integer, got {category['id']!r}")
-    if len({c["id"] for c in categories}) < len(categories):
-        raise UserError(f"{where}: category ids repeat: {[c['id'] for c in categories]}")
+    (most, count), *_ = Counter(c["id"] for c in categories).most_common(1)
+    if count > 1:
+        raise UserError(f"{where}: category id {most} repeats")
     return categories
 
 
