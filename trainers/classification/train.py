@@ -34,7 +34,7 @@ from trainers.classification.operating_point import (
 )
 from trainers.config import ClassifierConfig, from_dict
 from trainers.ray_seam import RaySeam
-from trainers.run import autocast_dtype, run_epochs, seed_everything, train_loader
+from trainers.run import BestEpoch, autocast_dtype, run_epochs, seed_everything, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,10 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         SoftTargetCrossEntropy() if mixer else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     )
     val_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    # best: the lowest validation loss so far, its epoch, epochs since, and (restore_best) its weights and
-    # the operating point chosen for them
-    best = {"loss": float("inf"), "epoch": 0, "bad_epochs": 0, "weights": None, "point": None}
-    start_epoch = _resume(cfg, seam, bare, optimizer, scaler, best, classes)
+    # best: the lowest validation loss so far, its epoch, epochs since and (restore_best) its weights;
+    # best_point: the operating point chosen on the validation probabilities of those weights
+    best = BestEpoch(higher_is_better=False)
+    start_epoch, best_point = _resume(cfg, seam, bare, optimizer, scaler, best, classes)
     if seam.rank == 0:
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers)
 
@@ -113,23 +113,24 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         return {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "train_slices": len(train_set)}
 
     def end_epoch(epoch: int, metrics: dict):
+        nonlocal best_point
         val_metrics, point = validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate)
         metrics.update(val_metrics)
-        stop = _track_best(cfg, best, metrics["val_loss"], epoch, bare, point)
-        metrics.update(best_val_loss=best["loss"], best_epoch=best["epoch"], early_stopped=float(stop))
+        if best.update(metrics["val_loss"], epoch + 1, bare, keep_weights=cfg.restore_best):
+            best_point = point
+        stop = best.stop(cfg.early_stop_patience)
+        metrics.update(best_val_loss=best.value, best_epoch=best.epoch, early_stopped=float(stop))
         state = {
             "model": bare.state_dict(),  # the weights training continues from
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch + 1,
-            "best_val_loss": best["loss"],
-            "bad_epochs": best["bad_epochs"],
-            "best_epoch": best["epoch"],
+            **best.state(),
         }
         # model.pt is the model this run hands over now: the best so far, or the latest; with the operating
         # point chosen on the validation probabilities of those very weights
-        weights = best["weights"] if cfg.restore_best else state["model"]
-        handed_over = best["point"] if cfg.restore_best else point
+        weights = best.weights if cfg.restore_best else state["model"]
+        handed_over = best_point if cfg.restore_best else point
 
         def write(folder: Path) -> None:
             save_classifier(folder, cfg, weights, classes, handed_over)
@@ -150,19 +151,6 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         train_epoch=train_epoch,
         end_epoch=end_epoch,
     )
-
-
-def _track_best(cfg: ClassifierConfig, best: dict, val_loss: float, epoch: int, bare, point) -> bool:
-    """Update `best` with this epoch's validation loss (restore_best: keep its weights and their operating
-    point when it is the lowest so far); whether to stop early."""
-    if val_loss < best["loss"] - 1e-6:
-        best.update(loss=val_loss, bad_epochs=0, epoch=epoch + 1)
-        if cfg.restore_best:
-            best["weights"] = {k: v.detach().clone() for k, v in bare.state_dict().items()}
-            best["point"] = point
-    else:
-        best["bad_epochs"] += 1
-    return cfg.early_stop_patience > 0 and best["bad_epochs"] >= cfg.early_stop_patience
 
 
 def train_one_epoch(
@@ -203,23 +191,25 @@ def _step(model, images, targets, *, optimizer, loss_fn, scaler, amp_dtype) -> f
     return loss.item()
 
 
-def _resume(cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: dict, classes: list[str]) -> int:
+def _resume(
+    cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: BestEpoch, classes: list[str]
+) -> tuple[int, OperatingPoint | None]:
     """Load the seam's latest checkpoint, if any, into the model, the training state and `best`; the epoch
-    to start at."""
+    to start at and (restore_best) the operating point of the best epoch's weights."""
     resume = seam.latest_checkpoint()
     if resume is None:
-        return 0
+        return 0, None
     state = read_tensors(resume / "train_state.pt", seam.device)
     bare.load_state_dict(state["model"])
-    if cfg.restore_best:
-        best["weights"] = read_state_dict(resume / "model.pt", seam.device)
-        best["point"] = read_operating_point(resume, classes)
+    point = None
+    if cfg.restore_best:  # model.pt holds the best epoch's weights and operating point
+        point = read_operating_point(resume, classes)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    best.update(loss=state["best_val_loss"], bad_epochs=state["bad_epochs"], epoch=state["best_epoch"])
+    best.load(state, read_state_dict(resume / "model.pt", seam.device) if cfg.restore_best else None)
     log.info("resumed from %s at epoch %d", resume, state["epoch"])
-    return state["epoch"]
+    return state["epoch"], point
 
 
 @torch.inference_mode()
