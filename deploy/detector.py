@@ -16,10 +16,8 @@ from deploy.inputs import BadInput, user_error
 from deploy.registry import Detector, load_detector
 from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
 from deploy.settings import ServeSettings, mb
-from trainers.detection.inference import detect_tiles, stitched_results, tile_tensor
+from trainers.detection.inference import detect_tiles, mask_threshold_of, stitched_results, tile_tensor
 from trainers.detection.scale import fit_to_model, restore_results
-
-MASK_THRESHOLD = 0.5
 
 
 @serve.deployment
@@ -36,7 +34,7 @@ class DetectorDeployment:
     @staticmethod
     def run(detector: Detector, tiles: list[tuple[Tile, torch.Tensor, float]]) -> list[TileDetections]:
         """One model call on (tile, its tensor, score threshold) items of one model version."""
-        return detect_tiles(detector.model, detector.device, tiles, MASK_THRESHOLD)
+        return detect_tiles(detector.model, detector.device, tiles, mask_threshold_of(detector.config))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def infer(self, items: list[tuple[Loaded, tuple]]) -> list[TileDetections]:

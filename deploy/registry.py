@@ -278,7 +278,7 @@ def own_mode(detector) -> dict:
 
 
 def predict_image(
-    detector, image: np.ndarray, score_threshold: float = 0.0, mask_threshold: float = 0.5
+    detector, image: np.ndarray, score_threshold: float = 0.0, mask_threshold: float | None = None
 ) -> dict:
     """HxWx3 uint8 (or HxW grey) -> {boxes Nx4 xyxy, labels N, scores N, masks NxHxW bool, class_names N},
     through the one inference path in the model's own mode (tiled when it was trained on tiles). The

@@ -113,6 +113,56 @@ def test_mask_vote_of_hand_made_members():
     assert torch.allclose(soft["masks"][1, 0, 0, 0], torch.tensor((0.2 + 0 + 0.2) / 3))
 
 
+class FixedOutput(torch.nn.Module):
+    """A detection model that answers every image with one fixed output."""
+
+    def __init__(self, out: dict):
+        super().__init__()
+        self.out = out
+
+    def forward(self, images):
+        return [dict(self.out) for _ in images]
+
+
+def test_the_vote_binarises_each_member_at_its_own_mask_threshold():
+    # one object: pixels at 0.9 in both members' soft masks, a rim at 0.6 (above 0.5, below 0.7)
+    core, rim = box(slice(2, 5), slice(2, 5)), box(slice(1, 6), slice(1, 6))
+    soft = torch.from_numpy(np.where(core, 0.9, np.where(rim, 0.6, 0.0))).float()[None, None]
+    out = {
+        "boxes": torch.tensor([[1.0, 1, 6, 6]]),
+        "scores": torch.tensor([0.8]),
+        "labels": torch.tensor([1]),
+    }
+    member = FixedOutput({**out, "masks": soft})
+    image = torch.zeros(3, 8, 8)
+    at = {t: MaskVoteEnsemble([member, member], [t, t])([image])[0]["masks"][0, 0] >= 0.5 for t in (0.5, 0.7)}
+    assert torch.equal(at[0.5], torch.from_numpy(rim)) and torch.equal(at[0.7], torch.from_numpy(core))
+    # members that disagree: the rim has one vote of two, which is half, so it stays
+    mixed = MaskVoteEnsemble([member, member], [0.5, 0.7])([image])[0]["masks"][0, 0]
+    assert torch.equal(mixed >= 0.5, torch.from_numpy(rim)) and torch.allclose(mixed[1, 1], torch.tensor(0.5))
+
+
+def test_predict_image_binarises_masks_at_the_configs_mask_threshold():
+    from pycocotools import mask as mask_utils
+
+    from trainers.config import MaskRCNNConfig, apply_overrides
+    from trainers.detection.inference import predict_image
+
+    core, rim = box(slice(2, 5), slice(2, 5)), box(slice(1, 6), slice(1, 6))
+    soft = torch.from_numpy(np.where(core, 0.9, np.where(rim, 0.6, 0.0))).float()[None, None]
+    model = FixedOutput(
+        {"boxes": torch.tensor([[1.0, 1, 6, 6]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}
+        | {"masks": soft}
+    )
+    image = np.zeros((8, 8, 3), np.uint8)
+    for threshold, expected in ((0.5, rim), (0.7, core)):
+        cfg = MaskRCNNConfig(mask_threshold=threshold)
+        [result] = predict_image(model, image, "cpu", cfg=cfg, categories=[{"id": 1, "name": "x"}])
+        assert np.array_equal(mask_utils.decode(result["segmentation"]).astype(bool), expected), threshold
+    with pytest.raises(UserError, match=r"mask_threshold: expected a value in \(0, 1\)"):
+        apply_overrides(MaskRCNNConfig(), {"mask_threshold": 1.0}, "test")
+
+
 def test_an_ensemble_of_one_member_is_the_member():
     detector, image = ThresholdDetector(), blobs(36, 52)
     assert_same_instances(MaskVoteEnsemble([detector])([image])[0], detector([image])[0], soft=False)

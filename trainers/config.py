@@ -80,6 +80,7 @@ class MaskRCNNConfig:
     class_score_thresh: tuple[float, ...] = ()  # per-class score thresholds in category order, applied after
     # the model (its own box_score_thresh first); () = box_score_thresh for every class
     mask_min_area: int = 0  # detections whose binary mask has fewer pixels are dropped at inference
+    mask_threshold: float = 0.5  # soft masks are binarised at this value at inference (torchvision: 0.5)
     box_nms_thresh: float = 0.5  # per-class NMS IoU threshold on detections
     box_detections_per_img: int = 100  # maximum detections per image at inference
     tta: str = "off"  # test-time augmentation at inference: off | flips | flips+rot90 (instances of the
@@ -143,6 +144,8 @@ class MaskRCNNConfig:
         ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise UserError(f"{key}: expected a value in [0, 1], got {getattr(self, key)}")
+        if not 0.0 < self.mask_threshold < 1.0:  # 0 or 1 would make every mask the box, or empty
+            raise UserError(f"mask_threshold: expected a value in (0, 1), got {self.mask_threshold}")
         if self.rpn_bg_iou_thresh > self.rpn_fg_iou_thresh:
             raise UserError(
                 f"rpn_bg_iou_thresh: {self.rpn_bg_iou_thresh} is above "

@@ -10,7 +10,7 @@ tile size, its normalisation and filters), through the one inference path.
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from datasets.errors import UserError
@@ -18,7 +18,12 @@ from datasets.instances import SAMPLE_DATA, InstanceDataset, coco_ground_truth, 
 from datasets.progress import Progress
 from trainers.config import apply_overrides, parse_overrides, to_dict
 from trainers.detection.baseline import METHODS, baseline_metrics
-from trainers.detection.combine import MaskVoteEnsemble, load_detector_model, with_tta
+from trainers.detection.combine import (
+    ENSEMBLE_MASK_THRESHOLD,
+    MaskVoteEnsemble,
+    load_detector_model,
+    with_tta,
+)
 from trainers.detection.inference import predict_records
 from trainers.evaluation import score_results
 from trainers.recipes import get_recipe
@@ -118,8 +123,10 @@ def score_checkpoints(folders: list[Path], records, gt, tta: str) -> list[Row]:
                 score_model(f"{folder.name} + tta {tta}", with_tta(model, tta), cfg, categories, records, gt)
             )
     if len(loaded) > 1:
-        ensemble = MaskVoteEnsemble([m for m, _, _ in loaded]).eval()
-        cfg, categories = loaded[0][1], loaded[0][2]
+        ensemble = MaskVoteEnsemble(
+            [m for m, _, _ in loaded], [c.mask_threshold for _, c, _ in loaded]
+        ).eval()
+        cfg, categories = replace(loaded[0][1], mask_threshold=ENSEMBLE_MASK_THRESHOLD), loaded[0][2]
         name = f"mask-vote ensemble of {len(loaded)}"
         rows.append(score_model(name, ensemble, cfg, categories, records, gt))
         if tta != "off":

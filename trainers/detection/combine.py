@@ -41,6 +41,7 @@ from trainers.config import TTA_MODES, MaskRCNNConfig
 from trainers.detection.model import CHECKPOINT_FILES, checkpoint_settings, load_checkpoint_model
 
 MASK_THRESHOLD = 0.5  # soft masks are binarised here for matching, voting and the merged boxes
+ENSEMBLE_MASK_THRESHOLD = 0.5  # an ensemble's vote fractions are binarised here: half the members agree
 MATCH_IOU = 0.5  # mask IoU at which instances of two outputs are one object
 ENSEMBLE_FILE = "detector_ensemble.json"  # not ensemble.json: that marks a classifier ensemble
 METHODS = ("mask-vote",)
@@ -221,13 +222,16 @@ def with_tta(model: nn.Module, mode: str) -> nn.Module:
 
 class MaskVoteEnsemble(nn.Module):
     """Detection models of the same input normalisation and categories (`check_members`) as one: their
-    instances matched and merged by mask vote. Its detections_per_img starts as the first member's."""
+    instances matched and merged by mask vote, each member's masks binarised at its own mask_threshold
+    (`thresholds`, default 0.5 each), so the vote fraction is binarised at 0.5 (ENSEMBLE_MASK_THRESHOLD).
+    Its detections_per_img starts as the first member's."""
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], thresholds: list[float] | None = None):
         super().__init__()
         if not members:
             raise UserError("ensemble: no member models")
         self.members = nn.ModuleList(members)
+        self.thresholds = thresholds or [MASK_THRESHOLD] * len(members)
         self.detections_per_img = detections_limit(members[0])
 
     @property
@@ -238,7 +242,10 @@ class MaskVoteEnsemble(nn.Module):
         return list(self.members)
 
     def forward(self, images: list[torch.Tensor]) -> list[dict]:
-        per_member = [member(images) for member in self.members]
+        per_member = [
+            [{**o, "masks": (o["masks"] >= t).float()} for o in member(images)]
+            for member, t in zip(self.members, self.thresholds, strict=True)
+        ]
         return [
             merge_instances(
                 [outputs[i] for outputs in per_member],
@@ -327,8 +334,10 @@ def load_ensemble(folder: Path, device="cpu") -> tuple[MaskVoteEnsemble, MaskRCN
     folders = [member_folder(folder, n, spec_file) for n in names]
     check_folders(folders, names)
     members = [load_checkpoint_model(f, device) for f in folders]
-    cfg = replace(members[0][1], tta=tta)
-    return MaskVoteEnsemble([m for m, _, _ in members]), cfg, members[0][2]
+    # The vote's masks are member agreement fractions: kept where at least half the members have the pixel
+    cfg = replace(members[0][1], tta=tta, mask_threshold=ENSEMBLE_MASK_THRESHOLD)
+    thresholds = [c.mask_threshold for _, c, _ in members]
+    return MaskVoteEnsemble([m for m, _, _ in members], thresholds), cfg, members[0][2]
 
 
 def load_detector_model(folder: Path, device="cpu") -> tuple[nn.Module, MaskRCNNConfig, list[dict]]:

@@ -147,7 +147,7 @@ def predict_image(
     tile_size: int = 0,
     tile_overlap: int = 64,
     tile_batch: int = 4,
-    mask_threshold: float = 0.5,
+    mask_threshold: float | None = None,
     cfg=None,
     categories=None,
     normalize: str | None = None,
@@ -158,8 +158,10 @@ def predict_image(
     MaskRCNNConfig `cfg`, its class_score_thresh (in the order of the model's `categories`) and
     mask_min_area filters apply (trainers/detection/postprocess.py). The image is normalised by
     `normalize`, by default the cfg's mode ("range" without a cfg). With an `object_diameter` (default: the
-    cfg's; 0 = off) an image of much larger objects is shrunk to it first (trainers/detection/scale.py)."""
+    cfg's; 0 = off) an image of much larger objects is shrunk to it first (trainers/detection/scale.py).
+    Soft masks are binarised at `mask_threshold`, by default the cfg's."""
     normalize = normalize or (cfg.normalize if cfg is not None else "range")
+    mask_threshold = mask_threshold_of(cfg, mask_threshold)
     if object_diameter is None:
         object_diameter = cfg.object_diameter if cfg is not None else 0.0
     work = fit_to_model(image, object_diameter)  # the image itself, or shrunk to the objects it knows
@@ -270,10 +272,11 @@ def detections_to_coco(detections: Detections, image_id: int, height: int, width
 
 
 @torch.inference_mode()
-def predict(model, loader, device, mask_threshold: float = 0.5, *, cfg=None) -> list[dict]:
+def predict(model, loader, device, mask_threshold: float | None = None, *, cfg=None) -> list[dict]:
     """COCO result entries (bbox xywh, RLE segmentation, score, category) for every image in `loader`;
     with `cfg`, its class_score_thresh and mask_min_area filters applied (the loader's dataset categories
-    are the model's)."""
+    are the model's) and its mask_threshold the default."""
+    mask_threshold = mask_threshold_of(cfg, mask_threshold)
     model.eval()
     categories = getattr(loader.dataset, "categories", None)
     results = []
@@ -284,6 +287,13 @@ def predict(model, loader, device, mask_threshold: float = 0.5, *, cfg=None) -> 
                 to_coco_results(output, target["image_id"], mask_threshold, cfg=cfg, categories=categories)
             )
     return results
+
+
+def mask_threshold_of(cfg, given: float | None = None) -> float:
+    """The value soft masks are binarised at: `given`, else the config's mask_threshold, else 0.5."""
+    if given is not None:
+        return given
+    return cfg.mask_threshold if cfg is not None else 0.5
 
 
 def to_coco_results(

@@ -38,7 +38,7 @@ from datasets.instances import InstanceDataset, coco_ground_truth, quiet_pycocot
 from datasets.progress import Progress
 from datasets.records import open_image, write_bytes_atomic
 from trainers.config import MaskRCNNConfig, apply_overrides, from_dict, to_dict
-from trainers.detection.inference import detect_candidates, image_tensor, predict_records
+from trainers.detection.inference import detect_candidates, image_tensor, mask_threshold_of, predict_records
 from trainers.detection.model import load_checkpoint_model
 from trainers.detection.postprocess import POSTPROCESS_FIELDS, keep_detections
 from trainers.detection.train import config_split
@@ -149,7 +149,7 @@ def load_cache(path: str | Path) -> PredictionCache:
 
 
 def cache_predictions(
-    checkpoint: str | Path, out: str | Path, *, device: str | None = None, mask_threshold: float = 0.5
+    checkpoint: str | Path, out: str | Path, *, device: str | None = None, mask_threshold: float | None = None
 ) -> Path:
     """Run a checkpoint folder's model (model.pt, config.json, categories.json) on its validation images
     with PERMISSIVE post-processing and write a PredictionCache (save_cache: .npz, atomically) to `out`.
@@ -160,6 +160,7 @@ def cache_predictions(
     checkpoint, out = Path(checkpoint), Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, categories = load_checkpoint_model(checkpoint, device)
+    mask_threshold = mask_threshold_of(cfg, mask_threshold)  # the masks the model reports: its own
     _, val_records = config_split(cfg)
     if not val_records:
         raise UserError(f"val_fraction: {checkpoint}'s config leaves no validation images to cache")
