@@ -178,7 +178,7 @@ def check_categories(categories, where: Path) -> list[dict]:
     for i, category in enumerate(categories):
         field(category, "id", f"{where}: [{i}]", int)
         field(category, "name", f"{where}: [{i}]", str)
-        if isinstance(category["id"], bool) or category["id"] < 1:
+        if category["id"] < 1:  # a bool is not an int to `field`
             raise UserError(f"{where}: [{i}]: field 'id' must be a positive integer, got {category['id']!r}")
     (most, count), *_ = Counter(c["id"] for c in categories).most_common(1)
     if count > 1:
