@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from tests.classifier_data import TINY, write_volumes
-from tests.helpers import run_cli
+from tests.helpers import mlflow_uris_restored, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +122,12 @@ def test_a_classifier_run_logs_its_slices_as_dataset_inputs(setting, monkeypatch
 
     monkeypatch.setenv("PLATFORM_SLICE_CACHE", env["PLATFORM_SLICE_CACHE"])
     cfg = base_config("adrenal3d_cpu", str(labels), overrides())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("classifier-data")
-    with mlflow.start_run() as run:
-        log_data_inputs(cfg)
-    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    with mlflow_uris_restored():  # no active experiment or URI left for later tests
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.MlflowClient().create_experiment("classifier-data")
+        with mlflow.start_run(experiment_id=experiment) as run:
+            log_data_inputs(cfg)
+        inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     datasets = {i.tags[0].value: i.dataset for i in inputs}
     assert set(datasets) == {"training", "validation"}
     profiles = {k: json.loads(d.profile) for k, d in datasets.items()}
