@@ -4,6 +4,7 @@ ensemble as an MLflow pyfunc model, turn any model reference (a folder, or an ML
 with its config's test-time augmentation, trainers/detection/combine.py) and predict. Ray Serve deployments
 and every CLI load through here; the `champion` alias moves only through deploy/champion.py."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -180,27 +181,82 @@ def resolve_registered(uri: str) -> tuple[str, str]:
     return name, version
 
 
+# The measures a model is shown with (the page's Models tab), after the one it was registered on: its
+# validation numbers beside the classical baseline's, instead of every metric its run logged.
+HEADLINE = ("segm_AP", "kaggle_mAP", "bbox_AP", "volume_auc", "volume_bal_acc", "volume_f1", "volume_acc")
+HEADLINE_SHOWN = 3
+
+
 def version_info(name: str, version: str) -> dict:
     """What the registry says about one model version: aliases, its metrics (the run's latest values and
-    the registered validation metric, tags val_<metric>), and when it was registered."""
+    the registered validation metric, tags val_<metric>), when it was registered, and for people: its
+    headline measures with the classical baseline's beside them (logged on the run, or on its search's
+    parent run), the validation data they were measured on (the run's dataset input), and a link to the
+    run when the tracking server has a web UI."""
     client = mlflow.MlflowClient()
     mv = client.get_model_version(name, version)
-    metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+    run = client.get_run(mv.run_id) if mv.run_id else None
+    metrics = dict(run.data.metrics) if run else {}
     for key, value in mv.tags.items():
         if key.startswith("val_") and key != "val_data":
             try:
                 metrics[key] = float(value)
             except ValueError:
                 pass
+    parent_id = run.data.tags.get("mlflow.parentRunId") if run else None
+    parent = client.get_run(parent_id) if parent_id else None
     return {
         "name": name,
         "version": str(version),
         "aliases": sorted(mv.aliases),
         "metric": mv.tags.get("metric"),
         "metrics": {k: metrics[k] for k in sorted(metrics)},
+        "headline": headline(mv.tags.get("metric"), metrics, parent.data.metrics if parent else {}),
+        "validation": validation_input(run, parent),
         "run_id": mv.run_id,
+        "run_url": run_url(run),
         "registered_at_ms": mv.creation_timestamp,
     }
+
+
+def headline(metric: str | None, metrics: dict, parent_metrics: dict) -> list[dict]:
+    """[{name, value, baseline}] for the registered metric (its registered validation value, val_<metric>,
+    when there is one) and the next HEADLINE measures the run has, HEADLINE_SHOWN in all; baseline is the
+    run's or its parent's baseline_<name>, or None."""
+    names = [metric] if metric else []
+    names += [k for k in HEADLINE if k in metrics and k not in names]
+    shown = []
+    for key in names[:HEADLINE_SHOWN]:
+        value = metrics.get(f"val_{key}", metrics.get(key))
+        if value is None:
+            continue
+        baseline = metrics.get(f"baseline_{key}", parent_metrics.get(f"baseline_{key}"))
+        shown.append({"name": key, "value": value, "baseline": baseline})
+    return shown
+
+
+def validation_input(run, parent) -> dict | None:
+    """{name, digest, profile} of the validation dataset input of the run (or of its search's parent
+    run, which logs what every trial validated on); None when neither logged one."""
+    for source in (run, parent):
+        for item in source.inputs.dataset_inputs if source and source.inputs else []:
+            if any(t.key == "mlflow.data.context" and t.value == "validation" for t in item.tags):
+                data = item.dataset
+                try:
+                    profile = json.loads(data.profile) if data.profile else {}
+                except ValueError:
+                    profile = {}
+                return {"name": data.name, "digest": data.digest, "profile": profile}
+    return None
+
+
+def run_url(run) -> str | None:
+    """The run's page in the MLflow UI when the tracking URI is a web server; None for a local store (the
+    page says how to open it with `mlflow ui`)."""
+    uri = mlflow.get_tracking_uri()
+    if run is None or not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
 
 EXPECTED = (

@@ -64,14 +64,23 @@ def register_models(root: Path) -> str:
     """A SQLite store under root with DETECTOR and CLASSIFIER registered (alias champion); its URI."""
     from deploy.registry import log_checkpoint, register
     from platform._cli import use_experiment
+    from trainers.detection.model import checkpoint_settings
+    from trainers.tracking import log_data_inputs
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     experiment = use_experiment(uri, "serve-test")
+    models = ((DETECTOR, train_detector(root), "segm_AP"), (CLASSIFIER, train_classifier(root), "volume_auc"))
     try:
-        for name, checkpoint in ((DETECTOR, train_detector(root)), (CLASSIFIER, train_classifier(root))):
+        for name, checkpoint, metric in models:
             with mlflow.start_run(experiment_id=experiment, run_name=name):
-                mlflow.log_metric("val_metric", 0.5)
-                register(log_checkpoint(checkpoint).model_uri, name)
+                # as a training run logs them: the validation numbers and, for a detector, the baseline's
+                # and the data they were measured on
+                mlflow.log_metrics({metric: 0.5, "val_loss": 1.25})
+                if name == DETECTOR:
+                    mlflow.log_metric("baseline_segm_AP", 0.25)
+                    log_data_inputs(checkpoint_settings(checkpoint)[0])
+                version = register(log_checkpoint(checkpoint).model_uri, name)
+                mlflow.MlflowClient().set_model_version_tag(name, version.version, "metric", metric)
     finally:
         mlflow.set_tracking_uri("")
         mlflow.set_registry_uri("")

@@ -134,7 +134,13 @@ def test_models_health_and_docs(server):
     models = requests.get(f"{server.url}/v1/models", timeout=10).json()["models"]
     assert [(m["role"], m["name"]) for m in models] == [("detector", DETECTOR), ("classifier", CLASSIFIER)]
     for m in models:
-        assert "champion" in m["aliases"] and m["metrics"]["val_metric"] == 0.5
+        assert "champion" in m["aliases"] and m["metrics"]["val_loss"] == 1.25
+    # the headline: the registered metric beside the baseline's, and the data it was measured on
+    assert models[0]["headline"] == [{"name": "segm_AP", "value": 0.5, "baseline": 0.25}]
+    assert models[1]["headline"] == [{"name": "volume_auc", "value": 0.5, "baseline": None}]
+    assert models[0]["validation"]["name"] == "data (validation)"
+    assert models[0]["validation"]["profile"]["images"] == 1 and models[1]["validation"] is None
+    assert models[0]["run_url"] is None  # a local store has no web UI to link to
     assert models[1]["classes"] == ["ball", "box"]
     docs = requests.get(f"{server.url}/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()

@@ -461,16 +461,39 @@ async function loadModels() {
   const h = health.ok ? await health.json() : {};
   status("models-status", `${served.length} model${served.length === 1 ? "" : "s"} serving` +
     (h.library ? "; slice library loaded." : "."));
-  $("models-table").tBodies[0].replaceChildren(...served.map((m) => {
-    const row = document.createElement("tr");
-    const metrics = Object.entries(m.metrics).map(([k, v]) => `${k} ${Number(v).toPrecision(4)}`);
-    for (const text of [m.role, m.name, m.version, m.aliases.join(", "), metrics.join(" · "), m.run_id]) {
-      const cell = document.createElement("td");
-      cell.textContent = text ?? "";
-      row.append(cell);
-    }
-    return row;
-  }));
+  $("models-table").tBodies[0].replaceChildren(...served.map(modelRow));
+}
+
+// One served model: its headline measures beside the classical baseline's, the data they were measured
+// on and its MLflow run; every logged metric stays one hover away (the cell's title).
+function modelRow(m) {
+  const row = document.createElement("tr");
+  const cell = (text) => {
+    const td = document.createElement("td");
+    td.textContent = text ?? "";
+    row.append(td);
+    return td;
+  };
+  const number = (v) => Number(v).toFixed(4);
+  cell(m.role);
+  cell(m.name);
+  cell(m.version);
+  cell(m.aliases.join(", "));
+  const measures = cell((m.headline || []).map((h) =>
+    `${h.name} ${number(h.value)}` + (h.baseline == null ? "" : ` (baseline ${number(h.baseline)})`)).join(" · "));
+  measures.title = Object.entries(m.metrics).map(([k, v]) => `${k} ${Number(v).toPrecision(4)}`).join("\n");
+  const data = m.validation;
+  cell(data ? `${data.name}: ` + Object.entries(data.profile).map(([k, v]) => `${v} ${k}`).join(", ") : "");
+  const run = cell(m.run_url ? "" : m.run_id);
+  if (m.run_url) {
+    const link = document.createElement("a");
+    link.href = m.run_url;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.textContent = m.run_id;
+    run.append(link);
+  }
+  return row;
 }
 
 // ---------------------------------------------------------------------------------------------- tabs
