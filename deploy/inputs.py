@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageMode, UnidentifiedImageError
 
 from datasets.errors import UserError
-from datasets.records import to_rgb8
+from datasets.records import finite_pixels, to_rgb8
 from datasets.volumes import load_volume
 
 # What the dataset readers accept (datasets.records.IMAGE_SUFFIXES), by PIL format name.
@@ -99,11 +99,12 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
             raise BadInput(400, f"truncated or corrupt {im.format} image ({type(e).__name__}: {e})") from None
     if pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4):
         raise BadInput(415, f"{pixels.shape[2]}-channel image; expected grey, RGB or RGBA")
-    if pixels.dtype.kind == "f" and pixels.size and not np.isfinite(pixels).any():
-        raise BadInput(400, "float image without one finite pixel; nothing to show")
     # NaN pixels are "no data" and scaled as the readers do (datasets/normalize.py): the same picture as
-    # platform.predict and training give, not an error and not an all-black image
-    return to_rgb8(pixels)
+    # platform.predict and training give, not an error and not an all-black image; none finite is an error
+    try:
+        return to_rgb8(finite_pixels(pixels, Path("upload")))
+    except UserError as e:
+        raise BadInput(400, str(e)) from None
 
 
 def _sample_bytes(mode: str) -> int:
