@@ -16,6 +16,7 @@ import glob
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -33,6 +34,18 @@ PLANE_AXES = "ZTQIR"  # tifffile axes that number planes (depth, time, pages, ..
 class BadImage(Exception):
     """One input file that cannot be predicted (unreadable, wrong rank, needs a choice): reported with its
     reason and skipped, while the other files are processed."""
+
+
+class NeedsChoice(BadImage):
+    """A stack or multi-channel image without the plane or channel to use, or with one it does not have."""
+
+
+class TooLarge(BadImage):
+    """An image whose decoded pixels would pass the byte limit (found from its header, before decoding)."""
+
+    def __init__(self, size: str, nbytes: int, limit: int):
+        super().__init__(f"{size} pixels are {nbytes} bytes decoded, over the limit of {limit} bytes")
+        self.size, self.nbytes = size, nbytes
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ def _is_image(path: Path, root: Path, suffixes: tuple[str, ...]) -> bool:
 def read_image(path: Path, page: int | None = None, channel: int | None = None) -> MicroscopyImage:
     """The pixels and pixel size of one image file; BadImage with the reason when it cannot be used."""
     if path.suffix.lower() in TIFF_SUFFIXES:
-        return _read_tiff(path, page, channel)
+        return read_tiff(path, page, channel)
     try:
         pixels = open_image(path)
     except UserError as e:
@@ -80,18 +93,27 @@ def read_image(path: Path, page: int | None = None, channel: int | None = None) 
     except MemoryError as e:
         raise BadImage(f"not a readable image ({e})") from e
     if channel is not None:
-        pixels = _channel(pixels[..., None] if pixels.ndim == 2 else pixels, channel)
+        pixels = read_channel(pixels[..., None] if pixels.ndim == 2 else pixels, channel)
     return MicroscopyImage(_checked(pixels, path), None)
 
 
-def _read_tiff(path: Path, page: int | None, channel: int | None) -> MicroscopyImage:
+def read_tiff(
+    source: Path | BinaryIO,
+    page: int | None = None,
+    channel: int | None = None,
+    max_bytes: int = MAX_BYTES,
+    flag: str = "--",
+) -> MicroscopyImage:
+    """The pixels and pixel size of a TIFF file or of its bytes (an upload, `io.BytesIO`); BadImage with
+    the reason when it cannot be used, TooLarge when its pixels would decode to more than `max_bytes`.
+    Messages name the choices `page` and `channel` with `flag` before them (the CLI's options: "--")."""
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(source) as tif:
             series = tif.series[0]
             size = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
-            if size > MAX_BYTES:
-                raise BadImage(f"{series.shape} {series.dtype} is {size / 2**30:.1f} GiB decoded, over 8 GiB")
-            _check_plane(series.shape, series.axes, page)  # before decoding a stack only to refuse it
+            if size > max_bytes:
+                raise TooLarge(f"{'x'.join(map(str, series.shape))} {series.dtype}", size, max_bytes)
+            _check_plane(series.shape, series.axes, page, flag)  # before decoding a stack only to refuse it
             pixels = series.asarray()
             axes = series.axes
             pixel_size = tiff_pixel_size(tif)
@@ -104,21 +126,25 @@ def _read_tiff(path: Path, page: int | None, channel: int | None) -> MicroscopyI
     if "C" in axes or "S" in axes:
         pixels = np.moveaxis(pixels, axes.index("C" if "C" in axes else "S"), -1)
         if channel is not None:
-            pixels = _channel(pixels, channel)
+            pixels = read_channel(pixels, channel, flag)
         elif "C" in axes and pixels.shape[-1] not in (1, 3):
-            raise BadImage(f"{pixels.shape[-1]} channels (axes {series.axes}): choose one with --channel")
+            raise NeedsChoice(
+                f"{pixels.shape[-1]} channels (axes {series.axes}): choose one with {flag}channel"
+            )
     elif channel not in (None, 0):
-        raise BadImage(f"--channel {channel}: the image has one channel (axes {series.axes})")
-    return MicroscopyImage(_checked(pixels, path), pixel_size)
+        raise NeedsChoice(f"{flag}channel {channel}: the image has one channel (axes {series.axes})")
+    return MicroscopyImage(
+        _checked(pixels, source if isinstance(source, Path) else Path("upload")), pixel_size
+    )
 
 
-def _check_plane(shape: tuple[int, ...], axes: str, page: int | None) -> None:
+def _check_plane(shape: tuple[int, ...], axes: str, page: int | None, flag: str) -> None:
     """BadImage unless `page` names one plane of a stack of this shape (a single plane needs none)."""
     count = int(np.prod([n for n, a in zip(shape, axes, strict=True) if a in PLANE_AXES]))
     if count > 1 and page is None:
-        raise BadImage(f"{count} planes (axes {axes}): choose one with --page (0-{count - 1})")
+        raise NeedsChoice(f"{count} planes (axes {axes}): choose one with {flag}page (0-{count - 1})")
     if page is not None and not 0 <= page < count:
-        raise BadImage(f"--page {page}: the image has {count} plane(s) (axes {axes})")
+        raise NeedsChoice(f"{flag}page {page}: the image has {count} plane(s) (axes {axes})")
 
 
 def _plane(pixels: np.ndarray, axes: str, page: int | None) -> np.ndarray:
@@ -131,9 +157,10 @@ def _plane(pixels: np.ndarray, axes: str, page: int | None) -> np.ndarray:
     return moved.reshape(-1, *moved.shape[len(planes) :])[page or 0]
 
 
-def _channel(pixels: np.ndarray, channel: int) -> np.ndarray:
+def read_channel(pixels: np.ndarray, channel: int, flag: str = "--") -> np.ndarray:
+    """One channel of HxWxC pixels; BadImage naming the choice (`flag` + \"channel\") when it has no such."""
     if not 0 <= channel < pixels.shape[-1]:
-        raise BadImage(f"--channel {channel}: the image has {pixels.shape[-1]} channel(s)")
+        raise NeedsChoice(f"{flag}channel {channel}: the image has {pixels.shape[-1]} channel(s)")
     return pixels[..., channel]
 
 

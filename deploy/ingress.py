@@ -21,8 +21,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from datasets.cropping import crop_object
 from datasets.errors import UserError
+from datasets.records import to_rgb8
 from deploy.access import check_request, read_token
-from deploy.inputs import BadInput, decode_image, decode_volume, is_nifti
+from deploy.inputs import BadInput, decode_pixels, decode_volume, is_nifti
 from deploy.library import png
 from deploy.settings import ServeSettings, mb
 
@@ -87,6 +88,9 @@ Sensitivity = Annotated[
     float, Query(ge=0.0, le=1.0, description="crop: 0.5 = Otsu's threshold, 1 keeps fainter parts")
 ]
 Margin = Annotated[float, Query(ge=0.0, le=1.0, description="crop: margin around the object, of its size")]
+# A TIFF stack's plane and a multi-channel image's channel, as platform.predict's --page and --channel.
+Page = Annotated[int | None, Query(ge=0, description="the plane of a TIFF stack (Z, T, pages), from 0")]
+Channel = Annotated[int | None, Query(ge=0, description="the channel of a multi-channel image, from 0")]
 
 
 def _crop(image: np.ndarray, sensitivity: float, margin: float):
@@ -160,12 +164,15 @@ class Ingress:
         finally:
             await form.close()
 
-    async def _decode(self, body: bytes) -> np.ndarray:
-        return await asyncio.to_thread(decode_image, body, self.settings.max_pixels, self.max_decoded)
+    async def _decode(self, body: bytes, page: int | None, channel: int | None, rgb8: bool) -> np.ndarray:
+        """An uploaded image decoded within the limits: its pixels at full precision (decode_pixels), or
+        with `rgb8` as 8-bit RGB (16-bit scaled by its range) for a classifier, a crop and the page."""
+        limits = (self.settings.max_pixels, self.max_decoded)
+        pixels = await asyncio.to_thread(decode_pixels, body, *limits, page, channel)
+        return await asyncio.to_thread(to_rgb8, pixels) if rgb8 else pixels
 
-    async def _image(self, request: Request) -> np.ndarray:
-        """The uploaded image, decoded within the limits."""
-        return await self._decode(await self._body(request))
+    async def _image(self, request: Request, page: int | None, channel: int | None, rgb8: bool) -> np.ndarray:
+        return await self._decode(await self._body(request), page, channel, rgb8)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -192,14 +199,18 @@ class Ingress:
         score_threshold: float = Query(0.0, ge=0.0, le=1.0, description="drop instances scoring lower"),
         max_detections: int = Query(0, ge=0, le=1_000_000, description="keep the best N (0 = all)"),
         tile_size: int = Query(0, ge=0, le=8192, description="tile side in pixels (0 = the model's)"),
+        page: Page = None,
+        channel: Channel = None,
     ) -> JSONResponse:
-        """A PNG, JPEG or TIFF (8/16-bit grey or RGB) image -> instances (class, score, box, COCO RLE mask,
-        area), counts per class and the model version that answered."""
+        """A PNG, JPEG, BMP or TIFF/OME-TIFF (8/16-bit, float, grey, RGB or a chosen channel or plane)
+        image -> instances (class, score, box, COCO RLE mask, area), counts per class and the model version
+        that answered. The pixels reach the model at full precision and get its own normalisation, as in
+        training and platform.predict."""
         if self.detector is None:
             raise BadInput(404, "no detector is served (start the server with --detector models:/NAME@alias)")
         if 0 < tile_size < 32:
             raise BadInput(422, f"tile_size: expected 0 (the model's) or at least 32 pixels, got {tile_size}")
-        image = await self._image(request)
+        image = await self._image(request, page, channel, rgb8=False)
         return _answer(await self.detector.segment.remote(image, score_threshold, max_detections, tile_size))
 
     @api.post("/v1/classify", openapi_extra=_UPLOAD)
@@ -210,6 +221,8 @@ class Ingress:
         crop: bool = Query(False, description="crop an image to its main object on black first"),
         sensitivity: Sensitivity = 0.5,
         margin: Margin = 0.05,
+        page: Page = None,
+        channel: Channel = None,
     ) -> JSONResponse:
         """A slice image (PNG, JPEG, TIFF) -> its top-k classes (with crop=true: of its main object, cut
         out as /v1/crop shows); a NIfTI volume (.nii, .nii.gz) -> the volume's top-k and each classified
@@ -222,25 +235,33 @@ class Ingress:
         if is_nifti(body):
             volume = await asyncio.to_thread(decode_volume, body, self.settings.max_voxels, self.max_decoded)
             return _answer(await self.classifier.classify.remote(None, volume, top_k))
-        image = await self._decode(body)
+        image = await self._decode(body, page, channel, rgb8=True)
         if crop:
             image = (await asyncio.to_thread(_crop, image, sensitivity, margin)).image
         return _answer(await self.classifier.classify.remote(image, None, top_k))
 
     @api.post("/v1/crop", openapi_extra=_UPLOAD, response_class=Response)
-    async def crop(self, request: Request, sensitivity: Sensitivity = 0.5, margin: Margin = 0.05):
+    async def crop(
+        self,
+        request: Request,
+        sensitivity: Sensitivity = 0.5,
+        margin: Margin = 0.05,
+        page: Page = None,
+        channel: Channel = None,
+    ):
         """An image -> its main object cropped square onto black, as PNG (what `/v1/classify?crop=true`
         classifies); the header X-Crop-Box has the square's x0,y0,x1,y1 in the image."""
-        image = await self._image(request)
+        image = await self._image(request, page, channel, rgb8=True)
         result = await asyncio.to_thread(_crop, image, sensitivity, margin)
         box = ",".join(map(str, result.box))
         body = await asyncio.to_thread(png, result.image)
         return Response(body, media_type="image/png", headers={"X-Crop-Box": box})
 
     @api.post("/v1/preview", openapi_extra=_UPLOAD, response_class=Response)
-    async def preview(self, request: Request):
-        """An image as the models see it (8-bit RGB), as PNG: how the page shows a TIFF."""
-        image = await self._image(request)
+    async def preview(self, request: Request, page: Page = None, channel: Channel = None):
+        """An image as 8-bit RGB (16-bit and float scaled by their range, as a classifier sees them), as PNG:
+        how the page shows a TIFF."""
+        image = await self._image(request, page, channel, rgb8=True)
         return Response(await asyncio.to_thread(png, image), media_type="image/png")
 
     def _matcher(self) -> DeploymentHandle:
@@ -278,7 +299,7 @@ class Ingress:
         rotation (degrees) that lines the image up with it, scores (SSIM, NCC, Dice, ORB matches) and the
         slice's position along its axis (0 = first slice, 1 = last)."""
         matcher = self._matcher()
-        image = await self._image(request)
+        image = await self._image(request, None, None, rgb8=True)
         return _answer(await matcher.match.remote(image, top_k, volume or None))
 
     @api.get("/", include_in_schema=False)

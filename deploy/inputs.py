@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageMode, UnidentifiedImageError
 
 from datasets.errors import UserError
+from datasets.microscopy import BadImage, NeedsChoice, TooLarge, read_channel, read_tiff
 from datasets.records import finite_pixels, to_rgb8
 from datasets.volumes import load_volume
 
@@ -58,10 +59,56 @@ def _over(what: str, size: str, amount: int, unit: str, limit: int, setting: str
 
 
 def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
-    """HxWx3 uint8 RGB pixels of an uploaded PNG, JPEG, TIFF (8/16-bit grey, RGB) or BMP image; 413 when
-    its header declares more than `max_pixels` pixels or `max_bytes` bytes of decoded samples."""
+    """HxWx3 uint8 RGB of an uploaded image (decode_pixels, 16-bit and float scaled by their own range):
+    what a slice classifier takes and what the page shows."""
+    return to_rgb8(decode_pixels(data, max_pixels, max_bytes))
+
+
+def decode_pixels(
+    data: bytes, max_pixels: int, max_bytes: int, page: int | None = None, channel: int | None = None
+) -> np.ndarray:
+    """The pixels of an uploaded PNG, JPEG, BMP or TIFF/OME-TIFF image at their full precision (HxW or
+    HxWxC, C 1-4, the stored dtype: 16-bit stays 16-bit until the model's normalisation, as in training and
+    platform.predict); a TIFF stack or a multi-channel TIFF needs `page` / `channel`, as platform.predict
+    does. 413 when the header declares more than `max_pixels` pixels or `max_bytes` bytes of samples."""
     if not data:
         raise BadInput(400, "empty request body: expected the bytes of a PNG, JPEG or TIFF image")
+    if data.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):  # TIFF and BigTIFF
+        pixels = _tiff_pixels(data, max_bytes, page, channel)
+    else:
+        pixels = _pil_pixels(data, max_pixels, max_bytes)
+        if channel is not None:
+            try:
+                pixels = read_channel(pixels[..., None] if pixels.ndim == 2 else pixels, channel, flag="")
+            except NeedsChoice as e:
+                raise BadInput(422, str(e)) from None
+    if pixels.shape[0] * pixels.shape[1] > max_pixels:  # a TIFF's plane: its bytes were bounded above
+        size = f"{pixels.shape[1]}x{pixels.shape[0]}"
+        raise _over("image", size, pixels.shape[0] * pixels.shape[1], "pixels", max_pixels, "max_pixels")
+    if pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4):
+        raise BadInput(415, f"{pixels.shape[2]}-channel image; expected grey, RGB or RGBA")
+    # NaN pixels are "no data" and scaled as the readers do (datasets/normalize.py): the same picture as
+    # platform.predict and training give, not an error and not an all-black image; none finite is an error
+    try:
+        return finite_pixels(pixels, Path("upload"))
+    except UserError as e:
+        raise BadInput(400, str(e)) from None
+
+
+def _tiff_pixels(data: bytes, max_bytes: int, page: int | None, channel: int | None) -> np.ndarray:
+    """A TIFF upload through platform.predict's reader (tifffile: 16-bit, multi-channel, stacks, OME)."""
+    try:
+        return read_tiff(io.BytesIO(data), page, channel, max_bytes=max_bytes, flag="").pixels
+    except TooLarge as e:
+        raise _over("image", e.size, e.nbytes, "bytes", max_bytes, "max_decoded_mb") from None
+    except NeedsChoice as e:  # a readable image, but the request's page or channel is missing or wrong
+        raise BadInput(422, str(e)) from None
+    except BadImage as e:
+        raise BadInput(400, str(e)) from None
+
+
+def _pil_pixels(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
+    """A PNG, JPEG or BMP upload through PIL, its size checked from the header before decoding."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
@@ -92,19 +139,11 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
             im.load()
             if im.mode not in _ARRAY_MODES:
                 im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
-            pixels = np.asarray(im)
+            return np.asarray(im)
         except MemoryError:  # the limits above failed, not the upload: a server error
             raise
         except Exception as e:  # as above: a corrupt or truncated stream, whichever plugin reads it
             raise BadInput(400, f"truncated or corrupt {im.format} image ({type(e).__name__}: {e})") from None
-    if pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4):
-        raise BadInput(415, f"{pixels.shape[2]}-channel image; expected grey, RGB or RGBA")
-    # NaN pixels are "no data" and scaled as the readers do (datasets/normalize.py): the same picture as
-    # platform.predict and training give, not an error and not an all-black image; none finite is an error
-    try:
-        return to_rgb8(finite_pixels(pixels, Path("upload")))
-    except UserError as e:
-        raise BadInput(400, str(e)) from None
 
 
 def _sample_bytes(mode: str) -> int:

@@ -69,7 +69,9 @@ def register_models(root: Path) -> str:
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     experiment = use_experiment(uri, "serve-test")
-    models = ((DETECTOR, train_detector(root), "segm_AP"), (CLASSIFIER, train_classifier(root), "volume_auc"))
+    # grey normalisation (percentiles), as the DSB2018 recipes: 16-bit uploads must reach it unsquashed
+    detector = train_detector(root, normalize="grey")
+    models = ((DETECTOR, detector, "segm_AP"), (CLASSIFIER, train_classifier(root), "volume_auc"))
     try:
         for name, checkpoint, metric in models:
             with mlflow.start_run(experiment_id=experiment, run_name=name):

@@ -47,6 +47,28 @@ def check_segmentation(result: dict, height: int, width: int) -> None:
     assert scores == sorted(scores, reverse=True)
 
 
+def in_process(store: str, pixels: np.ndarray, score_threshold: float) -> dict:
+    """What the served detector, loaded in this process (deploy.registry.predict_image), finds."""
+    from deploy.registry import load_detector, predict_image
+    from deploy.reloading import use_registry
+
+    use_registry(store)
+    try:
+        return predict_image(load_detector(f"models:/{DETECTOR}/1"), pixels, score_threshold)
+    finally:
+        use_registry("")
+
+
+def assert_same_instances(result: dict, reference: dict) -> None:
+    assert result["count"] == len(reference["scores"])
+    np.testing.assert_allclose([i["score"] for i in result["instances"]], reference["scores"], rtol=1e-5)
+    served = np.stack([mask_utils.decode(i["mask"]) for i in result["instances"]]).astype(bool)
+    # Same masks, up to pixels whose mask probability sits at the 0.5 threshold (the replica runs torch
+    # on one thread, this process on two: float sums in another order).
+    differ = (served != reference["masks"]).sum(axis=(1, 2))
+    assert (differ <= 0.02 * np.maximum(served.sum(axis=(1, 2)), 1)).all(), differ
+
+
 def test_segment_a_sample_image_as_the_model_does_in_process(server, store):
     body = IMAGES[0].read_bytes()
     response = post(server, "/v1/segment", body, score_threshold=0.3)
@@ -59,34 +81,52 @@ def test_segment_a_sample_image_as_the_model_does_in_process(server, store):
 
     # The same registered model run in this process (deploy.registry.predict_image) finds the same instances.
     from datasets.records import load_image
-    from deploy.registry import load_detector, predict_image
-    from deploy.reloading import use_registry
 
-    use_registry(store)
-    try:
-        reference = predict_image(load_detector(f"models:/{DETECTOR}/1"), load_image(IMAGES[0]), 0.3)
-    finally:
-        use_registry("")
-    assert result["count"] == len(reference["scores"])
-    np.testing.assert_allclose([i["score"] for i in result["instances"]], reference["scores"], rtol=1e-5)
-    served = np.stack([mask_utils.decode(i["mask"]) for i in result["instances"]]).astype(bool)
-    # Same masks, up to pixels whose mask probability sits at the 0.5 threshold (the replica runs torch
-    # on one thread, this process on two: float sums in another order).
-    differ = (served != reference["masks"]).sum(axis=(1, 2))
-    assert (differ <= 0.02 * np.maximum(served.sum(axis=(1, 2)), 1)).all(), differ
+    assert_same_instances(result, in_process(store, load_image(IMAGES[0]), 0.3))
 
     fewer = post(server, "/v1/segment", body, score_threshold=0.3, max_detections=3).json()
     assert fewer["count"] == 3 and fewer["instances"] == result["instances"][:3]
 
 
-def test_segment_16_bit_tiff_jpeg_and_a_tiled_mosaic(server):
-    grey = np.asarray(Image.open(IMAGES[1]).convert("L")).astype(np.uint16) * 257
-    for fmt, array in (("TIFF", grey), ("JPEG", np.asarray(Image.open(IMAGES[1]).convert("RGB")))):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, fmt)
-        response = post(server, "/v1/segment", buffer.getvalue(), score_threshold=0.3)
-        assert response.status_code == 200, (fmt, response.text)
-        check_segmentation(response.json(), *array.shape[:2])
+def test_segment_16_bit_tiff_jpeg_and_a_tiled_mosaic(server, store, tmp_path):
+    import tifffile
+
+    from datasets.microscopy import read_image
+    from datasets.records import to_rgb8
+
+    # 16-bit as a microscope writes it: 256 grey levels above an offset, one hot pixel, LZW (Fiji's).
+    grey = np.asarray(Image.open(IMAGES[1]).convert("L")).astype(np.uint16) + 1000
+    grey[0, 0] = 65535
+    tifffile.imwrite(tmp_path / "grey16.tif", grey, compression="lzw")
+    response = post(server, "/v1/segment", (tmp_path / "grey16.tif").read_bytes(), score_threshold=0.3)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    check_segmentation(result, *grey.shape)
+    # The model gets the 16-bit pixels and its own normalisation (grey: percentiles), as platform.predict
+    # reads the file; squashed to 8-bit first, the levels fall onto ~4 and the model sees another image.
+    pixels = read_image(tmp_path / "grey16.tif").pixels
+    assert_same_instances(result, in_process(store, pixels, 0.3))
+    squashed = in_process(store, to_rgb8(pixels), 0.3)
+    assert len(squashed["scores"]) != result["count"] or not np.allclose(
+        squashed["scores"], [i["score"] for i in result["instances"]], rtol=1e-3
+    )
+
+    jpeg = np.asarray(Image.open(IMAGES[1]).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(jpeg).save(buffer, "JPEG")
+    response = post(server, "/v1/segment", buffer.getvalue(), score_threshold=0.3)
+    assert response.status_code == 200, response.text
+    check_segmentation(response.json(), *jpeg.shape[:2])
+
+    # A 3-channel TIFF stack: a plane and a channel are chosen as platform.predict's --page and --channel.
+    stack = np.stack([np.stack([grey, grey // 2, grey // 3])] * 2)
+    tifffile.imwrite(tmp_path / "zc.tif", stack, metadata={"axes": "ZCYX"})
+    body = (tmp_path / "zc.tif").read_bytes()
+    response = post(server, "/v1/segment", body, score_threshold=0.3)
+    assert response.status_code == 422 and "choose one with page" in response.json()["error"], response.text
+    response = post(server, "/v1/segment", body, score_threshold=0.3, page=1, channel=0)
+    assert response.status_code == 200, response.text
+    assert_same_instances(response.json(), in_process(store, pixels, 0.3))  # plane 1, channel 0 is `grey`
 
     # A 2 x 2 mosaic of sample images in 256-px tiles (64 px overlap): 9 tiles, stitched.
     tiles = [np.asarray(Image.open(p).convert("RGB").resize((256, 256))) for p in IMAGES[:4]]

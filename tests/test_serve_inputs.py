@@ -151,7 +151,7 @@ def test_the_byte_limit_counts_the_bytes_voxels_and_pixels_expand_to():
         decode_volume(small, 10**9, 32768 + 351)
     grey16 = encode(np.zeros((100, 100), np.uint16), "TIFF")  # 2 bytes a pixel
     assert decode_image(grey16, 10**6, 20_000).shape == (100, 100, 3)
-    with pytest.raises(BadInput, match="100x100 pixels x 2 bytes = 20000 bytes") as caught:
+    with pytest.raises(BadInput, match="100x100 uint16 = 20000 bytes") as caught:
         decode_image(grey16, 10**6, 19_999)
     assert caught.value.status == 413
 
@@ -208,3 +208,51 @@ def test_a_float_image_with_nan_is_scaled_on_its_finite_pixels_as_the_readers_do
     with pytest.raises(BadInput, match="finite") as caught:
         decode_image(encode(np.full((8, 8), np.nan, np.float32), "TIFF"), 10**6, GB)
     assert caught.value.status == 400
+
+
+def test_pixels_keep_their_precision_and_tiffs_read_as_platform_predict_reads_them(tmp_path):
+    import tifffile
+
+    from datasets.microscopy import read_image
+    from deploy.inputs import decode_pixels
+
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(1000, 1256, (40, 50)).astype(np.uint16)  # 256 levels in 16-bit, as microscopes give
+    grey16[0, 0] = 65535  # one hot pixel: squashed to 8-bit by range, the levels above would fall to ~1
+    path = tmp_path / "grey16.tif"
+    tifffile.imwrite(path, grey16, compression="lzw")  # what Fiji writes; needs imagecodecs
+    decoded = decode_pixels(path.read_bytes(), 10**6, GB)
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, grey16)
+    assert np.array_equal(decoded, read_image(path).pixels)
+    png16 = encode(grey16, "PNG")
+    assert np.array_equal(decode_pixels(png16, 10**6, GB), grey16)
+    assert len(np.unique(decode_image(png16, 10**6, GB))) <= 3  # why the detector must get decode_pixels
+
+    # A 5-channel image and a Z-stack need the channel and the plane, as platform.predict's options do.
+    channels = rng.integers(0, 4096, (5, 30, 20)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "c5.tif", channels, metadata={"axes": "CYX"})
+    body = (tmp_path / "c5.tif").read_bytes()
+    with pytest.raises(BadInput, match="5 channels .*choose one with channel") as caught:
+        decode_pixels(body, 10**6, GB)
+    assert caught.value.status == 422
+    assert np.array_equal(decode_pixels(body, 10**6, GB, channel=3), channels[3])
+    with pytest.raises(BadInput, match="channel 5: the image has 5") as caught:
+        decode_pixels(body, 10**6, GB, channel=5)
+    assert caught.value.status == 422
+    stack = rng.random((3, 16, 16)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "z.tif", stack, metadata={"axes": "ZYX"})
+    body = (tmp_path / "z.tif").read_bytes()
+    with pytest.raises(BadInput, match="3 planes .*choose one with page \\(0-2\\)"):
+        decode_pixels(body, 10**6, GB)
+    assert np.array_equal(decode_pixels(body, 10**6, GB, page=2), stack[2])
+    assert np.array_equal(
+        decode_pixels(encode(grey16.astype(np.uint8), "PNG"), 10**6, GB, channel=0), grey16 % 256
+    )
+
+    # The byte limit counts the whole series, from the header; the pixel limit the plane used.
+    with pytest.raises(BadInput, match="5x30x20 uint16 = 6000 bytes") as caught:
+        decode_pixels((tmp_path / "c5.tif").read_bytes(), 10**6, 5999, channel=0)
+    assert caught.value.status == 413
+    with pytest.raises(BadInput, match="max_pixels") as caught:
+        decode_pixels(path.read_bytes(), 1999, GB)
+    assert caught.value.status == 413
