@@ -17,6 +17,7 @@ from deploy.registry import Detector, load_detector
 from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
 from deploy.settings import ServeSettings, mb
 from trainers.detection.inference import detect_tiles, mask_threshold_of, stitched_results, tile_tensor
+from trainers.detection.refine import model_grey, refine_results
 from trainers.detection.scale import fit_to_model, restore_results
 
 
@@ -41,14 +42,15 @@ class DetectorDeployment:
         return await asyncio.to_thread(grouped, items, self.run)
 
     async def segment(self, image: np.ndarray, score_threshold: float, max_detections: int, tile_size: int):
-        """Instances of an HxWx3 uint8 image: class, score, box (xyxy), COCO RLE mask, area; counts per
-        class. tile_size 0: the model's own (its training tile size; 0 = the whole image at once)."""
+        """Instances of an image's pixels (HxW or HxWxC, any dtype: decode_pixels), normalised here by the
+        model's own mode: class, score, box (xyxy), COCO RLE mask, area; counts per class. tile_size 0:
+        the model's own (its training tile size; 0 = the whole image at once)."""
         loaded = self.registry.current  # the whole request uses one version, whatever a reload does
         detector = loaded.model
         cfg = detector.config
         height, width = image.shape[:2]
         # objects much larger than the trained ones: the image shrunk to them, as predict_image does
-        image = await asyncio.to_thread(fit_to_model, image, cfg.object_diameter)
+        original, image = image, await asyncio.to_thread(fit_to_model, image, cfg.object_diameter)
         try:
             tiles = plan_tiles(image.shape[:2], tile_size, cfg, self.limits)
         except BadInput as e:
@@ -61,7 +63,7 @@ class DetectorDeployment:
             per_tile += await asyncio.gather(*(self.infer(item) for item in items))
         # Stitching and RLE encoding in a thread: the replica's event loop keeps feeding batches meanwhile.
         answer = await asyncio.to_thread(
-            instances_json, per_tile, detector, (height, width), max_detections, image.shape[:2]
+            instances_json, per_tile, detector, original, max_detections, image.shape[:2]
         )
         models = {"detector": loaded.ref()}
         return {"width": width, "height": height, "tiles": len(tiles), **answer, "models": models}
@@ -109,16 +111,20 @@ def plan_tiles(shape: tuple[int, int], tile_size: int, cfg, limits: tuple[int, i
 def instances_json(
     per_tile: list[TileDetections],
     detector: Detector,
-    shape: tuple[int, int],
+    image: np.ndarray,
     max_detections: int,
     tiled_shape: tuple[int, int],
 ) -> dict:
-    """Tile detections of the image rescaled to `tiled_shape` -> {count, counts per class, categories,
-    instances (best first)} in the image's own `shape` after stitching, the model's class_score_thresh /
-    mask_min_area filters and the max_detections cut (0 = all)."""
-    entries = stitched_results(per_tile, 1, *tiled_shape, detector.config, detector.categories)
+    """Tile detections of `image` rescaled to `tiled_shape` -> {count, counts per class, categories,
+    instances (best first)} in the image's own shape after stitching, the model's class_score_thresh /
+    mask_min_area filters, its mask refinement (as predict_image does) and the max_detections cut (0 =
+    all)."""
+    cfg, shape = detector.config, image.shape[:2]
+    entries = stitched_results(per_tile, 1, *tiled_shape, cfg, detector.categories)
     if tiled_shape != shape:
         entries = restore_results(entries, tiled_shape, shape)
+    if cfg.mask_refine != "off":
+        entries = refine_results(entries, model_grey(image, cfg.normalize), cfg.mask_refine)
     entries = sorted(entries, key=lambda r: -r["score"])[: max_detections or None]
     names = {c["id"]: c["name"] for c in detector.categories}
     counts = dict.fromkeys(names.values(), 0)

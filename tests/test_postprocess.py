@@ -66,14 +66,15 @@ def checkpoint(tmp_path_factory):
     return folder, cfg, model.eval(), load_cache(cache)
 
 
-def test_tiled_cache_and_filters(checkpoint, tmp_path):
+@pytest.mark.parametrize("mask_refine", ["off", "otsu"])
+def test_tiled_cache_and_filters(checkpoint, tmp_path, mask_refine):
     """Full-resolution mode: the cache holds the stitched detections of tiled inference, and the filters
-    apply to them as predict_records applies them at inference. 256-px tiles: the 256 x 320 validation
-    image is two tiles (stitched), the 256 x 256 one a single tile (cheap on CPU)."""
+    apply to them as predict_records applies them at inference, and so does the mask refinement. 256-px
+    tiles: the 256 x 320 validation image is two tiles (stitched), the 256 x 256 one a single tile."""
     from trainers.detection.inference import predict_records
 
     folder, cfg, model, _ = checkpoint
-    tiled = apply_overrides(cfg, {"tile_size": 256, "tile_overlap": 32})
+    tiled = apply_overrides(cfg, {"tile_size": 256, "tile_overlap": 32, "mask_refine": mask_refine})
     copy = tmp_path / "tiled"
     shutil.copytree(folder, copy)
     save_checkpoint(copy, tiled, model, TWO, {})  # same weights, tiled config

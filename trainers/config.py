@@ -27,6 +27,7 @@ TTA_MODES = ("off", "flips", "flips+rot90")  # test-time augmentation (trainers/
 # registered model carries, cannot make every image it sees cost unbounded memory.
 MAX_INPUT_SIDE = 8192
 BASELINES = ("otsu", "otsu-watershed", "off")  # the classical baseline (trainers/detection/baseline.py)
+MASK_REFINES = ("off", "otsu")  # mask outlines snapped to the foreground (trainers/detection/refine.py)
 
 
 @dataclass
@@ -81,6 +82,9 @@ class MaskRCNNConfig:
     # the model (its own box_score_thresh first); () = box_score_thresh for every class
     mask_min_area: int = 0  # detections whose binary mask has fewer pixels are dropped at inference
     mask_threshold: float = 0.5  # soft masks are binarised at this value at inference (torchvision: 0.5)
+    mask_refine: str = (
+        "off"  # off | otsu: each mask's outline (1 px deep) follows the image's Otsu foreground
+    )
     box_nms_thresh: float = 0.5  # per-class NMS IoU threshold on detections
     box_detections_per_img: int = 100  # maximum detections per image at inference
     tta: str = "off"  # test-time augmentation at inference: off | flips | flips+rot90 (instances of the
@@ -128,6 +132,7 @@ class MaskRCNNConfig:
         _one_of("normalize", self.normalize, NORMALIZATIONS)
         _one_of("tta", self.tta, TTA_MODES)
         _one_of("baseline", self.baseline, BASELINES)
+        _one_of("mask_refine", self.mask_refine, MASK_REFINES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("norm", self.norm, NORMS)
         if len(self.anchor_sizes) != 5:

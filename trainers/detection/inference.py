@@ -26,6 +26,7 @@ from datasets.progress import Progress
 from datasets.records import ImageRecord, open_image
 from datasets.tiles import Detections, Tile, TileDetections, stitch_detections, tile_grid
 from trainers.detection.postprocess import filter_output, filter_results
+from trainers.detection.refine import model_grey, refine_results
 from trainers.detection.scale import fit_to_model, restore_results
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ def predict_image(
         model.eval()
         output = model([image_tensor(work, normalize).to(device)])[0]
         results = to_coco_results(output, image_id, mask_threshold, cfg=cfg, categories=categories)
-    return results if work is image else restore_results(results, work.shape[:2], image.shape[:2])
+    results = results if work is image else restore_results(results, work.shape[:2], image.shape[:2])
+    refine = cfg.mask_refine if cfg is not None else "off"
+    return refine_results(results, model_grey(image, normalize), refine) if refine != "off" else results
 
 
 def predict_records(
@@ -282,10 +285,13 @@ def predict(model, loader, device, mask_threshold: float | None = None, *, cfg=N
     results = []
     for images_batch, targets in loader:
         outputs = model([img.to(device) for img in images_batch])
-        for output, target in zip(outputs, targets, strict=True):
-            results.extend(
-                to_coco_results(output, target["image_id"], mask_threshold, cfg=cfg, categories=categories)
+        for image, output, target in zip(images_batch, outputs, targets, strict=True):
+            found = to_coco_results(
+                output, target["image_id"], mask_threshold, cfg=cfg, categories=categories
             )
+            if cfg is not None and cfg.mask_refine != "off":  # the tensor is the model input, 0-1
+                found = refine_results(found, image.mean(dim=0).mul(255).cpu().numpy(), cfg.mask_refine)
+            results.extend(found)
     return results
 
 

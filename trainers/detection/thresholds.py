@@ -41,6 +41,7 @@ from trainers.config import MaskRCNNConfig, apply_overrides, from_dict, to_dict
 from trainers.detection.inference import detect_candidates, image_tensor, mask_threshold_of, predict_records
 from trainers.detection.model import load_checkpoint_model
 from trainers.detection.postprocess import POSTPROCESS_FIELDS, keep_detections
+from trainers.detection.refine import model_grey, refine_results
 from trainers.detection.train import config_split
 from trainers.evaluation import coco_report, kaggle_metrics
 
@@ -228,14 +229,15 @@ def _tiled_candidates(model, records, cfg, device, mask_threshold: float) -> lis
         bboxes = np.array([r["bbox"] for r in mine], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([bboxes[:, :2], bboxes[:, :2] + bboxes[:, 2:]], axis=1)
         rles = [r["segmentation"] for r in mine]
+        areas = np.array([mask_utils.area(r) for r in rles], dtype=np.int64)
         per_image.append(
             (
                 np.array([r["category_id"] for r in mine], dtype=np.int64),
                 np.array([r["score"] for r in mine], dtype=np.float32),
                 xyxy.astype(np.float32),
                 bboxes,
-                np.array([mask_utils.area(r) for r in rles], dtype=np.int64),
-                rles,
+                areas,
+                _refined(rles, bboxes, records[index], cfg),
                 PERMISSIVE["box_score_thresh"],  # tiles are not cut at a total per image
             )
         )
@@ -251,6 +253,7 @@ def _whole_image_candidates(model, records, cfg, device, mask_threshold: float) 
             image = image_tensor(open_image(record.image_path), cfg.normalize).to(device)
             nms_boxes, boxes, scores, labels, areas, rles = detect_candidates(model, image, mask_threshold)
             boxes = boxes.numpy()
+            xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64)
             complete = PERMISSIVE["box_score_thresh"]
             if len(scores) >= PERMISSIVE["box_detections_per_img"]:  # cut at top-k: lower ones are gone
                 complete = max(complete, float(scores.min()))
@@ -259,15 +262,24 @@ def _whole_image_candidates(model, records, cfg, device, mask_threshold: float) 
                     labels.numpy().astype(np.int64),
                     scores.numpy().astype(np.float32),
                     nms_boxes.numpy().astype(np.float32),
-                    # float32 differences, as to_coco_results computes its xywh
-                    np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64),
+                    xywh,  # float32 differences, as to_coco_results computes its xywh
                     areas,
-                    rles,
+                    _refined(rles, xywh, record, cfg),
                     complete,
                 )
             )
             bar.update()
     return per_image
+
+
+def _refined(rles: list[dict], bboxes: np.ndarray, record, cfg) -> list[dict]:
+    """Candidate masks as the model reports them, refined by its mask_refine (trainers/detection/refine.py).
+    Their areas stay the unrefined ones: predict_image's filters (mask_min_area) run before refinement too."""
+    if cfg.mask_refine == "off" or not rles:
+        return rles
+    found = [{"segmentation": rle, "bbox": box.tolist()} for rle, box in zip(rles, bboxes, strict=True)]
+    grey = model_grey(open_image(record.image_path), cfg.normalize)
+    return [r["segmentation"] for r in refine_results(found, grey, cfg.mask_refine)]
 
 
 def postprocess_config(cache: PredictionCache, params: dict) -> MaskRCNNConfig:
