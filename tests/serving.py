@@ -69,8 +69,8 @@ def register_models(root: Path) -> str:
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     experiment = use_experiment(uri, "serve-test")
-    # grey normalisation (percentiles), as the DSB2018 recipes: 16-bit uploads must reach it unsquashed
-    detector = train_detector(root, normalize="grey")
+    # as dsb2018_cpu: grey normalisation (16-bit uploads must reach it unsquashed), masks refined
+    detector = train_detector(root, normalize="grey", mask_refine="otsu")
     models = ((DETECTOR, detector, "segm_AP"), (CLASSIFIER, train_classifier(root), "volume_auc"))
     try:
         for name, checkpoint, metric in models:
