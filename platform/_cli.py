@@ -52,6 +52,18 @@ def tracking_uri(cli_value: str | None) -> str:
     return cli_value or default_tracking_uri()
 
 
+def model_folder(model: str, tracking: str | None) -> Path:
+    """The local folder of a --model value: a folder as given, or a registered or logged model fetched
+    through MLflow at `tracking` (--tracking-uri; default as tracking_uri)."""
+    if ":/" in model:
+        uri = tracking_uri(tracking)
+        mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
+        mlflow.set_registry_uri(uri)
+    from deploy.registry import resolve
+
+    return resolve(model)
+
+
 def use_experiment(uri: str, name: str) -> str:
     """Point MLflow at `uri` and return the id of experiment `name`, creating it if needed.
 

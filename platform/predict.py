@@ -100,26 +100,13 @@ def output_folder(value: str) -> Path:
     return out
 
 
-def model_folder(args) -> Path:
-    """The local folder of --model (a registered or logged model is fetched through MLflow)."""
-    if ":/" in args.model:
-        import mlflow
-
-        uri = _cli.tracking_uri(args.tracking_uri)
-        mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
-        mlflow.set_registry_uri(uri)
-    from deploy.registry import resolve
-
-    return resolve(args.model)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines
     check_args(args)
-    folder = model_folder(args)
+    folder = _cli.model_folder(args.model, args.tracking_uri)
     from datasets.microscopy import find_images
     from datasets.records import IMAGE_SUFFIXES
     from deploy.batch import classify_files, predict_images, report_failures
