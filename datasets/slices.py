@@ -128,9 +128,18 @@ def to_tensor(
     if image.shape[2] != in_chans:
         image = np.repeat(image[..., :1], in_chans, axis=2)
     tensor = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)  # a copy: PIL's is read-only
-    m = torch.tensor(mean[:in_chans] if in_chans == 3 else [float(np.mean(mean))]).view(-1, 1, 1)
-    s = torch.tensor(std[:in_chans] if in_chans == 3 else [float(np.mean(std))]).view(-1, 1, 1)
-    return (tensor - m) / s
+    means, stds = channel_stats(in_chans, mean, std)
+    return (tensor - torch.tensor(means).view(-1, 1, 1)) / torch.tensor(stds).view(-1, 1, 1)
+
+
+def channel_stats(
+    in_chans: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std `to_tensor` subtracts and divides by: the RGB values for 3 channels, their
+    averages for one grey channel. Exported classifiers state them (deploy/export.py)."""
+    if in_chans == 3:
+        return [float(m) for m in mean[:3]], [float(s) for s in std[:3]]
+    return [float(np.mean(mean))], [float(np.mean(std))]
 
 
 class SliceDataset(torch.utils.data.Dataset):
