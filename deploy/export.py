@@ -312,7 +312,10 @@ def load_exported(path: Path, threads: int = 0) -> Callable[[np.ndarray], list[n
 
     @torch.inference_mode()
     def run(x: np.ndarray) -> list[np.ndarray]:
-        out = module(torch.from_numpy(x))
+        with warnings.catch_warnings():
+            # torchvision's scripted detectors say, on their first call, that they return (losses, detections)
+            warnings.filterwarnings("ignore", "RCNN always returns", UserWarning)
+            out = module(torch.from_numpy(x))
         return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
     return run

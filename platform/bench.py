@@ -11,6 +11,7 @@ python -m platform.bench serve                      # HTTP load test, Serve over
 python -m platform.bench match                      # find in 3D: hit rate, s/query vs library size
 python -m platform.bench quality                    # CPU recipe vs the Otsu baseline on unseen DSB2018
 python -m platform.bench predict                    # platform.predict vs a direct loop: images/s, peak RSS
+python -m platform.bench export                     # exported models: ONNX Runtime, TorchScript vs eager ms
 python -m platform.bench quality --checkpoints A B  # score trained checkpoints (and their ensemble) only
 """
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--images", type=int, default=32, help="256 px images in the folder")
     predict.add_argument("--mosaic", type=int, default=2048, help="side of the large image, pixels")
     predict.add_argument("--rounds", type=int, default=1, help="each side runs once per round, interleaved")
+    export = sub.add_parser("export", help="ms/image of ONNX Runtime and TorchScript vs PyTorch eager")
+    export.add_argument("--images", type=int, default=8, help="inputs per model (sample images, slices)")
+    export.add_argument("--rounds", type=int, default=3, help="each side runs once per round, interleaved")
+    export.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every side")
     evaluation = sub.add_parser("eval", help="COCO evaluator time on dense images: pycocotools vs faster")
     evaluation.add_argument("--images", type=int, default=4, help="dense images (sample images tiled)")
     evaluation.add_argument("--grid", type=int, default=3, help="each dense image is grid x grid samples")
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     benches = {"train": bench_train, "data": bench_data, "tiled": bench_tiled, "eval": bench_eval}
     benches |= {"asha": bench_asha, "serve": bench_serve, "match": bench_match, "quality": bench_quality}
     benches["predict"] = bench_predict
+    benches["export"] = bench_export
     return benches[args.which](args)
 
 
@@ -250,6 +256,13 @@ def bench_predict(args) -> int:
     from platform.benchmarks.predict import benchmark_predict
 
     benchmark_predict(args.recipe, args.images, args.mosaic, args.rounds)
+    return 0
+
+
+def bench_export(args) -> int:
+    from platform.benchmarks.export import benchmark_export
+
+    benchmark_export(args.rounds, args.images, args.threads)
     return 0
 
 
