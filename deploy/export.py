@@ -26,10 +26,12 @@ parity with PyTorch on sample images of several sizes):
   in _batched_nms_coordinate_trick)`.
 - ONNX, classifier: the dynamo exporter, dynamic batch (the legacy one works too).
 - TorchScript, both: `torch.jit.script` (FutureWarning: "`torch.jit.script` is deprecated. Please switch
-  to `torch.compile` or `torch.export`", but it works). torchvision's scripted resize computes the scale in
-  float32 and so gives a size one pixel off eager PyTorch's for about 40 % of image sizes (e.g. 173 x 188
-  -> 127 x 139 instead of 128 x 139), and different detections; the exported detector therefore resizes
-  with eager PyTorch's float64 arithmetic (`EagerSizeTransform`). ONNX tracing follows eager here.
+  to `torch.compile` or `torch.export`", but it works).
+- The detector's resize: eager torchvision computes the scale in float64; scripted, it computes it in
+  float32 (the size is a pixel off eager's for about half of all image sizes: 173 x 188 -> 127 x 139
+  instead of 128 x 139), and traced for ONNX the size too (about 6 %: 61 x 61 -> 127 x 127 instead of 128
+  x 128); a pixel changes the detections. Both exports therefore resize with eager PyTorch's float64
+  arithmetic (`EagerSizeTransform`), and the tests check such sizes.
 """
 
 import hashlib
@@ -43,7 +45,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch import Tensor, nn
+from torch.onnx import operators
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from datasets.errors import UserError
@@ -63,12 +67,15 @@ DETECTOR_OUTPUTS = ("boxes", "labels", "scores", "masks")
 
 
 class EagerSizeTransform(GeneralizedRCNNTransform):
-    """torchvision's transform with eager PyTorch's resize arithmetic in TorchScript too (module docstring):
-    scale = min(min_size / shorter, max_size / longer) in float64, size = int(side * scale), bilinear."""
+    """torchvision's transform with eager PyTorch's resize arithmetic also in TorchScript and under ONNX
+    tracing (module docstring): scale = min(min_size / shorter, max_size / longer) and size =
+    int(side * scale) in float64, then bilinear."""
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if not torch.jit.is_scripting() and torchvision._is_tracing():
+            return _traced_resize(image, float(self.min_size[-1]), float(self.max_size)), target
         height, width = image.shape[-2], image.shape[-1]
         scale = min(
             float(self.min_size[-1]) / float(min(height, width)),
@@ -77,6 +84,17 @@ class EagerSizeTransform(GeneralizedRCNNTransform):
         size = [int(height * scale), int(width * scale)]
         resized = nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
         return resized[0], target
+
+
+@torch.jit.unused
+def _traced_resize(image: Tensor, min_size: float, max_size: float) -> Tensor:
+    """EagerSizeTransform's resize as operations on the traced shape, so that the ONNX graph computes the
+    size of each input. The scale is a 1-d tensor: the legacy exporter computes 0-d ones in float32."""
+    shape = operators.shape_as_tensor(image)[-2:].double()
+    limits = torch.tensor([min_size, max_size], dtype=torch.float64)
+    size = torch.floor(shape * (limits / torch.stack([shape.min(), shape.max()])).min())
+    # what F.interpolate calls; it refuses sizes that are tensors, which tracing needs to keep them dynamic
+    return torch._C._nn.upsample_bilinear2d(image[None], [size[0], size[1]], False, None)[0]
 
 
 class DetectorGraph(nn.Module):
@@ -127,12 +145,12 @@ def export_model(folder: Path, fmt: str, out: Path, ref: str) -> dict:
     if is_classifier_folder(folder):
         graph, example, info = classifier_graph(folder)
     else:
-        graph, example, info = detector_graph(folder, fmt)
+        graph, example, info = detector_graph(folder)
     with warnings.catch_warnings():
         # tracing and scripting torchvision warn about code paths the parity tests cover, and about the
         # exporters' deprecation (module docstring); on a terminal they are pages of noise
         warnings.simplefilter("ignore")
-        data = to_torchscript(graph) if fmt == "torchscript" else to_onnx(graph, example, info)
+        data = to_torchscript(graph) if fmt == "torchscript" else to_onnx(graph, example, info["kind"])
     write_bytes_atomic(out, data)
     meta = {
         "format": fmt,
@@ -149,14 +167,11 @@ def export_model(folder: Path, fmt: str, out: Path, ref: str) -> dict:
     return meta
 
 
-def detector_graph(folder: Path, fmt: str) -> tuple[nn.Module, Tensor, dict]:
+def detector_graph(folder: Path) -> tuple[nn.Module, Tensor, dict]:
     """The checkpoint's Mask R-CNN as a DetectorGraph, an example input, and what the JSON says of it."""
     model, cfg, categories = load_checkpoint_model(folder, "cpu")
     t = model.transform
-    if fmt == "torchscript":
-        model.transform = EagerSizeTransform(
-            t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible
-        )
+    model.transform = EagerSizeTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible)
     side = int(t.min_size[-1])
     # the trace does not depend on what the example shows: a blank image (no detections) exports the same
     # graph as one full of objects (checked when this was written)
@@ -257,9 +272,9 @@ def to_torchscript(graph: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def to_onnx(graph: nn.Module, example: Tensor, info: dict) -> bytes:
+def to_onnx(graph: nn.Module, example: Tensor, kind: str) -> bytes:
     """ONNX bytes: the legacy exporter for a detector (dynamo fails on it), dynamo for a classifier."""
-    if info["kind"] == "detector":
+    if kind == "detector":
         buffer = io.BytesIO()
         dims = {"image": {1: "height", 2: "width"}, "masks": {0: "n", 2: "height", 3: "width"}}
         dims |= {name: {0: "n"} for name in DETECTOR_OUTPUTS[:3]}
@@ -276,10 +291,10 @@ def to_onnx(graph: nn.Module, example: Tensor, info: dict) -> bytes:
 
 
 def exporter(fmt: str, kind: str) -> str:
+    resize = " (resize: deploy.export.EagerSizeTransform)" if kind == "detector" else ""
     if fmt == "torchscript":
-        return "torch.jit.script" + (" (resize: EagerSizeTransform)" if kind == "detector" else "")
-    dynamo = kind != "detector"
-    return f"torch.onnx.export(dynamo={dynamo}, opset_version={OPSET})"
+        return "torch.jit.script" + resize
+    return f"torch.onnx.export(dynamo={kind != 'detector'}, opset_version={OPSET})" + resize
 
 
 def optional_versions() -> dict:
