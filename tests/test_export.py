@@ -110,10 +110,11 @@ def sample_images() -> list[np.ndarray]:
     return images
 
 
-def same_detections(got: list[np.ndarray], want: dict, mask_threshold: float) -> tuple[float, float]:
+def same_detections(got: list[np.ndarray], want: dict, mask_threshold: float) -> tuple[float, float, float]:
     """Asserts that an exported detector's outputs are PyTorch's: each exported detection paired with the
     PyTorch one whose box is nearest (ties in score may order them differently), one to one, with the same
-    label and score, box within 1e-3 and mask IoU >= 0.99; returns (largest box difference, smallest IoU)."""
+    label and score, box within 1e-3, mask IoU >= 0.99 and soft masks within 1e-3; returns (largest box
+    difference, smallest IoU, largest soft mask difference)."""
     boxes, labels, scores, masks = got
     assert len(boxes) == len(want["boxes"]) > 0
     distance = np.abs(boxes[:, None] - want["boxes"].numpy()[None]).max(axis=2)
@@ -121,11 +122,13 @@ def same_detections(got: list[np.ndarray], want: dict, mask_threshold: float) ->
     assert sorted(pairs.tolist()) == list(range(len(boxes)))  # one to one
     assert np.array_equal(labels, want["labels"].numpy()[pairs])
     assert np.abs(scores - want["scores"].numpy()[pairs]).max() < 1e-4
-    mine, theirs = masks[:, 0] >= mask_threshold, want["masks"][pairs, 0].numpy() >= mask_threshold
+    soft = want["masks"][pairs, 0].numpy()
+    mine, theirs = masks[:, 0] >= mask_threshold, soft >= mask_threshold
     ious = (mine & theirs).sum(axis=(1, 2)) / np.maximum((mine | theirs).sum(axis=(1, 2)), 1)
     box_diff, mask_iou = float(distance.min(axis=1).max()), float(ious.min())
-    assert box_diff <= 1e-3 and mask_iou >= 0.99, (box_diff, mask_iou)
-    return box_diff, mask_iou
+    soft_diff = float(np.abs(masks[:, 0] - soft).max())
+    assert box_diff <= 1e-3 and mask_iou >= 0.99 and soft_diff <= 1e-3, (box_diff, mask_iou, soft_diff)
+    return box_diff, mask_iou, soft_diff
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -140,9 +143,9 @@ def test_exported_detector_matches_pytorch(store, exported, fmt):
         with torch.inference_mode():
             want = model([tensor])[0]
         threshold = meta["postprocessing"]["mask_threshold"]
-        box_diff, mask_iou = same_detections(run(tensor.numpy()), want, threshold)
+        box_diff, mask_iou, soft_diff = same_detections(run(tensor.numpy()), want, threshold)
         print(f"{fmt} detector {image.shape[:2]}: {len(want['boxes'])} detections, max box diff "
-              f"{box_diff:.2e}, min mask IoU {mask_iou:.4f}")  # fmt: skip
+              f"{box_diff:.2e}, min mask IoU {mask_iou:.4f}, max soft mask diff {soft_diff:.1e}")  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore")  # tracing's and scripting's, which platform.export silences too
