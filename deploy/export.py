@@ -27,11 +27,12 @@ parity with PyTorch on sample images of several sizes):
 - ONNX, classifier: the dynamo exporter, dynamic batch (the legacy one works too).
 - TorchScript, both: `torch.jit.script` (FutureWarning: "`torch.jit.script` is deprecated. Please switch
   to `torch.compile` or `torch.export`", but it works).
-- The detector's resize: eager torchvision computes the scale in float64; scripted, it computes it in
-  float32 (the size is a pixel off eager's for about half of all image sizes: 173 x 188 -> 127 x 139
-  instead of 128 x 139), and traced for ONNX the size too (about 6 %: 61 x 61 -> 127 x 127 instead of 128
-  x 128); a pixel changes the detections. Both exports therefore resize with eager PyTorch's float64
-  arithmetic (`EagerSizeTransform`), and the tests check such sizes.
+- The detector's resize: eager torchvision computes the scale and size in float64. Scripted, it computes
+  the scale in float32: the size is a pixel off eager's for about half of all image sizes (173 x 188 ->
+  127 x 139 instead of 128 x 139). Traced for ONNX, scale and size are float32: about 6 % of sizes are off
+  (61 x 61 -> 127 x 127 instead of 128 x 128; counted over 20-1500 px at min/max 128/160). A pixel changes
+  the detections, so both exports resize with eager PyTorch's float64 arithmetic (`EagerSizeTransform`),
+  and the tests check such sizes.
 """
 
 import hashlib
