@@ -10,7 +10,8 @@ The graphs:
   PyTorch: torchvision's resize (shorter side to min_size, longer at most max_size), its ImageNet
   normalisation, score threshold, NMS and top-k, and the boxes and masks mapped back to input pixels.
   Not inside: tiling (models trained on tiles of tile_size), shrinking images of large objects
-  (object_diameter), class_score_thresh and mask_min_area, test-time augmentation; the JSON gives each.
+  (object_diameter), class_score_thresh and mask_min_area, mask refinement (mask_refine), test-time
+  augmentation; the JSON gives each.
 - classifier: `slices` N x C x S x S float32, normalised as the JSON says -> `probabilities` N x classes
   (the softmax is in the graph); the decision rule (operating point) is in the JSON.
 Ensembles (detector mask-vote, classifier voting/patch) are not exported: their merging is Python code
@@ -201,6 +202,7 @@ def detector_graph(folder: Path) -> tuple[nn.Module, Tensor, dict]:
             },
             "class_score_thresh": list(cfg.class_score_thresh),
             "mask_min_area": cfg.mask_min_area,
+            "mask_refine": cfg.mask_refine,  # outlines snapped to the foreground (detection/refine.py)
             "tta": cfg.tta,
         },
     }
