@@ -364,6 +364,15 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; set back at once
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write a file atomically: a temporary file in the same folder, renamed over `path` at the end, so a
     reader (or a crashed run) never sees a half-written file."""
@@ -371,6 +380,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; results are meant to be shared as any file the user writes is
+        os.fchmod(handle, 0o666 & ~UMASK)
         with os.fdopen(handle, "wb") as f:
             f.write(data)
         os.replace(temporary, path)

@@ -141,3 +141,12 @@ def test_folder_written_atomically(tmp_path):
         (work / "b.txt").write_text("two")
     assert [p.name for p in dst.iterdir()] == ["b.txt"]  # replaced whole, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_gets(tmp_path):
+    from datasets.records import write_bytes_atomic
+
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"x")  # open(): 0666 less the umask, as every tool the user has writes
+    written = write_bytes_atomic(tmp_path / "atomic.txt", b"x")
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
