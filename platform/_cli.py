@@ -7,8 +7,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
-
 from datasets.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +69,8 @@ def use_experiment(uri: str, name: str) -> str:
     (.mlflow/artifacts/ for the embedded one) rather than MLflow's default ./mlruns in whatever folder the
     command was started from.
     """
+    import mlflow  # here, not at the top: `platform.bench gpu` runs on GPU machines that have no MLflow
+
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)

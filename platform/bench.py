@@ -293,6 +293,7 @@ def bench_train(args) -> int:
     """Sides (today's loop in a plain process, the same under Ray Train, and each --variant in a plain
     process) run in turn for --rounds rounds, the order rotated each round, so that a drift of the machine
     (another process, thermal, the page cache) hits every side alike; ratios are taken within a round."""
+    from platform.benchmarks.training import plain_side, ray_side
     from trainers.config import apply_overrides, parse_overrides
     from trainers.recipes import get_recipe
 
@@ -302,12 +303,12 @@ def bench_train(args) -> int:
         overrides["data"] = os.path.abspath(args.data)
     cfg = apply_overrides(get_recipe(args.recipe), overrides)
     threads = os.cpu_count() or 1
-    sides = {"plain process": partial(_plain, cfg, threads)}
+    sides = {"plain process": partial(plain_side, cfg, threads)}
     if not args.no_ray:
-        sides["Ray Train, 1 worker"] = partial(_ray, cfg, threads)
+        sides["Ray Train, 1 worker"] = partial(ray_side, cfg, threads)
     for variant in args.variant:
         changed = apply_overrides(cfg, parse_overrides(variant.split(",")))
-        sides[f"plain, {variant}"] = partial(_plain, changed, threads)
+        sides[f"plain, {variant}"] = partial(plain_side, changed, threads)
     names = list(sides)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
@@ -337,54 +338,6 @@ def bench_train(args) -> int:
         overhead = 100 * (1 - ray_ratio)
         print(f"Ray/plain throughput ratio: {ray_ratio:.3f} (overhead {overhead:+.1f} %; goal <= 2 %)")
     return 0
-
-
-def _summary(reports: list[dict]) -> dict:
-    measured = reports[1:] or reports
-    return {
-        "images_per_s": statistics.mean(r["train_images_per_s"] for r in measured),
-        "epoch_s": statistics.mean(r["epoch_time_s"] for r in measured),
-        "per_epoch": [r["train_images_per_s"] for r in reports],
-        "threads": int(reports[-1]["torch_threads"]),
-    }
-
-
-def _plain(cfg, threads: int) -> dict:
-    import torch
-
-    from trainers.detection.train import run_training
-    from trainers.ray_seam import LocalSeam
-
-    torch.set_num_threads(threads)
-    seam = LocalSeam(
-        on_report=lambda m: print(f"[plain] epoch {m['epoch']}: {m['train_images_per_s']:.3f} img/s")
-    )
-    run_training(cfg, seam)
-    return _summary(seam.reports)
-
-
-def _ray(cfg, threads: int) -> dict:
-    import ray
-
-    from trainers.config import to_dict
-    from trainers.ray_seam import init_ray
-    from trainers.tasks import make_trainer
-
-    init_ray(None, str(_cli.REPO))  # as platform.tune and platform.train start it
-    with tempfile.TemporaryDirectory() as storage:
-        started = time.perf_counter()
-        trainer = make_trainer(
-            to_dict(cfg),
-            name="bench",
-            storage_path=storage,
-            cpus_per_worker=threads,
-            checkpoints_to_keep=None,
-        )
-        result = trainer.fit()
-        print(f"[ray] fit took {time.perf_counter() - started:.1f} s including start-up")
-        frame = result.metrics_dataframe
-    ray.shutdown()
-    return _summary(frame.to_dict("records"))
 
 
 if __name__ == "__main__":

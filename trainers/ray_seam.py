@@ -83,8 +83,14 @@ class LocalSeam:
     rank = 0
     world_size = 1
 
-    def __init__(self, checkpoint_dir: Path | None = None, on_report: Callable[[dict], None] | None = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(
+        self,
+        checkpoint_dir: Path | None = None,
+        on_report: Callable[[dict], None] | None = None,
+        device: str | None = None,
+    ):
+        # default: the GPU when there is one; a benchmark names the device it measures (`bench gpu`)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint_dir = checkpoint_dir
         self.on_report = on_report
         self.reports: list[dict] = []

@@ -78,6 +78,12 @@ def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def grad_scaler(cfg) -> torch.amp.GradScaler | None:
+    """The GradScaler `cfg.amp` needs: fp16 needs loss scaling against gradient underflow; bf16 has
+    float32's exponent range and does not."""
+    return torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

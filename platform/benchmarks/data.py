@@ -13,8 +13,7 @@ from datasets.augment import augmentation, seed_worker
 from datasets.instances import SAMPLE_DATA, InstanceDataset, collate, read_records
 from datasets.slice_index import extract_slices
 from datasets.volumes import VolumeRecord, read_volumes
-from trainers.detection.model import build_model
-from trainers.detection.train import build_optimizer, build_scheduler, train_one_epoch
+from platform.benchmarks.training import train_rate
 from trainers.recipes import get_recipe
 
 
@@ -75,12 +74,7 @@ def model_images_per_s(recipe: str, steps: int) -> tuple[float, int]:
     cfg = get_recipe(recipe)
     records = read_records(SAMPLE_DATA)[: steps * cfg.batch_size]
     batches = DataLoader(InstanceDataset(records), batch_size=cfg.batch_size, collate_fn=collate)
-    model = build_model(cfg, num_classes=1)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(batches))  # warm-up keeps it finite
-    options = dict(scheduler=scheduler, grad_clip=cfg.grad_clip)
-    train_one_epoch(model, optimizer, [next(iter(batches))], "cpu", **options)  # first step: allocations
-    return train_one_epoch(model, optimizer, batches, "cpu", **options)["images_per_s"], len(records)
+    return train_rate(cfg, [next(iter(batches))], batches)["images_per_s"], len(records)
 
 
 def benchmark_data(recipe: str, preset: str, loader_workers: int, steps: int, volumes: Path) -> None:

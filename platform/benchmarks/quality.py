@@ -11,6 +11,7 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from datasets.errors import UserError
@@ -53,9 +54,12 @@ def validation_records(shared: Path = SHARED_DSB2018, bundled: Path = SAMPLE_DAT
     return read_records(folder, "mask-folders")
 
 
-def train_recipe(recipe: str, seed: int, overrides: list[str], out: Path) -> tuple[Path, float, dict]:
-    """Train `recipe` with `seed` in this process (no Ray); its checkpoint folder (the best epoch), the wall
-    time in seconds and the last epoch's report."""
+def train_recipe(
+    recipe: str, seed: int, overrides: list[str], out: Path, device: str | None = None
+) -> tuple[Path, float, list[dict]]:
+    """Train `recipe` with `seed` in this process (no Ray) on `device` (default: the GPU if there is one);
+    its checkpoint folder (the best epoch), the wall time in seconds and the epochs' reports, each with
+    `wall_s`: seconds from the start to the end of that epoch, validation and checkpoint included."""
     from trainers.detection.train import run_training
     from trainers.ray_seam import LocalSeam
 
@@ -64,7 +68,7 @@ def train_recipe(recipe: str, seed: int, overrides: list[str], out: Path) -> tup
     started = time.perf_counter()
 
     def progress(m: dict) -> None:
-        wall = time.perf_counter() - started
+        wall = m["wall_s"] = time.perf_counter() - started
         eta = wall / m["epoch"] * (cfg.epochs - m["epoch"])
         print(
             f"  {recipe} seed {seed} epoch {m['epoch']}/{cfg.epochs}: loss {m['train_loss']:.3f} "
@@ -73,19 +77,19 @@ def train_recipe(recipe: str, seed: int, overrides: list[str], out: Path) -> tup
             flush=True,
         )
 
-    seam = LocalSeam(checkpoint_dir=folder, on_report=progress)
+    seam = LocalSeam(checkpoint_dir=folder, on_report=progress, device=device)
     run_training(cfg, seam)
     (folder / "run.json").write_text(json.dumps({"config": to_dict(cfg), "reports": seam.reports}) + "\n")
-    return folder, time.perf_counter() - started, seam.reports[-1]
+    return folder, time.perf_counter() - started, seam.reports
 
 
-def score_model(name: str, model, cfg, categories, records, gt, note: str = "") -> Row:
-    """A model on `records` in its config's inference mode, scored against `gt`."""
+def score_model(name: str, model, cfg, categories, records, gt, note: str = "", device: str = "cpu") -> Row:
+    """A model (on `device`) on `records` in its config's inference mode, scored against `gt`."""
     started = time.perf_counter()
     results = predict_records(
         model,
         records,
-        "cpu",
+        device,
         tile_size=cfg.tile_size,
         tile_overlap=cfg.tile_overlap,
         cfg=cfg,
@@ -95,44 +99,41 @@ def score_model(name: str, model, cfg, categories, records, gt, note: str = "") 
     return Row(name, score_results(gt, results, cfg.box_detections_per_img), seconds, note)
 
 
-def score_baselines(records, gt) -> list[Row]:
+def score_baselines(records, gt, methods: tuple[str, ...] = METHODS) -> list[Row]:
     rows = []
-    for method in METHODS:
+    for method in methods:
         started = time.perf_counter()
         metrics = baseline_metrics(records, method, gt=gt)
         rows.append(Row(f"baseline {method}", metrics, time.perf_counter() - started, "no training"))
     return rows
 
 
-def plain_model(folder: Path):
+def plain_model(folder: Path, device: str = "cpu"):
     """load_detector_model's (model, config, categories) without the config's own tta (dsb2018_cpu has
     one): the benchmark's plain rows are the model alone, its tta rows add TTA once."""
-    model, cfg, categories = load_detector_model(folder)
+    model, cfg, categories = load_detector_model(folder, device)
     return with_tta(model, "off"), cfg, categories
 
 
-def score_checkpoints(folders: list[Path], records, gt, tta: str) -> list[Row]:
+def score_checkpoints(folders: list[Path], records, gt, tta: str, device: str = "cpu") -> list[Row]:
     """Each checkpoint, each with `tta` too, and (several) their mask-vote ensemble, with and without TTA."""
     rows, loaded = [], []
+    score = partial(score_model, records=records, gt=gt, device=device)
     for folder in folders:
-        model, cfg, categories = plain_model(folder)
+        model, cfg, categories = plain_model(folder, device)
         loaded.append((model, cfg, categories))
-        rows.append(score_model(folder.name, model, cfg, categories, records, gt))
+        rows.append(score(folder.name, model, cfg, categories))
         if tta != "off":
-            rows.append(
-                score_model(f"{folder.name} + tta {tta}", with_tta(model, tta), cfg, categories, records, gt)
-            )
+            rows.append(score(f"{folder.name} + tta {tta}", with_tta(model, tta), cfg, categories))
     if len(loaded) > 1:
         ensemble = MaskVoteEnsemble(
             [m for m, _, _ in loaded], [c.mask_threshold for _, c, _ in loaded]
         ).eval()
         cfg, categories = replace(loaded[0][1], mask_threshold=ENSEMBLE_MASK_THRESHOLD), loaded[0][2]
         name = f"mask-vote ensemble of {len(loaded)}"
-        rows.append(score_model(name, ensemble, cfg, categories, records, gt))
+        rows.append(score(name, ensemble, cfg, categories))
         if tta != "off":
-            rows.append(
-                score_model(f"{name} + tta {tta}", with_tta(ensemble, tta), cfg, categories, records, gt)
-            )
+            rows.append(score(f"{name} + tta {tta}", with_tta(ensemble, tta), cfg, categories))
     return rows
 
 
@@ -159,7 +160,8 @@ def run(
         with Progress(len(recipes) * len(seeds), "trained", "runs", print) as bar:
             for recipe in recipes:
                 for seed in seeds:
-                    folder, seconds, last = train_recipe(recipe, seed, overrides, out)
+                    folder, seconds, reports = train_recipe(recipe, seed, overrides, out)
+                    last = reports[-1]
                     best = f"best epoch {last['best_epoch']:.0f} of {last['epoch']:.0f}"
                     note = f"{best}, segm_AP {last['best_segm_AP']:.3f} on the recipe's validation images"
                     rows.append(Row(f"trained {folder.name}", {}, seconds, note))

@@ -230,6 +230,17 @@ def mosaic_test(url: str, mosaic: int, tile_size: int) -> dict:
     }
 
 
+def overheads(base: dict, on: dict, off: dict) -> dict[str, float]:
+    """What Serve adds at p50 to the in-process call, per endpoint, batching on and off (one client), in
+    ms; and the classifier's throughput with batching over without (many clients)."""
+    out = {}
+    for label, r in (("on", on), ("off", off)):
+        for endpoint in ("segment", "classify"):
+            out[f"{endpoint}_batching_{label}_ms"] = r[endpoint]["p50"] - base[endpoint]["p50"]
+    out["batching_throughput_ratio"] = on["classify_many"]["rps"] / off["classify_many"]["rps"]
+    return out
+
+
 def report(
     settings: ServeSettings, base: dict, on: dict, off: dict, tiled: dict, clients: int, batch_clients: int
 ) -> None:
@@ -250,17 +261,16 @@ def report(
     ]
     print("\n".join(rows))
     wait_ms = settings.batch_wait_timeout_s * 1000
-    for label, r in (("batching on", on), ("batching off", off)):
-        segment = r["segment"]["p50"] - base["segment"]["p50"]
-        classify = r["classify"]["p50"] - base["classify"]["p50"]
+    summary = overheads(base, on, off)
+    for label in ("on", "off"):
         print(
-            f"Serve overhead at p50, 1 client, {label}: segment {segment:+.1f} ms, "
-            f"classify {classify:+.1f} ms (goal <= 5 ms; batching on adds up to "
+            f"Serve overhead at p50, 1 client, batching {label}: segment "
+            f"{summary[f'segment_batching_{label}_ms']:+.1f} ms, classify "
+            f"{summary[f'classify_batching_{label}_ms']:+.1f} ms (goal <= 5 ms; batching on adds up to "
             f"batch_wait_timeout_s = {wait_ms:.0f} ms for a lone request)"
         )
-    throughput = on["classify_many"]["rps"] / off["classify_many"]["rps"]
     print(
-        f"classifier batching on/off: throughput {throughput:.2f}x "
+        f"classifier batching on/off: throughput {summary['batching_throughput_ratio']:.2f}x "
         f"({batch_clients} clients, one slice each); volume latency p50 "
         f"{off['volume']['p50'] / on['volume']['p50']:.2f}x faster (its slices batched together)"
     )
@@ -283,9 +293,11 @@ def benchmark_serve(
     mosaic: int = 2048,
     tile_size: int = 512,
     cpus_per_replica: float = 1,
-) -> None:
+    gpus_per_replica: float = 0,
+) -> dict:
     """Print the Serve application's numbers: in-process baselines, load tests with batching on, a tiled
-    mosaic, load tests with batching off, and the overheads and speed-ups they give."""
+    mosaic, load tests with batching off, and the overheads and speed-ups they give; return them
+    ({"in_process", "batching_on", "batching_off", "mosaic", "overheads"})."""
     with tempfile.TemporaryDirectory() as tmp:
         if not detector or not classifier:
             tracking_uri, detector, classifier = random_models(Path(tmp))
@@ -294,6 +306,7 @@ def benchmark_serve(
             classifier=classifier,
             tracking_uri=tracking_uri,
             cpus_per_replica=cpus_per_replica,
+            gpus_per_replica=gpus_per_replica,
         )
         inputs = sample_inputs()
         torch.set_num_threads(max(1, int(cpus_per_replica)))  # the replicas' thread count
@@ -311,3 +324,7 @@ def benchmark_serve(
             serve.shutdown()
             ray.shutdown()
     report(settings, base, on, off, tiled, clients, batch_clients)
+    result = tiled.pop("result")  # the instances themselves; of them only their count and tiles are kept
+    tiled.update(tiles=result.get("tiles"), count=result.get("count"))
+    summary = overheads(base, on, off)
+    return {"in_process": base, "batching_on": on, "batching_off": off, "mosaic": tiled, "overheads": summary}

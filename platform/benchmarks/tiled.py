@@ -56,7 +56,8 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of `a` (N x 4 xyxy) with every box of `b` (M x 4): N x M."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(axis=2)
@@ -65,7 +66,7 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def _greedy_matches(iou: np.ndarray, threshold: float) -> int:
+def greedy_matches(iou: np.ndarray, threshold: float) -> int:
     """One-to-one matches with IoU >= threshold, best pairs first."""
     pairs = np.argwhere(iou >= threshold)
     order = np.argsort(-iou[pairs[:, 0], pairs[:, 1]])
@@ -77,6 +78,24 @@ def _greedy_matches(iou: np.ndarray, threshold: float) -> int:
     return len(used_a)
 
 
+def random_detector_config(
+    backbone: str, side: int, score_threshold: float = 0.5, detections: int = 100
+) -> MaskRCNNConfig:
+    """The config of the benchmarks' random-weight Mask R-CNN: inputs of side x side at scale 1 (a native
+    tile, or a whole image of that side), the dsb2018 recipe's small anchors, box_score_thresh =
+    score_threshold. Random weights score every box about 0.6-0.8, so each input yields `detections`
+    (box_detections_per_img) detections of about 37 x 37 px: with 100, roughly an input densely packed
+    with nuclei, which is what costs time in the mask head, mask pasting and stitching."""
+    return MaskRCNNConfig(
+        backbone=backbone,
+        min_size=side,
+        max_size=side,
+        anchor_sizes=(8, 16, 32, 64, 128),  # dsb2018_maskrcnn's: random-weight boxes come out nucleus-sized
+        box_score_thresh=score_threshold,
+        box_detections_per_img=detections,
+    )
+
+
 def benchmark_tiled(
     mosaic_size: int = 7000,
     tile_size: int = 512,
@@ -86,26 +105,18 @@ def benchmark_tiled(
     score_threshold: float = 0.5,
     device: str = "cpu",
     sahi: bool = True,
+    detections: int = 100,
 ) -> dict:
     """Print (and return) tiled-inference numbers on a mosaic_size^2 mosaic of the bundled sample images.
 
     The model is a randomly initialised Mask R-CNN (no weights can be downloaded here) built for native
-    tiles (min_size = max_size = tile_size) with the dsb2018 recipe's small anchors and box_score_thresh =
-    score_threshold. Random weights score every box about 0.6-0.8, so each tile yields
-    box_detections_per_img (100) detections of about 37 x 37 px: roughly a tile densely packed with
-    nuclei, which is what costs time in the mask head, mask pasting and stitching.
+    tiles: random_detector_config(backbone, tile_size, score_threshold, detections).
     Overhead = wall time / sum of the model's forward calls - 1 (tiling, mask cropping, stitching).
     With `sahi` and the sahi package importable, the same model runs through SAHI's get_sliced_prediction
     on the same image, slices and overlap, and the two results are compared box to box.
     """
     torch.manual_seed(0)
-    cfg = MaskRCNNConfig(
-        backbone=backbone,
-        min_size=tile_size,
-        max_size=tile_size,
-        anchor_sizes=(8, 16, 32, 64, 128),  # dsb2018_maskrcnn's: random-weight boxes come out nucleus-sized
-        box_score_thresh=score_threshold,
-    )
+    cfg = random_detector_config(backbone, tile_size, score_threshold, detections)
     model = build_model(cfg, num_classes=1).to(device).eval()
     image = sample_mosaic(mosaic_size)
     timed = _TimedModel(model)
@@ -181,7 +192,7 @@ def _compare_with_sahi(
     sahi_boxes = sahi_result.pop("boxes")
     numbers.update({f"sahi_{k}": v for k, v in sahi_result.items()})
     numbers["sahi_detections"] = len(sahi_boxes)
-    numbers["matched_sahi"] = _greedy_matches(_box_iou(boxes, sahi_boxes), 0.5)
+    numbers["matched_sahi"] = greedy_matches(box_iou(boxes, sahi_boxes), 0.5)
     numbers["peak_rss_mib_after_sahi"] = peak_rss_mib()
     print("  side by side          ours      SAHI (get_sliced_prediction, batch 1, GREEDYNMM IOS 0.5)")
     for name, key, unit in (

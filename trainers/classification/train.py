@@ -34,7 +34,7 @@ from trainers.classification.operating_point import (
 )
 from trainers.config import ClassifierConfig, from_dict
 from trainers.ray_seam import RaySeam
-from trainers.run import BestEpoch, autocast_dtype, run_epochs, seed_everything, train_loader
+from trainers.run import BestEpoch, autocast_dtype, grad_scaler, run_epochs, seed_everything, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         bare.parameters(), lr=lr_at(cfg, 0.0, seam.world_size), weight_decay=cfg.weight_decay
     )
     amp_dtype = autocast_dtype(cfg, seam.device)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    scaler = grad_scaler(cfg)
     mixer = mixing(cfg, len(classes))
     train_loss = (
         SoftTargetCrossEntropy() if mixer else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -108,7 +108,9 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
     def train_epoch(model, epoch: int) -> dict:
         # the same draw on every rank: DistributedSampler then shards one epoch list
         train_set.resample(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
-        step = partial(_step, optimizer=optimizer, loss_fn=train_loss, scaler=scaler, amp_dtype=amp_dtype)
+        step = partial(
+            train_step, optimizer=optimizer, loss_fn=train_loss, scaler=scaler, amp_dtype=amp_dtype
+        )
         loss = train_one_epoch(cfg, model, bare, loader, optimizer, step, mixer, seam, epoch)
         return {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "train_slices": len(train_set)}
 
@@ -176,7 +178,7 @@ def train_one_epoch(
     return total / max(steps, 1)
 
 
-def _step(model, images, targets, *, optimizer, loss_fn, scaler, amp_dtype) -> float:
+def train_step(model, images, targets, *, optimizer, loss_fn, scaler, amp_dtype) -> float:
     """One optimizer step (autocast to amp_dtype; fp16 with the GradScaler); the batch's loss."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = loss_fn(model(images), targets)

@@ -28,7 +28,7 @@ from trainers.detection.inference import predict, predict_records
 from trainers.detection.model import build_model, save_checkpoint
 from trainers.evaluation import score_results
 from trainers.ray_seam import RaySeam
-from trainers.run import BestEpoch, autocast_dtype, run_epochs, seed_everything, train_loader
+from trainers.run import BestEpoch, autocast_dtype, grad_scaler, run_epochs, seed_everything, train_loader
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     optimizer = build_optimizer(cfg, bare, seam.world_size)
     scheduler = build_scheduler(cfg, optimizer, optimizer_steps_per_epoch(len(loader), cfg.accumulate_steps))
     amp_dtype = autocast_dtype(cfg, seam.device)
-    # fp16 needs loss scaling against gradient underflow; bf16 has float32's exponent range and does not.
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    scaler = grad_scaler(cfg)
     best = BestEpoch(higher_is_better=True)  # on validation segm_AP, the metric searches maximise
     start_epoch = _resume(cfg, seam, bare, optimizer, scheduler, scaler, best)
     if seam.rank == 0:
