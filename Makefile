@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test test-all lint bench clean-runs
+.PHONY: setup demo test test-all lint bench gpu-check gpu-wheels clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m platform.bench train
+
+# The GPU check (bench/README.md): <= 8 min on one GPU, writes bench/results/<date>-<gpu>.json and .md; without
+# a GPU one line and exit 0. No `setup`: a GPU machine without the venv runs it with its own Python
+# (make gpu-check PYTHON=python3 GPU_CHECK_ARGS="--only maskrcnn").
+GPU_CHECK_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	@$(GPU_CHECK_PYTHON) -m platform.bench gpu $(GPU_CHECK_ARGS)
+
+# The wheels and data the check needs on a bare GPU machine, into .whl/ and .gpu-data/ (git-ignored)
+gpu-wheels:
+	bash bench/gpu-device.sh prepare
 
 clean-runs:
 	rm -rf .mlflow .ray_results

@@ -13,6 +13,8 @@ python -m platform.bench quality                    # CPU recipe vs the Otsu bas
 python -m platform.bench predict                    # platform.predict vs a direct loop: images/s, peak RSS
 python -m platform.bench export                     # exported models: ONNX Runtime, TorchScript vs eager ms
 python -m platform.bench quality --checkpoints A B  # score trained checkpoints (and their ensemble) only
+python -m platform.bench gpu                        # the GPU check, <= 8 min (make gpu-check, bench/README)
+python -m platform.bench gpu --smoke                # every step of it on the CPU with tiny sizes
 """
 
 import argparse
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--tta", default="flips", help="TTA mode scored beside each model (off: none)")
     quality.add_argument("--out", default="bench_out/quality", help="checkpoints and quality.json")
     quality.add_argument("overrides", nargs="*", metavar="key=value", help="config fields of every recipe")
+    from platform.benchmarks.gpu import add_arguments  # imports no more than the standard library
+
+    add_arguments(sub.add_parser("gpu", help="the GPU check: training, AMP, GPU tests, inference, quality"))
     return p
 
 
@@ -115,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     benches |= {"asha": bench_asha, "serve": bench_serve, "match": bench_match, "quality": bench_quality}
     benches["predict"] = bench_predict
     benches["export"] = bench_export
+    benches["gpu"] = bench_gpu
     return benches[args.which](args)
+
+
+def bench_gpu(args) -> int:
+    from platform.benchmarks.gpu import run_check
+
+    return run_check(args)
 
 
 def bench_quality(args) -> int:
