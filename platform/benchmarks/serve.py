@@ -32,7 +32,7 @@ from deploy.registry import log_checkpoint, register
 from deploy.reloading import grouped, use_registry
 from deploy.settings import ServeSettings
 from platform.benchmarks.tiled import SAMPLE_IMAGES, sample_mosaic
-from platform.serve import APP_NAME, free_port, start_app
+from platform.serve import APP_NAME, HTTP_DEFAULTS, free_port, start_app
 from trainers.classification.model import build_classifier, save_classifier
 from trainers.config import apply_overrides
 from trainers.detection.model import build_model
@@ -315,7 +315,7 @@ def benchmark_serve(
         url = f"http://127.0.0.1:{port}"
         init_ray(None, str(REPO))  # as platform.serve starts it
         try:
-            start_app(settings, "127.0.0.1", port)
+            start_app(settings, {**HTTP_DEFAULTS, "host": "127.0.0.1", "port": port})  # the CLI's options
             on = batched_tests(url, inputs, clients, batch_clients, seconds)
             tiled = {"mosaic": mosaic, **mosaic_test(url, mosaic, tile_size)}
             serve.run(application(replace(settings, max_batch_size=1)), name=APP_NAME, route_prefix="/")
