@@ -217,10 +217,19 @@ def run_step(step: Step, run: Run, save: Callable[[dict], None]) -> dict:
             return _finish(entry, started, save, "skipped", reason=f"{e.name} not installed")
         except Exception as e:  # the run goes on; the error and where it happened are in the results
             tail = traceback.format_exc().strip().splitlines()[-12:]
+            e = _timeout_within(e) or e
             return _finish(entry, started, save, "error", error=f"{type(e).__name__}: {e}", traceback=tail)
         finally:
             restore_threads()
     return _finish(entry, started, save, "measured")
+
+
+def _timeout_within(error: BaseException | None) -> StepTimeout | None:
+    """The StepTimeout behind `error`: raised inside a C extension's call, it comes back as that call's own
+    error (Python's SystemError "returned a result with an exception set", with it as the context)."""
+    while error is not None and not isinstance(error, StepTimeout):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _finish(entry: dict, started: float, save: Callable[[dict], None], status: str, **more) -> dict:
