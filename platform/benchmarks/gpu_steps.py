@@ -260,7 +260,7 @@ def maskrcnn_step(ctx: Context) -> None:
     )
     if best:
         line += (
-            f"; here R50-FPN at 512 px, batch 2: up to {best['images_per_s']:.1f} images/s "
+            f"; here {best['model']}, batch 2: up to {best['images_per_s']:.1f} images/s "
             f"(amp {best['amp']}, channels-last {'on' if best['channels_last'] else 'off'})"
         )
     ctx.note(line)
