@@ -323,6 +323,12 @@ def run_check(args) -> int:
         print(why_not)
         return 0
     sizes = SMOKE if args.smoke else (GPU if device == "cuda" else CPU_REFERENCE)
+    if args.smoke:
+        import torch
+
+        # its tiny tensors gain nothing from threads, and on a shared machine threads that wait for a core
+        # held by another process slowed a smoke run 4x (106 s -> 25 s on 2 cores under a load of 3)
+        torch.set_num_threads(1)
     out = Path(args.out) if args.out else (SMOKE_RESULTS if args.smoke else RESULTS)
     info = device_info(device)
     json_path, md_path = results_paths(out.resolve(), info, args.smoke)
