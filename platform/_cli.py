@@ -54,6 +54,8 @@ def model_folder(model: str, tracking: str | None) -> Path:
     """The local folder of a --model value: a folder as given, or a registered or logged model fetched
     through MLflow at `tracking` (--tracking-uri; default as tracking_uri)."""
     if ":/" in model:
+        import mlflow
+
         uri = tracking_uri(tracking)
         mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the registry at this URI
         mlflow.set_registry_uri(uri)
