@@ -53,7 +53,7 @@ def first_run(store, images, tmp_path_factory):
 
 def champion_version(store: str) -> str:
     """The version the alias names now (test_serve.py moves it when it runs first in the session)."""
-    return mlflow.MlflowClient(store, store).get_model_version_by_alias(DETECTOR, "champion").version
+    return str(mlflow.MlflowClient(store, store).get_model_version_by_alias(DETECTOR, "champion").version)
 
 
 def test_a_damaged_file_is_reported_and_the_rest_predicted(first_run, store):
