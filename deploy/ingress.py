@@ -21,9 +21,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from datasets.cropping import crop_object
 from datasets.errors import UserError
-from datasets.records import to_rgb8
 from deploy.access import check_request, read_token
-from deploy.inputs import BadInput, decode_pixels, decode_volume, is_nifti
+from deploy.inputs import BadInput, decode_image, decode_pixels, decode_volume, is_nifti
 from deploy.library import png
 from deploy.settings import ServeSettings, mb
 
@@ -167,9 +166,10 @@ class Ingress:
     async def _decode(self, body: bytes, page: int | None, channel: int | None, rgb8: bool) -> np.ndarray:
         """An uploaded image decoded within the limits: its pixels at full precision (decode_pixels), or
         with `rgb8` as 8-bit RGB (16-bit scaled by its range) for a classifier, a crop and the page."""
-        limits = (self.settings.max_pixels, self.max_decoded)
-        pixels = await asyncio.to_thread(decode_pixels, body, *limits, page, channel)
-        return await asyncio.to_thread(to_rgb8, pixels) if rgb8 else pixels
+        decode = decode_image if rgb8 else decode_pixels
+        return await asyncio.to_thread(
+            decode, body, self.settings.max_pixels, self.max_decoded, page, channel
+        )
 
     async def _image(self, request: Request, page: int | None, channel: int | None, rgb8: bool) -> np.ndarray:
         return await self._decode(await self._body(request), page, channel, rgb8)

@@ -58,10 +58,12 @@ def _over(what: str, size: str, amount: int, unit: str, limit: int, setting: str
     )
 
 
-def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
+def decode_image(
+    data: bytes, max_pixels: int, max_bytes: int, page: int | None = None, channel: int | None = None
+) -> np.ndarray:
     """HxWx3 uint8 RGB of an uploaded image (decode_pixels, 16-bit and float scaled by their own range):
-    what a slice classifier takes and what the page shows."""
-    return to_rgb8(decode_pixels(data, max_pixels, max_bytes))
+    what a slice classifier, a crop and the page take."""
+    return to_rgb8(decode_pixels(data, max_pixels, max_bytes, page, channel))
 
 
 def decode_pixels(
@@ -147,7 +149,7 @@ def _pil_pixels(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
 
 
 def _sample_bytes(mode: str) -> int:
-    """Bytes per pixel of a PIL mode as decode_image holds it (modes it converts become RGBA, 4)."""
+    """Bytes per pixel of a PIL mode as _pil_pixels holds it (modes it converts become RGBA, 4)."""
     if mode not in _ARRAY_MODES:
         return 4
     layout = ImageMode.getmode(mode)
@@ -178,7 +180,7 @@ def decode_volume(data: bytes, max_voxels: int, max_bytes: int) -> np.ndarray:
             return load_volume(path)
         except UserError as e:
             raise BadInput(400, str(e).replace(str(path), "upload")) from None
-        except MemoryError:  # as in decode_image
+        except MemoryError:  # as in _pil_pixels
             raise
         except Exception as e:  # nibabel's scaling of odd headers; never a server path in the answer
             raise BadInput(400, f"unreadable NIfTI data ({type(e).__name__})") from None

@@ -237,7 +237,7 @@ def _tiled_candidates(model, records, cfg, device, mask_threshold: float) -> lis
                 xyxy.astype(np.float32),
                 bboxes,
                 areas,
-                _refined(rles, bboxes, records[index], cfg),
+                _refined(rles, bboxes, records[index].image_path, cfg),
                 PERMISSIVE["box_score_thresh"],  # tiles are not cut at a total per image
             )
         )
@@ -250,7 +250,8 @@ def _whole_image_candidates(model, records, cfg, device, mask_threshold: float) 
     with Progress(len(records), "cached", "images", log.info, every_s=LOG_EVERY_S) as bar:
         for record in records:
             # as predict_image feeds it
-            image = image_tensor(open_image(record.image_path), cfg.normalize).to(device)
+            pixels = open_image(record.image_path)
+            image = image_tensor(pixels, cfg.normalize).to(device)
             nms_boxes, boxes, scores, labels, areas, rles = detect_candidates(model, image, mask_threshold)
             boxes = boxes.numpy()
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64)
@@ -264,7 +265,7 @@ def _whole_image_candidates(model, records, cfg, device, mask_threshold: float) 
                     nms_boxes.numpy().astype(np.float32),
                     xywh,  # float32 differences, as to_coco_results computes its xywh
                     areas,
-                    _refined(rles, xywh, record, cfg),
+                    _refined(rles, xywh, pixels, cfg),
                     complete,
                 )
             )
@@ -272,13 +273,14 @@ def _whole_image_candidates(model, records, cfg, device, mask_threshold: float) 
     return per_image
 
 
-def _refined(rles: list[dict], bboxes: np.ndarray, record, cfg) -> list[dict]:
-    """Candidate masks as the model reports them, refined by its mask_refine (trainers/detection/refine.py).
-    Their areas stay the unrefined ones: predict_image's filters (mask_min_area) run before refinement too."""
+def _refined(rles: list[dict], bboxes: np.ndarray, image: np.ndarray | Path, cfg) -> list[dict]:
+    """Candidate masks as the model reports them, refined by its mask_refine (trainers/detection/refine.py)
+    on `image` (its pixels, or its file when they are not at hand). Their areas stay the unrefined ones:
+    predict_image's filters (mask_min_area) run before refinement too."""
     if cfg.mask_refine == "off" or not rles:
         return rles
     found = [{"segmentation": rle, "bbox": box.tolist()} for rle, box in zip(rles, bboxes, strict=True)]
-    grey = model_grey(open_image(record.image_path), cfg.normalize)
+    grey = model_grey(open_image(image) if isinstance(image, Path) else image, cfg.normalize)
     return [r["segmentation"] for r in refine_results(found, grey, cfg.mask_refine)]
 
 
