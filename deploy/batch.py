@@ -143,7 +143,7 @@ def run_images(files: list[Path], out: Path, process, what: str) -> tuple[list[d
 def detect_one(detector, path: Path, name: str, out: Path, args) -> dict:
     """One image: predicted, overlaps resolved (best score first), measured; its label image (and overlay)
     written; its record returned."""
-    from deploy.registry import own_mode
+    from deploy.registry import own_mode, reported
     from trainers.detection.inference import predict_image
 
     image = read_image(path, args.page, args.channel)
@@ -152,7 +152,7 @@ def detect_one(detector, path: Path, name: str, out: Path, args) -> dict:
     results = predict_image(
         detector.model, pixels, detector.device, object_diameter=args.diameter, **own_mode(detector)
     )
-    results.sort(key=lambda r: -r["score"])
+    results = sorted(reported(results, detector.config, args.score_threshold), key=lambda r: -r["score"])
     height, width = pixels.shape[:2]
     painted = labels_from_rles([r["segmentation"] for r in results], height, width)
     # objects the better ones covered entirely are gone: numbers 1..N without gaps, as tools expect
@@ -206,10 +206,12 @@ def predict_images(args, folder: Path, files: list[Path], out: Path) -> Batch:
     )
     classes = [c["name"] for c in detector.categories]
     write_detector_tables(out, records, detector.categories)
+    cfg = detector.config
     settings = {
-        "tile_size": detector.config.tile_size, "tta": detector.config.tta if args.tta is None else args.tta,
-        "object_diameter": detector.config.object_diameter if args.diameter is None else args.diameter,
-        "normalize": detector.config.normalize, "pixel_size_um": args.pixel_size, "page": args.page,
+        "tile_size": cfg.tile_size, "tta": cfg.tta if args.tta is None else args.tta,
+        "object_diameter": cfg.object_diameter if args.diameter is None else args.diameter,
+        "score_threshold": args.score_threshold if args.score_threshold is not None else cfg.score_threshold,
+        "normalize": cfg.normalize, "pixel_size_um": args.pixel_size, "page": args.page,
         "channel": args.channel, "device": str(detector.device), "classes": classes,
     }  # fmt: skip
     write_run_record(out, model, settings, records, failures, time.perf_counter() - started)

@@ -94,7 +94,9 @@ def evaluate_model(model_uri: str, cfg) -> dict[str, float]:
     _, val = config_split(cfg)
     results = predict_records(detector.model, val, detector.device, **own_mode(detector))
     max_dets = detector.config.box_detections_per_img
-    return score_results(coco_ground_truth(InstanceDataset(val)), results, max_dets)
+    return score_results(
+        coco_ground_truth(InstanceDataset(val)), results, max_dets, detector.config.score_threshold
+    )
 
 
 def config_validation(cfg) -> Validation:

@@ -41,13 +41,18 @@ class DetectorDeployment:
     async def infer(self, items: list[tuple[Loaded, tuple]]) -> list[TileDetections]:
         return await asyncio.to_thread(grouped, items, self.run)
 
-    async def segment(self, image: np.ndarray, score_threshold: float, max_detections: int, tile_size: int):
+    async def segment(
+        self, image: np.ndarray, score_threshold: float | None, max_detections: int, tile_size: int
+    ):
         """Instances of an image's pixels (HxW or HxWxC, any dtype: decode_pixels), normalised here by the
-        model's own mode: class, score, box (xyxy), COCO RLE mask, area; counts per class. tile_size 0:
-        the model's own (its training tile size; 0 = the whole image at once)."""
+        model's own mode: class, score, box (xyxy), COCO RLE mask, area; counts per class. score_threshold
+        None: the model's operating point (its config's score_threshold). tile_size 0: the model's own (its
+        training tile size; 0 = the whole image at once)."""
         loaded = self.registry.current  # the whole request uses one version, whatever a reload does
         detector = loaded.model
         cfg = detector.config
+        if score_threshold is None:
+            score_threshold = cfg.score_threshold
         height, width = image.shape[:2]
         # objects much larger than the trained ones: the image shrunk to them, as predict_image does
         original, image = image, await asyncio.to_thread(fit_to_model, image, cfg.object_diameter)
@@ -66,7 +71,12 @@ class DetectorDeployment:
             instances_json, per_tile, detector, original, max_detections, image.shape[:2]
         )
         models = {"detector": loaded.ref()}
-        return {"width": width, "height": height, "tiles": len(tiles), **answer, "models": models}
+        # the model's own operating point beside the answer: a caller that asked for everything (the page's
+        # slider) knows where the model would have cut
+        return {
+            "width": width, "height": height, "tiles": len(tiles), **answer,
+            "operating_point": cfg.score_threshold, "models": models,
+        }  # fmt: skip
 
 
 def plan_tiles(shape: tuple[int, int], tile_size: int, cfg, limits: tuple[int, int]) -> list[Tile]:

@@ -11,7 +11,7 @@ The graphs:
   normalisation, score threshold, NMS and top-k, and the boxes and masks mapped back to input pixels.
   Not inside: tiling (models trained on tiles of tile_size), shrinking images of large objects
   (object_diameter), class_score_thresh and mask_min_area, mask refinement (mask_refine), test-time
-  augmentation; the JSON gives each.
+  augmentation, the operating point (score_threshold: the objects to report); the JSON gives each.
 - classifier: `slices` N x C x S x S float32, normalised as the JSON says -> `probabilities` N x classes
   (the softmax is in the graph); the decision rule (operating point) is in the JSON.
 Ensembles (detector mask-vote, classifier voting/patch) are not exported: their merging is Python code
@@ -204,6 +204,7 @@ def detector_graph(folder: Path) -> tuple[nn.Module, Tensor, dict]:
             "mask_min_area": cfg.mask_min_area,
             "mask_refine": cfg.mask_refine,  # outlines snapped to the foreground (detection/refine.py)
             "tta": cfg.tta,
+            "score_threshold": cfg.score_threshold,  # the operating point: the objects the model reports
         },
     }
     return DetectorGraph(model).eval(), example, info

@@ -196,7 +196,12 @@ class Ingress:
     async def segment(
         self,
         request: Request,
-        score_threshold: float = Query(0.0, ge=0.0, le=1.0, description="drop instances scoring lower"),
+        score_threshold: float | None = Query(
+            None,
+            ge=0.0,
+            le=1.0,
+            description="drop instances scoring lower (default: the model's operating point)",
+        ),
         max_detections: int = Query(0, ge=0, le=1_000_000, description="keep the best N (0 = all)"),
         tile_size: int = Query(0, ge=0, le=8192, description="tile side in pixels (0 = the model's)"),
         page: Page = None,

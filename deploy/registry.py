@@ -321,6 +321,13 @@ def load_classifier(value: str, device: str | None = None) -> SliceClassifier | 
     return load_predictor(classifier_folder(value), device)
 
 
+def reported(results: list[dict], cfg, score_threshold: float | None = None) -> list[dict]:
+    """The detections of `results` a detector reports as objects: those scoring at least `score_threshold`,
+    by default its operating point (cfg.score_threshold, chosen on validation in training)."""
+    cut = cfg.score_threshold if score_threshold is None else score_threshold
+    return [r for r in results if r["score"] >= cut]
+
+
 def own_mode(detector) -> dict:
     """The inference settings a detector was trained for (trainers.detection.inference.predict_image's):
     whole images or tiles of its tile_size, and its own class_score_thresh / mask_min_area filters."""
@@ -334,16 +341,16 @@ def own_mode(detector) -> dict:
 
 
 def predict_image(
-    detector, image: np.ndarray, score_threshold: float = 0.0, mask_threshold: float | None = None
+    detector, image: np.ndarray, score_threshold: float | None = None, mask_threshold: float | None = None
 ) -> dict:
     """HxWx3 uint8 (or HxW grey) -> {boxes Nx4 xyxy, labels N, scores N, masks NxHxW bool, class_names N},
     through the one inference path in the model's own mode (tiled when it was trained on tiles). The
     detector config's class_score_thresh and mask_min_area apply (trainers/detection/postprocess.py), then
-    `score_threshold`."""
+    `score_threshold`, by default the model's operating point (its config's score_threshold)."""
     results = inference.predict_image(
         detector.model, image, detector.device, mask_threshold=mask_threshold, **own_mode(detector)
     )
-    kept = [r for r in results if r["score"] >= score_threshold]
+    kept = reported(results, detector.config, score_threshold)
     names = {c["id"]: c["name"] for c in detector.categories}
     boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)]
     masks = np.zeros((0, *image.shape[:2]), dtype=bool)

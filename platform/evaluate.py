@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score-threshold",
         type=float,
-        default=0.5,
-        help="predictions scoring below this are left out of the Kaggle metric and the overlays (0.5)",
+        help="predictions scoring below this are left out of the Kaggle metric and the overlays (default: "
+        "the model's operating point, chosen on its validation images in training)",
     )
     p.add_argument(
         "--tta",
@@ -217,8 +217,8 @@ def evaluate_classifier(args, uri: str | None, folder: Path) -> int:
 
 def predict_detections(args, folder: Path, records: list) -> tuple[list, dict, float]:
     """COCO results of the detector in `folder` on `records`, category ids the data's; the settings they
-    were predicted with (max_dets, tile_size, tta, and the config's classical baseline) and the seconds
-    predicting took (without loading)."""
+    were predicted with (max_dets, tile_size, tta, the config's classical baseline, the operating point
+    the Kaggle metric counts at) and the seconds predicting took (without loading)."""
     from deploy.registry import load_detector, own_mode, set_tta
     from trainers.detection.inference import predict_records
 
@@ -242,6 +242,9 @@ def predict_detections(args, folder: Path, records: list) -> tuple[list, dict, f
         "tile_size": mode["tile_size"],
         "tta": tta,
         "baseline": detector.config.baseline,
+        "score_threshold": detector.config.score_threshold
+        if args.score_threshold is None
+        else args.score_threshold,
     }
     for r in results:
         r["category_id"] = ids[r["category_id"]]
@@ -258,7 +261,9 @@ def baseline_report(method: str, records: list, gt, max_dets: int) -> dict[str, 
     return baseline_metrics(records, method, max_dets, gt)
 
 
-def error_analysis(args, gt, records: list, results: list, max_dets: int) -> tuple[list, str, dict]:
+def error_analysis(
+    args, gt, records: list, results: list, max_dets: int, cut: float
+) -> tuple[list, str, dict]:
     """The per-image table (rows), the printed table of the --worst images, and their overlay figure (TP
     green, FP red, FN yellow outlines) by artifact name; the CSV goes to --per-image-out."""
     from datasets.records import load_image, write_text_atomic
@@ -272,7 +277,7 @@ def error_analysis(args, gt, records: list, results: list, max_dets: int) -> tup
     )
     from trainers.plots import error_overlays
 
-    outcomes = image_outcomes(gt, results, args.score_threshold)
+    outcomes = image_outcomes(gt, results, cut)
     rows = per_image_table(gt, results, outcomes, max_dets)
     if args.per_image_out:
         write_text_atomic(args.per_image_out, rows_csv(rows))
@@ -282,7 +287,7 @@ def error_analysis(args, gt, records: list, results: list, max_dets: int) -> tup
         return rows, "", {}
     text = (
         f"worst {len(worst)} of {len(rows)} images by Kaggle score (TP/FP/FN at IoU > {ERROR_IOU}, "
-        f"predictions scoring >= {args.score_threshold}):\n{rows_table(worst)}"
+        f"predictions scoring >= {cut}):\n{rows_table(worst)}"
     )
     figure = error_overlays(
         [load_image(records[r["image_id"] - 1].image_path) for r in worst],
@@ -299,7 +304,6 @@ def detector_params(args, settings: dict, images: int) -> dict:
         "split": f"{args.split_file}:{args.split}" if args.split_file else "all images",
         **settings,
         "exclude_class": args.exclude_class or "",
-        "score_threshold": args.score_threshold,
         "images": images,
     }
 
@@ -331,11 +335,11 @@ def evaluate_detector(args, uri: str | None, folder: Path) -> int:
         print(f"predictions: {files[0]} (COCO results), ground truth: {files[1]}")
 
     started = time.perf_counter()
-    max_dets, method = settings["max_dets"], settings["baseline"]
+    max_dets, method, cut = settings["max_dets"], settings["baseline"], settings["score_threshold"]
     metrics, evals = coco_report(gt, results, max_dets, args.exclude_class)
-    metrics.update(kaggle_metrics(gt, results, args.score_threshold))
+    metrics.update(kaggle_metrics(gt, results, cut))
     baseline = baseline_report(method, records, gt, max_dets)
-    rows, worst, figures = error_analysis(args, gt, records, results, max_dets)
+    rows, worst, figures = error_analysis(args, gt, records, results, max_dets, cut)
     tables = [format_table(metrics)]
     if baseline:
         compared = format_comparison({"model": metrics, f"baseline ({method})": baseline})
@@ -343,12 +347,12 @@ def evaluate_detector(args, uri: str | None, folder: Path) -> int:
     table = "\n\n".join([*tables, *([worst] if worst else [])])
     print(
         f"{len(records)} images, {len(gt.anns)} ground-truth instances, {len(results)} predictions; "
-        f"max {max_dets} detections per image; Kaggle metric at score >= {args.score_threshold}"
+        f"max {max_dets} detections per image; Kaggle metric at score >= {cut}"
     )
     print(table)
     print(f"predict {predict_s:.1f} s, evaluate {time.perf_counter() - started:.1f} s")
     if not args.no_mlflow:
-        figures.update(evaluation_figures(evals, records, results, args.score_threshold))
+        figures.update(evaluation_figures(evals, records, results, cut))
         logged = {**metrics, **{f"baseline_{k}": v for k, v in baseline.items()}}
         params = detector_params(args, settings, len(records))
         texts = {"per_image.csv": rows_csv(rows)}
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines
     if args.max_dets is not None and args.max_dets < 1:
         raise UserError(f"--max-dets: expected a positive integer, got {args.max_dets}")
-    if not 0.0 <= args.score_threshold <= 1.0:
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
         raise UserError(f"--score-threshold: expected a value in [0, 1], got {args.score_threshold}")
     _cli.check_tta(args.tta)
     if args.worst < 0:

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--diameter", type=float, help="detector: shrink every image whose objects look larger "
                    "than this many pixels (default: the model's object_diameter; 0 = never)")  # fmt: skip
+    p.add_argument("--score-threshold", type=float, help="detector: report the objects scoring at least "
+                   "this (default: the model's operating point, chosen on validation)")  # fmt: skip
     p.add_argument("--overlays", action="store_true", help="detector: also draw overlays/<image>.png")
     p.add_argument("--top-k", type=int, default=3, help="classifier: classes per row (default 3)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
@@ -73,6 +75,8 @@ def check_args(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise UserError(f"--{flag}: expected 0 or more, got {value}")
+    if args.score_threshold is not None and not 0 <= args.score_threshold <= 1:
+        raise UserError(f"--score-threshold: expected a score in [0, 1], got {args.score_threshold}")
     if args.top_k < 1:
         raise UserError(f"--top-k: expected 1 or more, got {args.top_k}")
     if args.diameter is not None and not 0 <= args.diameter < float("inf"):

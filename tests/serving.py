@@ -19,6 +19,7 @@ from tests.helpers import REPO, SHARED_DATA, sample_subset
 
 DETECTOR = "nuclei"
 CLASSIFIER = "slices"
+OPERATING_POINT = 0.65  # the registered detector's score_threshold: among its scores (0.59-0.71 on IMAGES[0])
 SHELL = SHARED_DATA / "microct_shell" / "shell_225x128x128.nii.gz"
 ADRENAL = sorted((SHARED_DATA / "adrenal3d" / "volumes").glob("*.nii.gz"))
 RAW = {"Content-Type": "application/octet-stream"}  # an upload's label: unlabelled ones are 415
@@ -69,8 +70,16 @@ def register_models(root: Path) -> str:
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     experiment = use_experiment(uri, "serve-test")
-    # as dsb2018_cpu: grey normalisation (16-bit uploads must reach it unsquashed), masks refined
-    detector = train_detector(root, normalize="grey", mask_refine="otsu")
+    # as dsb2018_cpu: grey normalisation (16-bit uploads must reach it unsquashed), masks refined; its
+    # operating point given (one epoch on one validation image has nothing to choose it from) and below
+    # some of its detections' scores, so that it shows in what the paths report
+    detector = train_detector(
+        root,
+        normalize="grey",
+        mask_refine="otsu",
+        choose_score_threshold=False,
+        score_threshold=OPERATING_POINT,
+    )
     models = ((DETECTOR, detector, "segm_AP"), (CLASSIFIER, train_classifier(root), "volume_auc"))
     try:
         for name, checkpoint, metric in models:

@@ -23,6 +23,8 @@ from trainers.detection.model import build_model
 from trainers.detection.train import save_checkpoint
 from trainers.evaluation import COMPARED
 
+OPERATING_POINT = 0.52  # the checkpoint's score_threshold: among an untrained model's scores (~0.5)
+
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
@@ -30,7 +32,12 @@ def checkpoint(tmp_path: Path) -> Path:
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     cfg = MaskRCNNConfig(
-        backbone="resnet18_fpn", min_size=128, max_size=160, weights="", anchor_sizes=(8, 16, 32, 64, 128)
+        backbone="resnet18_fpn",
+        min_size=128,
+        max_size=160,
+        weights="",
+        anchor_sizes=(8, 16, 32, 64, 128),
+        score_threshold=OPERATING_POINT,
     )
     torch.manual_seed(0)
     save_checkpoint(folder, cfg, build_model(cfg, num_classes=len(CATEGORIES)), CATEGORIES, {})
@@ -94,9 +101,15 @@ def test_evaluate_prints_writes_and_logs(checkpoint, tiny_dataset, tmp_path):
             reference[iou_type] = ev.stats
     assert len(gt.getImgIds()) == 4 and len(gt.anns) > 100
     assert sum(int(r["n_true"]) for r in rows) == len(gt.anns)
-    for r in rows:  # TP + FN = objects, TP + FP = predictions scoring >= 0.5
+    # TP + FN = objects, TP + FP = predictions at the model's operating point (its config's score_threshold)
+    assert f"Kaggle metric at score >= {OPERATING_POINT}" in result.stdout
+    for r in rows:
         tp, fp, fn = int(r["TP"]), int(r["FP"]), int(r["FN"])
         assert tp + fn == int(r["n_true"]) and tp + fp == int(r["n_pred"])
+        image = int(r["image_id"])
+        assert int(r["n_pred"]) == sum(
+            x["image_id"] == image and x["score"] >= OPERATING_POINT for x in results
+        )
     # An untrained model scores about 0, which would hide mismatched image ids; masks of the right size
     # (the images are 256x256 and 256x320) show the ids name the images predicted.
     assert len({tuple(r["segmentation"]["size"]) for r in results}) == 2

@@ -17,9 +17,12 @@ from datasets.instances import InstanceDataset, coco_ground_truth, read_records
 from platform.benchmarks.evaluation import benchmark_evaluators, dense_case
 from tests.helpers import SAMPLE, masks_ground_truth
 from trainers.evaluation import (
+    SCORE_CUTOFFS,
+    best_cutoff,
     coco_report,
     coco_summary,
     format_table,
+    kaggle_by_cutoff,
     kaggle_image_score,
     kaggle_metrics,
     match_instances,
@@ -144,6 +147,37 @@ def test_kaggle_metrics_match_brute_force_on_random_masks():
     assert m["kaggle_mAP"] == pytest.approx(np.mean(expected), abs=1e-12)
     assert m["matched_mask_IoU"] == pytest.approx(np.mean(expected_matched), abs=1e-12)
     assert 0.2 < m["kaggle_mAP"] < 0.9 and len(expected_matched) > 20  # neither trivial nor hopeless
+
+
+def test_kaggle_by_cutoff_equals_the_metric_at_each_cutoff():
+    """The curve computes the IoUs once and drops rows per cut-off: each point must be kaggle_metrics at
+    that cut-off, which the brute force above checks; scores spread over 0-1 so the cut-offs differ."""
+    rng = np.random.default_rng(1)
+    truth_images, results = [], []
+    for image_id in range(1, 16):
+        truth = [_box(*rng.integers(0, 22, 2).tolist(), *rng.integers(6, 11, 2).tolist()) for _ in range(3)]
+        truth_images.append(truth)
+        for mask in truth:
+            shifted = np.roll(mask, tuple(rng.integers(-1, 2, 2)), axis=(0, 1))
+            results.append(_result(image_id, shifted, float(rng.random())))
+        for _ in range(rng.integers(0, 4)):
+            results.append(
+                _result(image_id, _box(*rng.integers(0, 24, 2).tolist(), 5, 5), float(rng.random()))
+            )
+    gt = _coco([*truth_images, []])  # and an image without objects or predictions
+    curve = kaggle_by_cutoff(gt, results)
+    assert list(curve) == list(SCORE_CUTOFFS)
+    for cut, value in curve.items():
+        assert value == pytest.approx(kaggle_metrics(gt, results, cut)["kaggle_mAP"], abs=1e-12), cut
+    assert max(curve.values()) - min(curve.values()) > 0.05  # the cut-off matters on these predictions
+
+
+def test_best_cutoff_by_hand():
+    assert best_cutoff({0.3: 0.4, 0.4: 0.6, 0.5: 0.5}) == 0.4
+    # ties go to the cut-off nearest 0.5, then to the lower one
+    assert best_cutoff({0.2: 0.6, 0.35: 0.6, 0.8: 0.6}) == 0.35
+    assert best_cutoff({0.4: 0.6, 0.6: 0.6}) == 0.4
+    assert best_cutoff(dict.fromkeys(SCORE_CUTOFFS, 0.0)) == 0.5  # nothing to choose between: 0.5 as before
 
 
 # --- COCO extras against pycocotools used directly ---

@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tests.helpers import REPO, SHARED_DATA
-from tests.serving import ADRENAL, RAW, SHELL
+from tests.serving import ADRENAL, OPERATING_POINT, RAW, SHELL
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -92,7 +92,7 @@ def test_segment_count_filter_and_download(server, browser):
     from selenium.webdriver.common.keys import Keys
 
     expected = requests.post(
-        f"{server.url}/v1/segment", data=IMAGE.read_bytes(), headers=RAW, timeout=WAIT
+        f"{server.url}/v1/segment?score_threshold=0", data=IMAGE.read_bytes(), headers=RAW, timeout=WAIT
     ).json()
     scores = [inst["score"] for inst in expected["instances"]]
     assert scores, "the test detector found nothing: the slider could not be checked"
@@ -110,8 +110,11 @@ def test_segment_count_filter_and_download(server, browser):
     def at_least(t: float) -> int:
         return sum(s >= t for s in scores)
 
-    assert shown_counts() == (at_least(0.5), at_least(0.5))  # the slider starts at 0.5
-    assert int(overlay.get_attribute("data-drawn")) == at_least(0.5)
+    # the slider starts at the model's operating point, below some of the scores and above others
+    assert expected["operating_point"] == OPERATING_POINT and 0 < at_least(OPERATING_POINT) < len(scores)
+    assert shown_counts() == (at_least(OPERATING_POINT), at_least(OPERATING_POINT))
+    assert text(browser, "seg-threshold-value") == f"{OPERATING_POINT:.2f}"
+    assert int(overlay.get_attribute("data-drawn")) == at_least(OPERATING_POINT)
     # the overlay really has mask pixels where the instances are
     painted = browser.execute_script(
         "const c = document.getElementById('seg-overlay');"

@@ -6,8 +6,9 @@ import torch
 
 from datasets.errors import UserError
 from trainers.config import apply_overrides
-from trainers.detection.model import build_model
+from trainers.detection.model import build_model, checkpoint_settings
 from trainers.detection.train import run_training, seed_everything
+from trainers.evaluation import SCORE_CUTOFFS
 from trainers.ray_seam import LocalSeam
 from trainers.recipes import get_recipe
 from trainers.schedules import max_trainable_layers, phase_at, set_trainable_layers
@@ -117,3 +118,7 @@ def test_the_run_hands_over_its_best_epoch_and_stops_early(tiny_dataset, tmp_pat
     assert bool(reports[-1]["early_stopped"]) == (len(reports) < cfg.epochs)
     handed_over = torch.load(ckpt / "model.pt", weights_only=True)
     assert all(torch.equal(handed_over[k], latest[best - 1][k]) for k in handed_over)
+    # with the operating point chosen for those weights: the best epoch's, not the last one's
+    cuts = [r["score_threshold"] for r in reports]
+    assert set(cuts) <= set(SCORE_CUTOFFS)
+    assert checkpoint_settings(ckpt)[0].score_threshold == cuts[best - 1]

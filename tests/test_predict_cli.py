@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from datasets.label_images import read_label_image
 from tests.classifier_data import write_volumes
 from tests.helpers import SAMPLE, run_cli
-from tests.serving import CLASSIFIER, DETECTOR, clean_env
+from tests.serving import CLASSIFIER, DETECTOR, OPERATING_POINT, clean_env
 
 PIXEL_SIZE = 0.65  # micrometres, written into the OME-TIFF
 
@@ -91,6 +91,24 @@ def test_labels_coco_objects_and_counts_agree(first_run):
             assert float(row["score"]) == pytest.approx(a["score"])
 
 
+def test_the_objects_are_those_at_the_models_operating_point(store, images, first_run, tmp_path):
+    _, out = first_run
+    assert json.loads((out / "run.json").read_text())["settings"]["score_threshold"] == OPERATING_POINT
+    png = sorted((images / "plate").glob("*.png"))[0]
+    with open(out / "objects.csv") as f:
+        reported = [float(r["score"]) for r in csv.DictReader(f) if r["image"] == f"plate__{png.stem}"]
+    model = f"models:/{DETECTOR}@champion"
+    result = predict(
+        store, "--model", model, str(png), "--out", str(tmp_path / "all"), "--score-threshold", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "all" / "objects.csv") as f:
+        every = [float(r["score"]) for r in csv.DictReader(f)]
+    assert reported and min(reported) >= OPERATING_POINT
+    assert len(every) > len(reported)  # the model found more, below its operating point
+    assert sorted(s for s in every if s >= OPERATING_POINT) == pytest.approx(sorted(reported))
+
+
 def test_micrometres_come_from_the_ome_pixel_size(first_run):
     _, out = first_run
     with open(out / "objects.csv") as f:
@@ -145,6 +163,7 @@ def test_a_second_run_skips_finished_images(store, first_run, images):
         (["--pixel-size", "-1"], "--pixel-size"),
         (["--page", "-2"], "--page"),
         (["--tta", "rot45"], "--tta: expected one of off, flips, flips+rot90"),
+        (["--score-threshold", "1.5"], "--score-threshold: expected a score in [0, 1]"),
     ],
 )
 def test_user_mistakes_are_one_line(store, images, tmp_path, args, needle):

@@ -14,7 +14,17 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tests.helpers import SHARED_DATA, run_cli
-from tests.serving import ADRENAL, CLASSIFIER, DETECTOR, RAW, SHELL, clean_env, library_folder, start_server
+from tests.serving import (
+    ADRENAL,
+    CLASSIFIER,
+    DETECTOR,
+    OPERATING_POINT,
+    RAW,
+    SHELL,
+    clean_env,
+    library_folder,
+    start_server,
+)
 from tests.test_cli_errors import _assert_user_error as assert_user_error
 
 IMAGES = sorted((SHARED_DATA / "dsb2018" / "stage1_train").glob("*/images/*.png"))
@@ -47,7 +57,7 @@ def check_segmentation(result: dict, height: int, width: int) -> None:
     assert scores == sorted(scores, reverse=True)
 
 
-def in_process(store: str, pixels: np.ndarray, score_threshold: float) -> dict:
+def in_process(store: str, pixels: np.ndarray, score_threshold: float | None) -> dict:
     """What the served detector, loaded in this process (deploy.registry.predict_image), finds."""
     from deploy.registry import load_detector, predict_image
     from deploy.reloading import use_registry
@@ -86,6 +96,14 @@ def test_segment_a_sample_image_as_the_model_does_in_process(server, store):
 
     fewer = post(server, "/v1/segment", body, score_threshold=0.3, max_detections=3).json()
     assert fewer["count"] == 3 and fewer["instances"] == result["instances"][:3]
+
+    # Unasked, the model's operating point (its config's score_threshold), as in process and in predict
+    every = post(server, "/v1/segment", body, score_threshold=0.0).json()
+    default = post(server, "/v1/segment", body).json()
+    assert_same_instances(default, in_process(store, load_image(IMAGES[0]), None))
+    assert (
+        every["count"] > default["count"] and min(i["score"] for i in default["instances"]) >= OPERATING_POINT
+    )
 
 
 def test_segment_16_bit_tiff_jpeg_and_a_tiled_mosaic(server, store, tmp_path):

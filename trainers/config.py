@@ -86,6 +86,14 @@ class MaskRCNNConfig:
         "off"  # off | otsu: each mask's outline (1 px deep) follows the image's Otsu foreground
     )
     box_nms_thresh: float = 0.5  # per-class NMS IoU threshold on detections
+    # The operating point: detections scoring at least score_threshold are the objects the model reports
+    # (predict's label images, tables and counts; serving's default; the Kaggle metric and the per-image
+    # errors of evaluation); COCO AP ranks every detection above box_score_thresh, as Detectron2 evaluates
+    # at 0.05 and its demo shows 0.5.
+    score_threshold: float = 0.5
+    choose_score_threshold: bool = True  # training sets score_threshold to the cut-off (0.05-0.95) with the
+    # highest Kaggle metric on the validation images, for the weights it hands over (as a classifier's
+    # operating point is chosen); false keeps score_threshold as given
     box_detections_per_img: int = 100  # maximum detections per image at inference
     tta: str = "off"  # test-time augmentation at inference: off | flips | flips+rot90 (instances of the
     # transformed images mapped back and merged by mask IoU, scores and soft masks averaged)
@@ -145,6 +153,7 @@ class MaskRCNNConfig:
             "rpn_nms_thresh",
             "box_score_thresh",
             "box_nms_thresh",
+            "score_threshold",
             "val_fraction",
         ):
             if not 0.0 <= getattr(self, key) <= 1.0:

@@ -227,6 +227,39 @@ def kaggle_metrics(gt: COCO, results: list[dict], score_threshold: float = 0.5) 
     }
 
 
+# The cut-offs a detector's operating point is chosen among (MaskRCNNConfig.choose_score_threshold): 0.05 to
+# 0.95 in steps of 0.05. A coarse grid: it is chosen on a handful of validation images, and finer steps
+# would fit their noise.
+SCORE_CUTOFFS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def kaggle_by_cutoff(gt: COCO, results: list[dict], cutoffs=SCORE_CUTOFFS) -> dict[float, float]:
+    """kaggle_metrics(gt, results, cut)["kaggle_mAP"] for every cut of `cutoffs`, the mask IoUs computed
+    once per image: a higher cut only drops rows (predictions) of the lower one's IoU matrix."""
+    lowest = min(cutoffs)
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        if r["score"] >= lowest:
+            by_image.setdefault(r["image_id"], []).append(r)
+    per_cut: dict[float, list[float]] = {cut: [] for cut in cutoffs}
+    for image_id in gt.getImgIds():
+        truth = [gt.annToRLE(a) for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        predicted = by_image.get(image_id, [])
+        ious = mask_ious([r["segmentation"] for r in predicted], truth)
+        scores = np.asarray([r["score"] for r in predicted], dtype=np.float64)
+        for cut in cutoffs:
+            per_cut[cut].append(kaggle_image_score(ious[scores >= cut]))
+    return {cut: float(np.mean(values)) if values else 0.0 for cut, values in per_cut.items()}
+
+
+def best_cutoff(curve: dict[float, float]) -> float:
+    """The cut-off of kaggle_by_cutoff's `curve` with the highest score; among equal ones (within 1e-9) the
+    nearest to 0.5, the fixed cut-off the Kaggle metric used before (a model that never changes its answer
+    keeps it)."""
+    top = max(curve.values())
+    return min((cut for cut, value in curve.items() if value >= top - 1e-9), key=lambda c: (abs(c - 0.5), c))
+
+
 def format_table(metrics: dict[str, float]) -> str:
     """bbox and segm metrics side by side, one row per statistic, then every other metric."""
     rows: dict[str, dict[str, float]] = {}
@@ -252,10 +285,13 @@ def coco_metrics(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[str
     return coco_report(gt, results, max_dets)[0]
 
 
-def score_results(gt: COCO, results: list[dict], max_dets: int = 100) -> dict[str, float]:
-    """COCO metrics and the Kaggle DSB2018/Sartorius metric (kaggle_mAP, matched_mask_IoU, at score 0.5) of
-    COCO result dicts from any inference path (whole images, tiles)."""
-    return {**coco_metrics(gt, results, max_dets), **kaggle_metrics(gt, results)}
+def score_results(
+    gt: COCO, results: list[dict], max_dets: int = 100, score_threshold: float = 0.5
+) -> dict[str, float]:
+    """COCO metrics (every detection ranked) and the Kaggle DSB2018/Sartorius metric (kaggle_mAP,
+    matched_mask_IoU, of the detections scoring at least `score_threshold`: the objects a model reports)
+    of COCO result dicts from any inference path (whole images, tiles)."""
+    return {**coco_metrics(gt, results, max_dets), **kaggle_metrics(gt, results, score_threshold)}
 
 
 # ---- per-image error analysis: which images a model gets wrong, and how --------------------------------

@@ -238,6 +238,10 @@ def dsb2018_cpu() -> MaskRCNNConfig:
     #   images; the 65 stage-1 images stay the final check.
     cfg.mask_threshold = 0.5
     cfg.mask_refine = "otsu"
+    # - the operating point (choose_score_threshold, on by default) is chosen on the 6 validation images,
+    #   with TTA at the last epoch: score >= 0.35 for the seed-0 model (0.30 without TTA). On the 176 unseen
+    #   images the Kaggle score is 0.410 at the old fixed 0.5 and 0.425 at 0.35 (0.419 at 0.30), and the
+    #   objects reported number 6690 against 7878 true ones: 4854 at 0.5, 20816 at box_score_thresh 0.05
     return cfg
 
 

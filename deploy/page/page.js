@@ -144,9 +144,12 @@ async function segment(file) {
   status("seg-status", `Segmenting ${file.name} ...`);
   const started = performance.now();
   try {
-    const [response] = await Promise.all([post("/v1/segment", file), showImage($("seg-image"), file)]);
+    // every instance, filtered here by the slider, which starts at the model's own operating point
+    const asked = post("/v1/segment", file, { score_threshold: 0 });
+    const [response] = await Promise.all([asked, showImage($("seg-image"), file)]);
     if (!response.ok) throw new Error(await errorOf(response));
     seg.result = await response.json();
+    $("seg-threshold").value = seg.result.operating_point;
   } catch (e) {
     status("seg-status", `${file.name}: ${e.message}`, true);
     return;

@@ -55,7 +55,7 @@ def batch_side(checkpoint: str, files: list[str], out: str) -> tuple[float, floa
     from deploy.batch import predict_images
 
     args = Namespace(model=checkpoint, device="cpu", tta=None, page=None, channel=None, pixel_size=None,
-                     diameter=None, overlays=False)  # fmt: skip
+                     diameter=None, score_threshold=None, overlays=False)  # fmt: skip
     started = time.perf_counter()
     batch = predict_images(args, Path(checkpoint), [Path(f) for f in files], Path(out))
     objects = sum(len(r["objects"]) for r in batch.records)
@@ -63,16 +63,18 @@ def batch_side(checkpoint: str, files: list[str], out: str) -> tuple[float, floa
 
 
 def direct_side(checkpoint: str, files: list[str], out: str) -> tuple[float, float, int]:
-    """The same model called in a loop: read the image, predict_image, nothing written."""
+    """The same model called in a loop: read the image, predict_image, its operating point, nothing
+    written."""
     from datasets.records import open_image
-    from deploy.registry import load_detector, own_mode
+    from deploy.registry import load_detector, own_mode, reported
     from trainers.detection.inference import predict_image
 
     detector = load_detector(checkpoint, "cpu")
     started = time.perf_counter()
     objects = 0
     for f in files:
-        objects += len(predict_image(detector.model, open_image(Path(f)), "cpu", **own_mode(detector)))
+        results = predict_image(detector.model, open_image(Path(f)), "cpu", **own_mode(detector))
+        objects += len(reported(results, detector.config))
     return time.perf_counter() - started, peak_rss_mib(), objects
 
 

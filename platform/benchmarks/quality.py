@@ -10,7 +10,7 @@ tile size, its normalisation and filters), through the one inference path.
 import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,8 +20,8 @@ from datasets.progress import Progress
 from trainers.config import apply_overrides, parse_overrides, to_dict
 from trainers.detection.baseline import METHODS, baseline_metrics
 from trainers.detection.combine import (
-    ENSEMBLE_MASK_THRESHOLD,
     MaskVoteEnsemble,
+    ensemble_config,
     load_detector_model,
     with_tta,
 )
@@ -96,7 +96,9 @@ def score_model(name: str, model, cfg, categories, records, gt, note: str = "", 
         categories=categories,
     )
     seconds = time.perf_counter() - started
-    return Row(name, score_results(gt, results, cfg.box_detections_per_img), seconds, note)
+    return Row(
+        name, score_results(gt, results, cfg.box_detections_per_img, cfg.score_threshold), seconds, note
+    )
 
 
 def score_baselines(records, gt, methods: tuple[str, ...] = METHODS) -> list[Row]:
@@ -129,7 +131,7 @@ def score_checkpoints(folders: list[Path], records, gt, tta: str, device: str = 
         ensemble = MaskVoteEnsemble(
             [m for m, _, _ in loaded], [c.mask_threshold for _, c, _ in loaded]
         ).eval()
-        cfg, categories = replace(loaded[0][1], mask_threshold=ENSEMBLE_MASK_THRESHOLD), loaded[0][2]
+        cfg, categories = ensemble_config([c for _, c, _ in loaded]), loaded[0][2]
         name = f"mask-vote ensemble of {len(loaded)}"
         rows.append(score(name, ensemble, cfg, categories))
         if tta != "off":

@@ -177,7 +177,7 @@ def baselines(settings: ServeSettings, inputs: Inputs, seconds: float) -> dict:
     print(f"in-process baseline ({seconds:.0f} s each) ...", flush=True)
     return {
         "segment": in_process(
-            DetectorDeployment, settings, lambda d: d.segment(inputs.image, 0, 0, 0), seconds
+            DetectorDeployment, settings, lambda d: d.segment(inputs.image, None, 0, 0), seconds
         ),
         "classify": in_process(
             ClassifierDeployment, settings, lambda c: c.classify(inputs.slice_pixels, None, 5), seconds

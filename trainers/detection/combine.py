@@ -322,7 +322,7 @@ def save_ensemble(folder: Path, members: list[Path], method: str = "mask-vote", 
 
 def load_ensemble(folder: Path, device="cpu") -> tuple[MaskVoteEnsemble, MaskRCNNConfig, list[dict]]:
     """An ensemble folder's model (without its TTA, which the caller applies from the config), its config
-    (the first member's, with the ensemble's tta) and its categories."""
+    (ensemble_config's, with the ensemble's tta) and its categories."""
     spec_file = Path(folder) / ENSEMBLE_FILE
     try:
         spec = json.loads(spec_file.read_text())
@@ -334,10 +334,17 @@ def load_ensemble(folder: Path, device="cpu") -> tuple[MaskVoteEnsemble, MaskRCN
     folders = [member_folder(folder, n, spec_file) for n in names]
     check_folders(folders, names)
     members = [load_checkpoint_model(f, device) for f in folders]
-    # The vote's masks are member agreement fractions: kept where at least half the members have the pixel
-    cfg = replace(members[0][1], tta=tta, mask_threshold=ENSEMBLE_MASK_THRESHOLD)
+    cfg = replace(ensemble_config([c for _, c, _ in members]), tta=tta)
     thresholds = [c.mask_threshold for _, c, _ in members]
     return MaskVoteEnsemble([m for m, _, _ in members], thresholds), cfg, members[0][2]
+
+
+def ensemble_config(configs: list[MaskRCNNConfig]) -> MaskRCNNConfig:
+    """The config a mask-vote ensemble of members with `configs` runs with: the first member's, its masks
+    the members' agreement fractions kept where at least half of them have the pixel, and its operating
+    point the members' mean (an instance's ensemble score is its members' mean score)."""
+    cut = sum(c.score_threshold for c in configs) / len(configs)
+    return replace(configs[0], mask_threshold=ENSEMBLE_MASK_THRESHOLD, score_threshold=round(cut, 4))
 
 
 def load_detector_model(folder: Path, device="cpu") -> tuple[nn.Module, MaskRCNNConfig, list[dict]]:

@@ -3,9 +3,11 @@ torchvision's references/detection/engine.py), validation, and the task's part o
 skeleton (trainers/run.py)."""
 
 import contextlib
+import copy
 import logging
 import math
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -24,9 +26,10 @@ from datasets.instances import (
 from datasets.splits import train_val_split
 from trainers.checkpoints import read_state_dict, read_tensors
 from trainers.config import MaskRCNNConfig, from_dict
+from trainers.detection.combine import with_tta
 from trainers.detection.inference import predict, predict_records
 from trainers.detection.model import build_model, save_checkpoint
-from trainers.evaluation import score_results
+from trainers.evaluation import best_cutoff, kaggle_by_cutoff, score_results
 from trainers.ray_seam import RaySeam
 from trainers.run import BestEpoch, autocast_dtype, grad_scaler, run_epochs, seed_everything, train_loader
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
@@ -104,13 +107,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     train_set = train_set_of(cfg, train_records, seam.rank)
     generator = torch.Generator()
     loader = train_loader(seam, train_set, cfg.batch_size, cfg.loader_workers, generator, collate_fn=collate)
-    seed_everything(cfg.seed)  # identical initial weights on every rank
-    bare = build_model(cfg, num_classes=len(train_set.categories))
-    if cfg.norm == "sync_bn" and seam.world_size > 1:
-        if torch.device(seam.device).type != "cuda":  # torch's SyncBatchNorm runs on CUDA only
-            raise UserError("norm: sync_bn needs GPU workers; on CPU use norm=group (or bn on one worker)")
-        bare = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bare)  # BatchNorm statistics over all workers
-    bare = bare.to(seam.device)
+    bare = training_model(cfg, seam, len(train_set.categories))
     # The optimizer holds every parameter any phase trains; frozen ones get no gradient (grad is None),
     # which torch's optimizers skip, so a frozen stage keeps its weights and its momentum untouched.
     set_trainable_layers(bare, max_trainable_layers(cfg))
@@ -119,11 +116,10 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     amp_dtype = autocast_dtype(cfg, seam.device)
     scaler = grad_scaler(cfg)
     best = BestEpoch(higher_is_better=True)  # on validation segm_AP, the metric searches maximise
-    start_epoch = _resume(cfg, seam, bare, optimizer, scheduler, scaler, best)
+    start_epoch, resumed = _resume(cfg, seam, bare, optimizer, scheduler, scaler, best)
+    best_cut = [resumed.get("best_score_threshold", cfg.score_threshold)]  # the best epoch's operating point
     if seam.rank == 0:
-        val_set = InstanceDataset(val_records, normalize=cfg.normalize)
-        val_loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
-        ground_truth = coco_ground_truth(val_set)
+        val_loader, ground_truth = validation_of(cfg, val_records)
 
     def set_phase(layers: int) -> None:
         set_trainable_layers(bare, layers)
@@ -147,21 +143,29 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
 
     def end_epoch(epoch: int, metrics: dict):
         metrics.update(validate(cfg, bare, val_loader, seam.device, ground_truth))
-        best.update(metrics["segm_AP"], epoch + 1, bare, keep_weights=cfg.restore_best)
+        if best.update(metrics["segm_AP"], epoch + 1, bare, keep_weights=cfg.restore_best):
+            best_cut[0] = metrics["score_threshold"]
         stop = best.stop(cfg.early_stop_patience)
         metrics.update(best_segm_AP=best.value, best_epoch=best.epoch, early_stopped=float(stop))
+        weights = best.weights if cfg.restore_best else None  # None: the model as it is now
+        if (stop or epoch + 1 == cfg.epochs) and cfg.choose_score_threshold and cfg.tta != "off":
+            # validation runs without TTA; the model is used with it, whose averaged scores sit lower
+            cut = cutoff_with_tta(cfg, bare, weights, val_records, seam.device, ground_truth)
+            best_cut[0] = metrics["score_threshold"] = cut
+        elif not cfg.restore_best:
+            best_cut[0] = metrics["score_threshold"]
         state = {
-            "model": bare.state_dict(),  # the weights training continues from
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch + 1,
+            **training_state(bare, optimizer, scheduler, scaler, epoch + 1),
             **best.state(),
+            "best_score_threshold": best_cut[0],
         }
-        # model.pt is the model this run hands over now: its best epoch so far, or the latest
-        weights = best.weights if cfg.restore_best else state["model"]
+        # model.pt: the best epoch so far, or the latest; config.json: the operating point of those weights
+        weights = state["model"] if weights is None else weights
+        handed_over = replace(cfg, score_threshold=best_cut[0])
         categories = train_set.categories
-        write = partial(save_checkpoint, cfg=cfg, model=weights, categories=categories, train_state=state)
+        write = partial(
+            save_checkpoint, cfg=handed_over, model=weights, categories=categories, train_state=state
+        )
         return write, stop
 
     run_epochs(
@@ -179,12 +183,41 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     )
 
 
-def _resume(cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch) -> int:
+def training_model(cfg: MaskRCNNConfig, seam, num_classes: int) -> torch.nn.Module:
+    """The model a run starts from, the same initial weights on every rank, on the seam's device."""
+    seed_everything(cfg.seed)
+    bare = build_model(cfg, num_classes=num_classes)
+    if cfg.norm == "sync_bn" and seam.world_size > 1:
+        if torch.device(seam.device).type != "cuda":  # torch's SyncBatchNorm runs on CUDA only
+            raise UserError("norm: sync_bn needs GPU workers; on CPU use norm=group (or bn on one worker)")
+        bare = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bare)  # BatchNorm statistics over all workers
+    return bare.to(seam.device)
+
+
+def validation_of(cfg: MaskRCNNConfig, records: list) -> tuple[DataLoader, object]:
+    """The validation images' loader (whole images, the config's normalisation) and COCO ground truth."""
+    val_set = InstanceDataset(records, normalize=cfg.normalize)
+    return DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate), coco_ground_truth(val_set)
+
+
+def training_state(bare, optimizer, scheduler, scaler, epochs_done: int) -> dict:
+    """What resuming needs besides the handed-over weights: the weights training continues from and the
+    optimiser, schedule and loss-scaler states after `epochs_done` epochs."""
+    return {
+        "model": bare.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epochs_done,
+    }
+
+
+def _resume(cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch) -> tuple[int, dict]:
     """Load the seam's latest checkpoint, if any, into the model, the training state and `best`; the epoch
-    to start at."""
+    to start at and the training state read ({} when starting afresh)."""
     resume = seam.latest_checkpoint()
     if resume is None:
-        return 0
+        return 0, {}
     state = read_tensors(resume / "train_state.pt", seam.device)
     handed_over = read_state_dict(resume / "model.pt", seam.device)
     bare.load_state_dict(state.get("model", handed_over))
@@ -195,14 +228,16 @@ def _resume(cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch) -> i
     if "best_value" in state:
         best.load(state, handed_over if cfg.restore_best else None)
     log.info("resumed from %s at epoch %d", resume, state["epoch"])
-    return state["epoch"]
+    return state["epoch"], state
 
 
 def validate(cfg: MaskRCNNConfig, model, val_loader, device, ground_truth) -> dict[str, float]:
     """COCO and Kaggle metrics on the validation images: whole images, or in full-resolution mode tiled
     inference on each whole image at native resolution (as the model will be used on mosaics); and
     `val_ms_per_image`, the inference latency a multi-objective search can trade against accuracy. The
-    config's inference filters (class_score_thresh, mask_min_area) apply, as they will in use."""
+    config's inference filters (class_score_thresh, mask_min_area) apply, as they will in use. The Kaggle
+    metric counts the detections at the operating point, `score_threshold`: the config's, or with
+    choose_score_threshold the cut-off that scores best here (optimistic on these very images)."""
     images = len(val_loader.dataset)
     started = time.perf_counter()
     if not cfg.tile_size:
@@ -221,8 +256,32 @@ def validate(cfg: MaskRCNNConfig, model, val_loader, device, ground_truth) -> di
     # finished), at the validation batch size: the COCO scoring below is not inference and would dominate
     # on dense images.
     ms_per_image = 1000 * (time.perf_counter() - started) / max(images, 1)
-    metrics = score_results(ground_truth, results, cfg.box_detections_per_img)
-    return {**metrics, "val_ms_per_image": ms_per_image}
+    cut = cfg.score_threshold
+    if cfg.choose_score_threshold:  # the operating point of these weights, as a classifier's is chosen
+        cut = best_cutoff(kaggle_by_cutoff(ground_truth, results))
+    metrics = score_results(ground_truth, results, cfg.box_detections_per_img, cut)
+    return {**metrics, "score_threshold": cut, "val_ms_per_image": ms_per_image}
+
+
+def cutoff_with_tta(cfg: MaskRCNNConfig, model, weights: dict | None, records, device, ground_truth) -> float:
+    """The operating point (the cut-off of the best Kaggle metric) of `model` with `weights` (None: its
+    own) under the config's test-time augmentation, on the validation `records`: the model as it will be
+    used. A copy is loaded: training's own model keeps its weights."""
+    model = copy.deepcopy(model)
+    if weights is not None:
+        model.load_state_dict(weights)
+    results = predict_records(
+        with_tta(model, cfg.tta).eval(),
+        records,
+        device,
+        tile_size=cfg.tile_size,
+        tile_overlap=cfg.tile_overlap,
+        tile_batch=cfg.batch_size,
+        cfg=cfg,
+    )
+    cut = best_cutoff(kaggle_by_cutoff(ground_truth, results))
+    log.info("operating point with tta=%s: score >= %.2f", cfg.tta, cut)
+    return cut
 
 
 def train_loop_per_worker(config: dict) -> None:
