@@ -56,7 +56,8 @@ def test_the_handed_over_operating_point_is_chosen_under_the_models_tta(tmp_path
     records = read_records(bright_and_dim(tmp_path), "mask-folders")
     gt = coco_ground_truth(InstanceDataset(records, normalize="range"))
     cfg = MaskRCNNConfig(tta="flips+rot90", normalize="range")
-    assert cutoff_with_tta(cfg, ThresholdDetector(0.55), None, records, "cpu", gt) == 0.65
+    detector = ThresholdDetector(0.55)
+    assert cutoff_with_tta(cfg, detector, detector.state_dict(), records, "cpu", gt) == 0.65
 
 
 def test_reported_objects_are_those_at_the_operating_point():

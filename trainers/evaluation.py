@@ -202,6 +202,18 @@ def mask_ious(predicted: list[dict], truth: list[dict]) -> np.ndarray:
     return np.asarray(mask_utils.iou(predicted, truth, [0] * len(truth)), dtype=np.float64)
 
 
+def per_image_masks(gt: COCO, results: list[dict], score_threshold: float):
+    """(image id, its result dicts scoring at least `score_threshold`, its ground-truth RLEs without crowd
+    regions) for every image of `gt`, in id order: what the Kaggle metric and the error analysis match."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        if r["score"] >= score_threshold:
+            by_image.setdefault(r["image_id"], []).append(r)
+    for image_id in gt.getImgIds():
+        truth = [gt.annToRLE(a) for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        yield image_id, by_image.get(image_id, []), truth
+
+
 def kaggle_metrics(gt: COCO, results: list[dict], score_threshold: float = 0.5) -> dict[str, float]:
     """The Kaggle metric and the mean matched mask IoU of `results` against `gt`, class-agnostic (as in
     both competitions), on the predictions scoring at least `score_threshold`; crowd regions are left out.
@@ -211,14 +223,9 @@ def kaggle_metrics(gt: COCO, results: list[dict], score_threshold: float = 0.5) 
     over all images (each matched object counts once, whatever its image); unmatched predictions and
     objects do not enter it (they cost kaggle_mAP instead). 0 when nothing is matched.
     """
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        if r["score"] >= score_threshold:
-            by_image.setdefault(r["image_id"], []).append(r["segmentation"])
     scores, matched = [], []
-    for image_id in gt.getImgIds():
-        truth = [gt.annToRLE(a) for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        ious = mask_ious(by_image.get(image_id, []), truth)
+    for _, predicted, truth in per_image_masks(gt, results, score_threshold):
+        ious = mask_ious([r["segmentation"] for r in predicted], truth)
         scores.append(kaggle_image_score(ious))
         matched += [ious[i, j] for i, j in match_instances(ious, 0.5)]
     return {
@@ -236,15 +243,8 @@ SCORE_CUTOFFS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 def kaggle_by_cutoff(gt: COCO, results: list[dict], cutoffs=SCORE_CUTOFFS) -> dict[float, float]:
     """kaggle_metrics(gt, results, cut)["kaggle_mAP"] for every cut of `cutoffs`, the mask IoUs computed
     once per image: a higher cut only drops rows (predictions) of the lower one's IoU matrix."""
-    lowest = min(cutoffs)
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        if r["score"] >= lowest:
-            by_image.setdefault(r["image_id"], []).append(r)
     per_cut: dict[float, list[float]] = {cut: [] for cut in cutoffs}
-    for image_id in gt.getImgIds():
-        truth = [gt.annToRLE(a) for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        predicted = by_image.get(image_id, [])
+    for _, predicted, truth in per_image_masks(gt, results, min(cutoffs)):
         ious = mask_ious([r["segmentation"] for r in predicted], truth)
         scores = np.asarray([r["score"] for r in predicted], dtype=np.float64)
         for cut in cutoffs:
@@ -323,14 +323,9 @@ class ImageOutcome:
 
 def image_outcomes(gt: COCO, results: list[dict], score_threshold: float = 0.5) -> list[ImageOutcome]:
     """Every image of `gt` (in its id order) with its predictions from `results` matched to its objects."""
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        if r["score"] >= score_threshold:
-            by_image.setdefault(r["image_id"], []).append(r["segmentation"])
     outcomes = []
-    for image_id in gt.getImgIds():
-        truth = [gt.annToRLE(a) for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        predicted = by_image.get(image_id, [])
+    for image_id, found, truth in per_image_masks(gt, results, score_threshold):
+        predicted = [r["segmentation"] for r in found]
         ious = mask_ious(predicted, truth)
         outcomes.append(ImageOutcome(image_id, predicted, truth, ious, match_instances(ious, ERROR_IOU)))
     return outcomes

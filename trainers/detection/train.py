@@ -117,7 +117,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     scaler = grad_scaler(cfg)
     best = BestEpoch(higher_is_better=True)  # on validation segm_AP, the metric searches maximise
     start_epoch, resumed = _resume(cfg, seam, bare, optimizer, scheduler, scaler, best)
-    best_cut = [resumed.get("best_score_threshold", cfg.score_threshold)]  # the best epoch's operating point
+    best_cut = resumed.get("best_score_threshold", cfg.score_threshold)  # the best epoch's operating point
     if seam.rank == 0:
         val_loader, ground_truth = validation_of(cfg, val_records)
 
@@ -142,26 +142,26 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
         return {**metrics, "lr": optimizer.param_groups[0]["lr"], "torch_threads": torch.get_num_threads()}
 
     def end_epoch(epoch: int, metrics: dict):
+        nonlocal best_cut
         metrics.update(validate(cfg, bare, val_loader, seam.device, ground_truth))
         if best.update(metrics["segm_AP"], epoch + 1, bare, keep_weights=cfg.restore_best):
-            best_cut[0] = metrics["score_threshold"]
+            best_cut = metrics["score_threshold"]
         stop = best.stop(cfg.early_stop_patience)
         metrics.update(best_segm_AP=best.value, best_epoch=best.epoch, early_stopped=float(stop))
-        weights = best.weights if cfg.restore_best else None  # None: the model as it is now
+        # model.pt: the best epoch so far, or the latest; config.json: the operating point of those weights
+        weights = best.weights if cfg.restore_best else bare.state_dict()
         if (stop or epoch + 1 == cfg.epochs) and cfg.choose_score_threshold and cfg.tta != "off":
             # validation runs without TTA; the model is used with it, whose averaged scores sit lower
             cut = cutoff_with_tta(cfg, bare, weights, val_records, seam.device, ground_truth)
-            best_cut[0] = metrics["score_threshold"] = cut
+            best_cut = metrics["score_threshold"] = cut
         elif not cfg.restore_best:
-            best_cut[0] = metrics["score_threshold"]
+            best_cut = metrics["score_threshold"]
         state = {
             **training_state(bare, optimizer, scheduler, scaler, epoch + 1),
             **best.state(),
-            "best_score_threshold": best_cut[0],
+            "best_score_threshold": best_cut,
         }
-        # model.pt: the best epoch so far, or the latest; config.json: the operating point of those weights
-        weights = state["model"] if weights is None else weights
-        handed_over = replace(cfg, score_threshold=best_cut[0])
+        handed_over = replace(cfg, score_threshold=best_cut)
         categories = train_set.categories
         write = partial(
             save_checkpoint, cfg=handed_over, model=weights, categories=categories, train_state=state
@@ -263,13 +263,12 @@ def validate(cfg: MaskRCNNConfig, model, val_loader, device, ground_truth) -> di
     return {**metrics, "score_threshold": cut, "val_ms_per_image": ms_per_image}
 
 
-def cutoff_with_tta(cfg: MaskRCNNConfig, model, weights: dict | None, records, device, ground_truth) -> float:
-    """The operating point (the cut-off of the best Kaggle metric) of `model` with `weights` (None: its
-    own) under the config's test-time augmentation, on the validation `records`: the model as it will be
-    used. A copy is loaded: training's own model keeps its weights."""
+def cutoff_with_tta(cfg: MaskRCNNConfig, model, weights: dict, records, device, ground_truth) -> float:
+    """The operating point (the cut-off of the best Kaggle metric) of `model` with `weights` under the
+    config's test-time augmentation, on the validation `records`: the model as it will be used. A copy is
+    loaded: training's own model keeps its weights."""
     model = copy.deepcopy(model)
-    if weights is not None:
-        model.load_state_dict(weights)
+    model.load_state_dict(weights)
     results = predict_records(
         with_tta(model, cfg.tta).eval(),
         records,
