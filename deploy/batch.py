@@ -4,10 +4,10 @@ or every volume / slice image through the registered classifier.
 
 Each image's outputs are written atomically and its record (`parts/<name>.json`: objects, COCO annotations,
 seconds) last, so a run that stops (Ctrl-C, a crash, a full disk) is resumed by starting it again: images
-with a record are skipped. The tables, COCO file, plot and run record are rebuilt from the records at the
-end, also on a resumed run. Objects overlapping in the model's output (Mask R-CNN masks may) are resolved
-best score first, as a label image must; the table, the COCO file and the label image then hold the same
-objects, numbered alike.
+with a record are skipped, and a run with another model or other settings is refused (parts/started.json).
+The tables, COCO file, plot and run record are rebuilt from the records at the end, also on a resumed run.
+Objects overlapping in the model's output (Mask R-CNN masks may) are resolved best score first, as a label
+image must; the table, the COCO file and the label image then hold the same objects, numbered alike.
 """
 
 import csv
@@ -35,6 +35,8 @@ log = logging.getLogger("datasets.predict")  # shown by the CLIs' progress handl
 PARTS = "parts"
 DOUBLE_SUFFIXES = (".nii.gz", ".ome.tif", ".ome.tiff")  # dropped whole from output names
 MAX_OVERLAY_IDS = 400  # objects numbered on an overlay at most: beyond that the numbers hide the image
+STARTED = "started.json"  # in parts/: the model and settings its records were made with
+RESUME_IGNORES = ("device",)  # a run may resume on a GPU: the same results, to rounding
 
 
 @dataclass(frozen=True)
@@ -66,20 +68,50 @@ def output_names(files: list[Path]) -> list[str]:
     return names
 
 
-def check_same_model(out: Path, model: dict) -> None:
-    """A resumed --out must continue the same model's run: mixing two models' objects would be wrong."""
-    previous = out / "run.json"
-    if not previous.is_file():
-        return
+def check_resumable(out: Path, model: dict, settings: dict) -> None:
+    """A run on an --out that holds results already must continue with the same model and the settings
+    that shape its results (cut-off, TTA, pixel size, page, ...): one table mixing two would be wrong. The
+    first run records them in parts/started.json before its first image (a run stopped before its end
+    writes no run.json); an --out from before that record is checked against its run.json."""
+    wanted = json.loads(json.dumps({"model": {"ref": model["ref"], "version": model["version"]},
+                                    "settings": settings}))  # fmt: skip
+    record = out / PARTS / STARTED
+    earlier = read_run_settings(record) if record.is_file() else read_run_settings(out / "run.json")
+    if earlier is not None:
+        before, now = earlier["model"], wanted["model"]
+        if (before.get("ref"), before.get("version")) != (now["ref"], now["version"]):
+            raise UserError(
+                f"--out: {out} holds results of {before.get('ref')} (version {before.get('version')}), not "
+                f"of {now['ref']} (version {now['version']}); choose another --out"
+            )
+        keys = sorted({*earlier["settings"], *wanted["settings"]} - set(RESUME_IGNORES))
+        changed = [k for k in keys if earlier["settings"].get(k) != wanted["settings"].get(k)]
+        if changed:
+            made = ", ".join(f"{k} {earlier['settings'].get(k)}" for k in changed)
+            asked = ", ".join(f"{k} {wanted['settings'].get(k)}" for k in changed)
+            raise UserError(
+                f"--out: {out} holds results made with {made}; this run asks for {asked}. Repeat the "
+                "earlier settings to finish it, or choose another --out"
+            )
+    if not record.is_file():
+        (out / PARTS).mkdir(exist_ok=True)
+        write_json_atomic(record, wanted)
+
+
+def read_run_settings(path: Path) -> dict | None:
+    """The {"model", "settings"} of a started.json or run.json; None when there is none or it cannot be
+    read (an unreadable one is replaced)."""
     try:
-        earlier = json.loads(previous.read_text())["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # an unreadable record is rewritten at the end
-    if earlier.get("ref") != model["ref"] or earlier.get("version") != model["version"]:
-        raise UserError(
-            f"--out: {out} holds results of {earlier.get('ref')} (version {earlier.get('version')}), not of "
-            f"{model['ref']} (version {model['version']}); choose another --out"
-        )
+        earlier = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning(f"{path} cannot be read ({e}): replaced")
+        return None
+    if isinstance(earlier, dict) and all(isinstance(earlier.get(k), dict) for k in ("model", "settings")):
+        return earlier
+    log.warning(f"{path} is not a record of a predict run: replaced")
+    return None
 
 
 def model_record(ref: str) -> dict:
@@ -195,18 +227,8 @@ def load_for_batch(folder: Path, args):
 def predict_images(args, folder: Path, files: list[Path], out: Path) -> Batch:
     """platform.predict for a detector: every image of `files` into `out`."""
     model = model_record(args.model)
-    check_same_model(out, model)
     detector = load_for_batch(folder, args)
-    (out / "labels").mkdir(exist_ok=True)
-    if args.overlays:
-        (out / "overlays").mkdir(exist_ok=True)
-    started = time.perf_counter()
-    records, failures = run_images(
-        files, out, lambda path, name: detect_one(detector, path, name, out, args), "images"
-    )
-    classes = [c["name"] for c in detector.categories]
-    write_detector_tables(out, records, detector.categories)
-    cfg = detector.config
+    cfg, classes = detector.config, [c["name"] for c in detector.categories]
     settings = {
         "tile_size": cfg.tile_size, "tta": cfg.tta if args.tta is None else args.tta,
         "object_diameter": cfg.object_diameter if args.diameter is None else args.diameter,
@@ -214,6 +236,15 @@ def predict_images(args, folder: Path, files: list[Path], out: Path) -> Batch:
         "normalize": cfg.normalize, "pixel_size_um": args.pixel_size, "page": args.page,
         "channel": args.channel, "device": str(detector.device), "classes": classes,
     }  # fmt: skip
+    check_resumable(out, model, settings)
+    (out / "labels").mkdir(exist_ok=True)
+    if args.overlays:
+        (out / "overlays").mkdir(exist_ok=True)
+    started = time.perf_counter()
+    records, failures = run_images(
+        files, out, lambda path, name: detect_one(detector, path, name, out, args), "images"
+    )
+    write_detector_tables(out, records, detector.categories)
     write_run_record(out, model, settings, records, failures, time.perf_counter() - started)
     objects = sum(len(r["objects"]) for r in records)
     print(
@@ -369,8 +400,10 @@ def classify_files(args, folder: Path, files: list[Path], out: Path) -> Batch:
     from trainers.classification.operating_point import describe
 
     model = model_record(args.model)
-    check_same_model(out, model)
     predictor = load_classifier(str(folder), args.device)
+    settings = {"decision": describe(predictor.operating_point), "classes": list(predictor.classes),
+                "top_k": args.top_k, "aggregate": predictor.aggregate}  # fmt: skip
+    check_resumable(out, model, settings)
     started = time.perf_counter()
     records, failures = run_images(
         files, out, lambda path, name: classify_one(predictor, path, name, args.top_k), "files"
@@ -383,8 +416,6 @@ def classify_files(args, folder: Path, files: list[Path], out: Path) -> Batch:
         rows.append(row)
     ranks = [f"{k}_{rank}" for rank in range(1, args.top_k + 1) for k in ("class", "probability")]
     write_text_atomic(out / "predictions.csv", csv_text(rows, ["file", "predicted", "slices", *ranks]))
-    settings = {"decision": describe(predictor.operating_point), "classes": list(predictor.classes),
-                "top_k": args.top_k, "aggregate": predictor.aggregate}  # fmt: skip
     write_run_record(out, model, settings, records, failures, time.perf_counter() - started)
     print(f"{len(records)} files classified -> {out / 'predictions.csv'}")
     return Batch(model, records, failures, len(files))

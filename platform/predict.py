@@ -12,7 +12,7 @@ Inputs: files, folders (searched recursively, sorted) and globs. Detector: PNG, 
 Classifier: NIfTI volumes (.nii, .nii.gz), or slice images.
 
 --out holds, for a detector (each image's files written atomically; a run started again on the same --out
-skips the images it finished):
+with the same model and settings skips the images it finished, and with others is refused):
   labels/<image>.tif    uint16 label images, 0 = background, k = object k (napari, Cellpose, QuPath)
   predictions.json      COCO instances (images, categories, annotations with scores): pycocotools, CVAT
   objects.csv           one row per object: class, score, area, perimeter, diameters, axes, shape, mean

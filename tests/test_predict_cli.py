@@ -1,7 +1,8 @@
 """`python -m platform.predict` as a scientist runs it, on the registered models of the test store: a folder
 of PNG, 16-bit TIFF and OME-TIFF images with a damaged file among them; the label images, COCO file,
 objects and counts agree with each other; micrometres where the file gives a pixel size; a second run
-resumes; user mistakes are one line; a classifier writes a row per volume."""
+resumes, with the same model and settings only; user mistakes are one line; a classifier writes a row per
+volume."""
 
 import csv
 import json
@@ -154,6 +155,28 @@ def test_a_second_run_skips_finished_images(store, first_run, images):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.tif")} == before
     other = predict(store, "--model", f"models:/{CLASSIFIER}@champion", str(images), "--out", str(out))
     assert other.returncode == 2 and "choose another --out" in other.stderr
+
+
+def test_a_resumed_run_keeps_the_models_settings(store, images, tmp_path):
+    """A run stopped before its end (no run.json yet) resumes only with the settings its images were made
+    with: objects cut at two score thresholds or measured with two pixel sizes never share a table."""
+    png = sorted((images / "plate").glob("*.png"))[0]
+    out = tmp_path / "out"
+    model = ["--model", f"models:/{DETECTOR}@champion", str(png), "--out", str(out)]
+    assert predict(store, *model).returncode == 0
+    (out / "run.json").unlink()  # as a run stopped after its image, before the tables and run.json
+    other = predict(store, *model, "--score-threshold", "0", "--pixel-size", "0.5")
+    assert other.returncode == 2 and other.stderr.startswith("error:"), other.stderr[-2000:]
+    made = f"pixel_size_um None, score_threshold {OPERATING_POINT}"
+    assert f"{made}; this run asks for pixel_size_um 0.5, score_threshold 0.0" in other.stderr
+    assert "choose another --out" in other.stderr
+    assert not (out / "run.json").exists()
+    again = predict(store, *model, "--device", "cpu")  # the same settings (the device may change)
+    assert again.returncode == 0 and "1 of 1 images done in an earlier run" in again.stderr
+    # an --out made before parts/started.json existed is checked against its run.json
+    (out / "parts" / "started.json").unlink()
+    flipped = predict(store, *model, "--tta", "flips")
+    assert flipped.returncode == 2 and "tta off; this run asks for tta flips" in flipped.stderr
 
 
 @pytest.mark.parametrize(
