@@ -245,7 +245,9 @@ def dsb2018_cpu() -> MaskRCNNConfig:
     #   Seed 1 (19.9 min of training on 2 idle cores) chose 0.55: 0.356 segm AP, 0.415 Kaggle with TTA,
     #   which is also its best cut-off on the 176 images (0.40: 0.402, 0.50: 0.411, 0.60: 0.415); its
     #   validation curve is flat from 0.35 to 0.60 (0.536-0.538), and choosing on a 3-point moving average
-    #   of it would have taken 0.40 (0.402). The gap to Otsu + watershed (0.423) is the model's.
+    #   of it would have taken 0.40 (0.402). The gap to Otsu + watershed (0.423) is the model's. The
+    #   mask-vote ensemble of seeds 0 and 1 with TTA flips (`platform.ensemble`, cut-off their mean 0.45,
+    #   its best too) scores 0.367 segm AP, 0.430 Kaggle, in 1493 s for the 176 images (2x one member).
     #   Binarising at 0.65 with the refinement lost (TTA: 0.352 segm AP, 0.411 Kaggle at its best cut-off).
     return cfg
 
