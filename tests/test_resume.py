@@ -1,5 +1,6 @@
 """A run stopped after an epoch and resumed from its checkpoint ends exactly where an uninterrupted run
-does: same weights, same losses (CPU ops are deterministic here; GPU ops may not be)."""
+does: same weights, same losses (CPU ops are deterministic here; GPU ops may not be), with or without the
+weight average."""
 
 import numpy as np
 import pytest
@@ -28,10 +29,14 @@ def stop_after(epoch: int):
     return on_report
 
 
-@pytest.mark.parametrize("augment", ["foram"])
-def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, augment):
+@pytest.mark.parametrize(
+    "overrides",
+    [{"augment": "foram"}, {"augment": "foram", "ema_decay": 0.9, "restore_best": False, "epochs": 2}],
+    ids=["raw", "weight-average"],
+)
+def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, overrides):
     cfg = apply_overrides(
-        get_recipe("dsb2018_demo"), {**SMALL, "data": str(tiny_dataset), "epochs": 3, "augment": augment}
+        get_recipe("dsb2018_demo"), {**SMALL, "data": str(tiny_dataset), "epochs": 3, **overrides}
     )
     straight = LocalSeam(checkpoint_dir=tmp_path / "straight")
     run_training(cfg, straight)
@@ -42,7 +47,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, augment):
     resumed = LocalSeam(checkpoint_dir=tmp_path / "resumed")
     run_training(cfg, resumed)
 
-    assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    assert [r["epoch"] for r in resumed.reports] == list(range(2, cfg.epochs + 1))
     assert resumed.reports[0]["resumed_at_epoch"] == 1
     for a, b in zip(straight.reports[1:], resumed.reports, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
@@ -51,6 +56,11 @@ def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, augment):
     final_b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
     for key, value in final_a.items():
         torch.testing.assert_close(value, final_b[key], rtol=1e-5, atol=1e-6, msg=key)
+    if cfg.ema_decay:  # the run hands over (and validated) the average, and training went on from its own
+        state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=True)
+        assert state["ema_steps"] == sum(r["train_optimizer_steps"] for r in straight.reports)
+        assert all(torch.equal(final_b[k], state["ema"][k]) for k in final_b)
+        assert not all(torch.equal(final_b[k], state["model"][k]) for k in final_b)
 
 
 def test_seed_epoch_streams_differ_by_epoch_and_rank_and_repeat_exactly():

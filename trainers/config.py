@@ -130,6 +130,8 @@ class MaskRCNNConfig:
     seed: int = 0  # seeds the split, the weights' init, augmentation and data order
     early_stop_patience: int = 0  # stop after this many epochs without a higher validation segm_AP; 0 = off
     restore_best: bool = True  # the run's model is its epoch of highest validation segm_AP; false: the last
+    ema_decay: float = 0.0  # 0 = off; else validation and the handed-over model use an exponential moving
+    # average of the weights (trainers/run.WeightAverage: decay 1 - step^(-2/3) up to this, e.g. 0.999)
     loader_workers: int = 0  # DataLoader worker processes per training worker
 
     def validate(self) -> None:
@@ -200,6 +202,8 @@ class MaskRCNNConfig:
                 raise UserError(f"{key}: expected 0 or a positive integer, got {getattr(self, key)}")
         if self.cosine_period_epochs < 0:
             raise UserError("cosine_period_epochs: expected 0 (off) or a positive number of epochs")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay: expected 0 (off) or a decay in (0, 1), got {self.ema_decay}")
         if self.cosine_period_epochs > 0 and not 0 <= self.lr_min < self.lr:
             raise UserError(f"lr_min: expected a value in [0, lr={self.lr}), got {self.lr_min}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):

@@ -31,7 +31,16 @@ from trainers.detection.inference import predict, predict_records
 from trainers.detection.model import build_model, save_checkpoint
 from trainers.evaluation import best_cutoff, kaggle_by_cutoff, score_results
 from trainers.ray_seam import RaySeam
-from trainers.run import BestEpoch, autocast_dtype, grad_scaler, run_epochs, seed_everything, train_loader
+from trainers.run import (
+    BestEpoch,
+    WeightAverage,
+    autocast_dtype,
+    grad_scaler,
+    run_epochs,
+    seed_everything,
+    train_loader,
+    weight_average,
+)
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
 
 log = logging.getLogger(__name__)
@@ -108,15 +117,11 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
     generator = torch.Generator()
     loader = train_loader(seam, train_set, cfg.batch_size, cfg.loader_workers, generator, collate_fn=collate)
     bare = training_model(cfg, seam, len(train_set.categories))
-    # The optimizer holds every parameter any phase trains; frozen ones get no gradient (grad is None),
-    # which torch's optimizers skip, so a frozen stage keeps its weights and its momentum untouched.
-    set_trainable_layers(bare, max_trainable_layers(cfg))
-    optimizer = build_optimizer(cfg, bare, seam.world_size)
-    scheduler = build_scheduler(cfg, optimizer, optimizer_steps_per_epoch(len(loader), cfg.accumulate_steps))
-    amp_dtype = autocast_dtype(cfg, seam.device)
-    scaler = grad_scaler(cfg)
+    optimizer, scheduler = optimisation(cfg, bare, seam.world_size, len(loader))
+    amp_dtype, scaler = autocast_dtype(cfg, seam.device), grad_scaler(cfg)
     best = BestEpoch(higher_is_better=True)  # on validation segm_AP, the metric searches maximise
-    start_epoch, resumed = _resume(cfg, seam, bare, optimizer, scheduler, scaler, best)
+    average = weight_average(cfg.ema_decay, bare)
+    start_epoch, resumed = _resume(cfg, seam, bare, optimizer, scheduler, scaler, best, average)
     best_cut = resumed.get("best_score_threshold", cfg.score_threshold)  # the best epoch's operating point
     if seam.rank == 0:
         val_loader, ground_truth = validation_of(cfg, val_records)
@@ -137,19 +142,21 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
             amp_dtype=amp_dtype,
             scaler=scaler,
             mask_loss_weight=cfg.mask_loss_weight,
+            average=average,
         )
         metrics = {f"train_{k}": v for k, v in stats.items()}
         return {**metrics, "lr": optimizer.param_groups[0]["lr"], "torch_threads": torch.get_num_threads()}
 
     def end_epoch(epoch: int, metrics: dict):
         nonlocal best_cut
-        metrics.update(validate(cfg, bare, val_loader, seam.device, ground_truth))
-        if best.update(metrics["segm_AP"], epoch + 1, bare, keep_weights=cfg.restore_best):
+        evaluated = average.model if average else bare  # the weights the run hands over
+        metrics.update(validate(cfg, evaluated, val_loader, seam.device, ground_truth))
+        if best.update(metrics["segm_AP"], epoch + 1, evaluated, keep_weights=cfg.restore_best):
             best_cut = metrics["score_threshold"]
         stop = best.stop(cfg.early_stop_patience)
         metrics.update(best_segm_AP=best.value, best_epoch=best.epoch, early_stopped=float(stop))
         # model.pt: the best epoch so far, or the latest; config.json: the operating point of those weights
-        weights = best.weights if cfg.restore_best else bare.state_dict()
+        weights = best.weights if cfg.restore_best else evaluated.state_dict()
         if (stop or epoch + 1 == cfg.epochs) and cfg.choose_score_threshold and cfg.tta != "off":
             # validation runs without TTA; the model is used with it, whose averaged scores sit lower
             cut = cutoff_with_tta(cfg, bare, weights, val_records, seam.device, ground_truth)
@@ -159,6 +166,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
         state = {
             **training_state(bare, optimizer, scheduler, scaler, epoch + 1),
             **best.state(),
+            **(average.state() if average else {}),
             "best_score_threshold": best_cut,
         }
         handed_over = replace(cfg, score_threshold=best_cut)
@@ -194,6 +202,16 @@ def training_model(cfg: MaskRCNNConfig, seam, num_classes: int) -> torch.nn.Modu
     return bare.to(seam.device)
 
 
+def optimisation(cfg: MaskRCNNConfig, bare, world_size: int, batches_per_epoch: int):
+    """The run's optimizer and lr schedule. The optimizer holds every parameter any phase trains; frozen
+    ones get no gradient (grad is None), which torch's optimizers skip, so a frozen stage keeps its weights
+    and its momentum untouched."""
+    set_trainable_layers(bare, max_trainable_layers(cfg))
+    optimizer = build_optimizer(cfg, bare, world_size)
+    steps = optimizer_steps_per_epoch(batches_per_epoch, cfg.accumulate_steps)
+    return optimizer, build_scheduler(cfg, optimizer, steps)
+
+
 def validation_of(cfg: MaskRCNNConfig, records: list) -> tuple[DataLoader, object]:
     """The validation images' loader (whole images, the config's normalisation) and COCO ground truth."""
     val_set = InstanceDataset(records, normalize=cfg.normalize)
@@ -212,9 +230,11 @@ def training_state(bare, optimizer, scheduler, scaler, epochs_done: int) -> dict
     }
 
 
-def _resume(cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch) -> tuple[int, dict]:
-    """Load the seam's latest checkpoint, if any, into the model, the training state and `best`; the epoch
-    to start at and the training state read ({} when starting afresh)."""
+def _resume(
+    cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch, average: WeightAverage | None
+) -> tuple[int, dict]:
+    """Load the seam's latest checkpoint, if any, into the model, the training state, `best` and the
+    weight average; the epoch to start at and the training state read ({} when starting afresh)."""
     resume = seam.latest_checkpoint()
     if resume is None:
         return 0, {}
@@ -227,6 +247,8 @@ def _resume(cfg, seam, bare, optimizer, scheduler, scaler, best: BestEpoch) -> t
         scaler.load_state_dict(state["scaler"])
     if "best_value" in state:
         best.load(state, handed_over if cfg.restore_best else None)
+    if average is not None and "ema" in state:
+        average.load(state)
     log.info("resumed from %s at epoch %d", resume, state["epoch"])
     return state["epoch"], state
 
@@ -300,11 +322,12 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     mask_loss_weight: float = 1.0,
+    average: WeightAverage | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`: one optimizer (and scheduler) step per `accumulate_steps` batches, and one
     for a shorter last group; autocast to `amp_dtype` with an optional GradScaler (fp16). The training loss
     is the sum of the loss terms with `loss_mask` times `mask_loss_weight`. Returns the mean of each loss
-    term, `loss`, `images`, `images_per_s` and `optimizer_steps`."""
+    term, `loss`, `images`, `images_per_s` and `optimizer_steps`. `average` is updated after every step."""
     model.train()
     sums: dict[str, float] = {}
     batches = images = steps = 0
@@ -344,6 +367,8 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+            if average is not None:
+                average.update(model.module if ddp else model)
             steps += 1
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.item()
