@@ -248,6 +248,8 @@ def dsb2018_cpu() -> MaskRCNNConfig:
     #   of it would have taken 0.40 (0.402). The gap to Otsu + watershed (0.423) is the model's. The
     #   mask-vote ensemble of seeds 0 and 1 with TTA flips (`platform.ensemble`, cut-off their mean 0.45,
     #   its best too) scores 0.367 segm AP, 0.430 Kaggle, in 1493 s for the 176 images (2x one member).
+    #   ema_decay=0.999 (seed 1, 19.5 min of training, chose 0.40) smoothed the validation curve but lost:
+    #   no TTA 0.341 / 0.390, TTA 0.357 / 0.404 (without it 0.344 / 0.398, 0.356 / 0.415). Left off.
     #   Binarising at 0.65 with the refinement lost (TTA: 0.352 segm AP, 0.411 Kaggle at its best cut-off).
     return cfg
 
