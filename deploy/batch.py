@@ -76,7 +76,8 @@ def check_resumable(out: Path, model: dict, settings: dict) -> None:
     wanted = json.loads(json.dumps({"model": {"ref": model["ref"], "version": model["version"]},
                                     "settings": settings}))  # fmt: skip
     record = out / PARTS / STARTED
-    earlier = read_run_settings(record) if record.is_file() else read_run_settings(out / "run.json")
+    started = read_run_settings(record)
+    earlier = started or read_run_settings(out / "run.json")
     if earlier is not None:
         before, now = earlier["model"], wanted["model"]
         if (before.get("ref"), before.get("version")) != (now["ref"], now["version"]):
@@ -93,7 +94,7 @@ def check_resumable(out: Path, model: dict, settings: dict) -> None:
                 f"--out: {out} holds results made with {made}; this run asks for {asked}. Repeat the "
                 "earlier settings to finish it, or choose another --out"
             )
-    if not record.is_file():
+    if started is None:  # none yet, or an unreadable one
         (out / PARTS).mkdir(exist_ok=True)
         write_json_atomic(record, wanted)
 

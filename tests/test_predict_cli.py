@@ -16,7 +16,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from datasets.errors import UserError
 from datasets.label_images import read_label_image
+from deploy.batch import check_resumable
 from tests.classifier_data import write_volumes
 from tests.helpers import SAMPLE, run_cli
 from tests.serving import CLASSIFIER, DETECTOR, OPERATING_POINT, clean_env
@@ -177,6 +179,16 @@ def test_a_resumed_run_keeps_the_models_settings(store, images, tmp_path):
     (out / "parts" / "started.json").unlink()
     flipped = predict(store, *model, "--tta", "flips")
     assert flipped.returncode == 2 and "tta off; this run asks for tta flips" in flipped.stderr
+
+
+def test_an_unreadable_settings_record_is_replaced(tmp_path):
+    """A damaged parts/started.json is rewritten (warned), so the next run has one to check against."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "started.json").write_text("{not json")
+    model = {"ref": "models:/nuclei@champion", "version": 3}
+    check_resumable(tmp_path, model, {"score_threshold": 0.5})
+    with pytest.raises(UserError, match="score_threshold 0.5; this run asks for score_threshold 0.25"):
+        check_resumable(tmp_path, model, {"score_threshold": 0.25})
 
 
 @pytest.mark.parametrize(
