@@ -17,8 +17,8 @@ from deploy.registry import Detector, load_detector
 from deploy.reloading import Loaded, RegistryModel, configure_batching, grouped
 from deploy.settings import ServeSettings, mb
 from trainers.detection.inference import detect_tiles, mask_threshold_of, stitched_results, tile_tensor
-from trainers.detection.refine import model_grey, refine_results
-from trainers.detection.scale import fit_to_model, restore_results
+from trainers.detection.refine import to_image
+from trainers.detection.scale import fit_to_model
 
 
 @serve.deployment
@@ -129,12 +129,9 @@ def instances_json(
     instances (best first)} in the image's own shape after stitching, the model's class_score_thresh /
     mask_min_area filters, its mask refinement (as predict_image does) and the max_detections cut (0 =
     all)."""
-    cfg, shape = detector.config, image.shape[:2]
+    cfg = detector.config
     entries = stitched_results(per_tile, 1, *tiled_shape, cfg, detector.categories)
-    if tiled_shape != shape:
-        entries = restore_results(entries, tiled_shape, shape)
-    if cfg.mask_refine != "off":
-        entries = refine_results(entries, model_grey(image, cfg.normalize), cfg.mask_refine)
+    entries = to_image(entries, tiled_shape, image, cfg.normalize, cfg.mask_refine)
     entries = sorted(entries, key=lambda r: -r["score"])[: max_detections or None]
     names = {c["id"]: c["name"] for c in detector.categories}
     counts = dict.fromkeys(names.values(), 0)

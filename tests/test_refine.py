@@ -76,6 +76,16 @@ def test_outlines_move_one_pixel_towards_the_foreground_and_no_further():
     assert refine_results([result(short)], grey, "off")[0]["segmentation"] == rle(short)
 
 
+@pytest.mark.parametrize(("scale", "band"), [(1.0, 1), (0.5, 2), (1 / 3, 3), (0.4, 3)])
+def test_an_image_shrunk_for_the_model_is_refined_as_many_pixels_deeper(scale, band):
+    shape = (64, 64)
+    truth = diamond(shape, (32, 32), 16)
+    grey = np.where(truth, 200.0, 30.0)
+    short = diamond(shape, (32, 32), 11)  # 5 px inside the object's edge: each band pixel wins one back
+    refined = refine_results([result(short)], grey, "otsu", scale)[0]
+    assert np.array_equal(mask_utils.decode(refined["segmentation"]), diamond(shape, (32, 32), 11 + band))
+
+
 def test_random_masks_agree_with_the_whole_image_reference():
     rng = np.random.default_rng(7)
     shape = (50, 70)

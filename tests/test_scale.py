@@ -2,6 +2,8 @@
 discs, when an image is (and is not) shrunk, instances mapped back exactly as scikit-image upsamples a mask,
 and predict_image with `object_diameter` finding large objects at the size the detector knows."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -13,6 +15,7 @@ from datasets.instances import encode_masks
 from tests.helpers import ThresholdDetector
 from trainers.config import MaskRCNNConfig, apply_overrides
 from trainers.detection.inference import predict_image
+from trainers.detection.refine import refine_results
 from trainers.detection.scale import (
     REACH,
     estimate_diameter,
@@ -49,7 +52,7 @@ def test_only_clearly_larger_objects_shrink_the_image():
     big, _ = discs((240, 240), 22.5, [(60, 60), (60, 170), (170, 110)])  # diameter ~45
     factor = inference_scale(big, 15.0)
     assert factor == pytest.approx(REACH * 15.0 / estimate_diameter(big))  # shrunk to REACH x 15 px
-    assert 0.6 < factor < 0.72
+    assert factor == pytest.approx(REACH * 15.0 / 45, abs=0.02)  # by hand: the discs are ~45 px across
     assert inference_scale(big, 0.0) == 1.0  # off
     assert inference_scale(big, 45.0 / REACH + 1) == 1.0  # within reach: left as it is
     small, _ = discs((240, 240), 3, [(60, 60), (60, 170)])  # smaller than trained: never upsampled
@@ -83,13 +86,13 @@ def test_restored_masks_are_scikit_images_upsampling_of_the_small_ones():
 def test_predict_image_shrinks_large_objects_to_the_trained_size():
     centres = [(50, 50), (50, 190), (180, 60), (190, 200)]
     image, masks = discs((260, 260), 24, centres)  # 48 px objects
-    cfg = MaskRCNNConfig(object_diameter=8.0)  # reach 16 px: the 48 px discs shrink 3x
+    cfg = MaskRCNNConfig(object_diameter=8.0)  # reach 8 x REACH px: the 48 px discs shrink 3-4x
     detector = ThresholdDetector(level=0.5)
     calls = []
     original_forward = detector.forward
     detector.forward = lambda images: calls.append(images[0].shape) or original_forward(images)
     results = predict_image(detector, image, "cpu", cfg=cfg, categories=[{"id": 1, "name": "nucleus"}])
-    assert max(calls[0][1:]) < 100  # the model saw the image shrunk about 3x
+    assert max(calls[0][1:]) < 100  # the model saw the image shrunk 3-4x
     found = mask_utils.decode([r["segmentation"] for r in results]).transpose(2, 0, 1).astype(bool)
     assert found.shape == (4, 260, 260)  # back at the image's own size
     for mask in masks:
@@ -97,6 +100,22 @@ def test_predict_image_shrinks_large_objects_to_the_trained_size():
         assert max(ious) > 0.9
     unscaled = predict_image(detector, image, "cpu", cfg=cfg, object_diameter=0.0)
     assert len(unscaled) == 4 and calls[-1][1:] == (260, 260)
+
+
+def test_masks_of_a_shrunk_image_are_refined_as_deep_as_it_was_shrunk():
+    image, masks = discs((260, 260), 24, [(50, 50), (50, 190), (180, 60), (190, 200)])  # Otsu: the discs
+    cfg = MaskRCNNConfig(object_diameter=8.0, mask_refine="otsu")
+    categories = [{"id": 1, "name": "nucleus"}]
+    results = predict_image(ThresholdDetector(level=0.5), image, "cpu", cfg=cfg, categories=categories)
+    assert sorted(mask_utils.area([r["segmentation"] for r in results])) == sorted(m.sum() for m in masks)
+    for mask in masks:
+        assert any(np.array_equal(mask_utils.decode(r["segmentation"]), mask) for r in results)
+    # the outlines came back off by more than the 1 px a full-size image's refinement moves
+    unrefined = predict_image(
+        ThresholdDetector(level=0.5), image, "cpu", cfg=replace(cfg, mask_refine="off"), categories=categories
+    )
+    one_px = mask_utils.decode([r["segmentation"] for r in refine_results(unrefined, image * 1.0, "otsu")])
+    assert not all(any(np.array_equal(found, m) for m in masks) for found in one_px.transpose(2, 0, 1))
 
 
 def test_rescale_image_keeps_the_value_range_and_channels():

@@ -26,8 +26,8 @@ from datasets.progress import Progress
 from datasets.records import ImageRecord, open_image
 from datasets.tiles import Detections, Tile, TileDetections, stitch_detections, tile_grid
 from trainers.detection.postprocess import filter_output, filter_results
-from trainers.detection.refine import model_grey, refine_results
-from trainers.detection.scale import fit_to_model, restore_results
+from trainers.detection.refine import refine_results, to_image
+from trainers.detection.scale import fit_to_model
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,7 @@ def predict_image(
         model.eval()
         output = model([image_tensor(work, normalize).to(device)])[0]
         results = to_coco_results(output, image_id, mask_threshold, cfg=cfg, categories=categories)
-    results = results if work is image else restore_results(results, work.shape[:2], image.shape[:2])
-    refine = cfg.mask_refine if cfg is not None else "off"
-    return refine_results(results, model_grey(image, normalize), refine) if refine != "off" else results
+    return to_image(results, work.shape[:2], image, normalize, cfg.mask_refine if cfg is not None else "off")
 
 
 def predict_records(

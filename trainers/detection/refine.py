@@ -1,5 +1,5 @@
 """Mask refinement (the config field `mask_refine`): each predicted mask's outline snapped to the image's own
-foreground, one pixel deep.
+foreground, one pixel of the model's input deep.
 
 Mask R-CNN paints a mask at 28 x 28 in its box and scales it up: for a nucleus of 40-60 px the outline
 is off by a pixel or two, which costs little at IoU 0.5 but much at the Kaggle metric's 0.75-0.95.
@@ -10,9 +10,16 @@ objects there are, how touching ones split and how sure it is (a mask emptied by
 own pixels). On the 176 unseen DSB2018 images, the dsb2018_cpu model (flips TTA, mask_threshold 0.5) went
 from segm AP 0.334 / Kaggle 0.368 to 0.359 / 0.410 with BAND 1 (BAND 2: 0.338 / 0.400).
 
+The band is BAND pixels of what the model saw: an image shrunk to its objects (trainers/detection/scale.py)
+by 0.5 is refined 2 px deep, since its masks come back upsampled 2x with outlines off by 2x as many pixels.
+On the 176 images (TTA flips, REACH 1.5; segm AP / Kaggle), a 1-px band everywhere vs the scaled one:
+seed 1 0.355 / 0.422 vs 0.364 / 0.431, seed 0 0.357 / 0.431 vs 0.357 / 0.437.
+
 A mask is refined in the full-height columns its box spans (decoded from its RLE and encoded back here),
 never as a whole-image array: a mosaic of thousands of objects costs thousands of small slabs.
 """
+
+import math
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -21,6 +28,7 @@ from scipy import ndimage
 from datasets.normalize import apply, normalization
 from datasets.records import rle_counts
 from trainers.detection.baseline import foreground
+from trainers.detection.scale import restore_results
 
 BAND = 1  # pixels of the outline, inward and outward, that follow the foreground
 
@@ -30,28 +38,42 @@ def model_grey(image: np.ndarray, normalize: str) -> np.ndarray:
     return apply(image, normalization(image, normalize)).mean(axis=2, dtype=np.float32)
 
 
-def refine_results(results: list[dict], grey: np.ndarray, mode: str) -> list[dict]:
+def to_image(results: list[dict], seen_shape: tuple[int, int], image: np.ndarray, normalize: str, mode: str):
+    """COCO results predicted on `image` as the model saw it (`seen_shape`: its height and width, shrunk to
+    its objects or not) mapped back to the image's own pixels and refined by `mode`: the last step of
+    predict_image and of the served detector alike."""
+    shape = image.shape[:2]
+    results = results if tuple(seen_shape) == shape else restore_results(results, seen_shape, shape)
+    if mode == "off":
+        return results
+    return refine_results(results, model_grey(image, normalize), mode, seen_shape[0] / shape[0])
+
+
+def refine_results(results: list[dict], grey: np.ndarray, mode: str, scale: float = 1.0) -> list[dict]:
     """COCO results on an image whose grey model input (HxW, as the model saw it, before any shrinking to
-    its objects) is `grey`, with their masks refined by `mode` (off: as they are)."""
+    its objects) is `grey`, with their masks refined by `mode` (off: as they are). `scale`: the factor the
+    image was shrunk by before the model saw it (trainers/detection/scale.py); the band is BAND pixels of
+    the model's input, so ceil(BAND / scale) of the image's."""
     if mode == "off" or not results:
         return results
     fg = foreground(grey)
-    return [_refined(result, fg) for result in results]
+    band = math.ceil(BAND / scale - 1e-9)  # 1e-9: a scale of 1/3 read from shapes is still 3 px
+    return [_refined(result, fg, band) for result in results]
 
 
-def _refined(result: dict, fg: np.ndarray) -> dict:
+def _refined(result: dict, fg: np.ndarray, band: int) -> dict:
     height, width = fg.shape
     x, y, w, h = result["bbox"]
-    x0, x1 = max(int(np.floor(x)) - BAND - 1, 0), min(int(np.ceil(x + w)) + BAND + 1, width)
-    y0, y1 = max(int(np.floor(y)) - BAND - 1, 0), min(int(np.ceil(y + h)) + BAND + 1, height)
+    x0, x1 = max(int(np.floor(x)) - band - 1, 0), min(int(np.ceil(x + w)) + band + 1, width)
+    y0, y1 = max(int(np.floor(y)) - band - 1, 0), min(int(np.ceil(y + h)) + band + 1, height)
     if x1 <= x0 or y1 <= y0:
         return result
     slab = decode_columns(result["segmentation"], x0, x1)
     mask = slab[y0:y1]
     if not mask.any():
         return result
-    near = ndimage.binary_dilation(mask, iterations=BAND)
-    core = ndimage.binary_erosion(mask, iterations=BAND)
+    near = ndimage.binary_dilation(mask, iterations=band)
+    core = ndimage.binary_erosion(mask, iterations=band)
     new = ndimage.binary_fill_holes((near & fg[y0:y1, x0:x1]) | core)
     pieces, count = ndimage.label(new)
     if count > 1:
