@@ -38,7 +38,9 @@ def model_grey(image: np.ndarray, normalize: str) -> np.ndarray:
     return apply(image, normalization(image, normalize)).mean(axis=2, dtype=np.float32)
 
 
-def to_image(results: list[dict], seen_shape: tuple[int, int], image: np.ndarray, normalize: str, mode: str):
+def to_image(
+    results: list[dict], seen_shape: tuple[int, int], image: np.ndarray, normalize: str, mode: str
+) -> list[dict]:
     """COCO results predicted on `image` as the model saw it (`seen_shape`: its height and width, shrunk to
     its objects or not) mapped back to the image's own pixels and refined by `mode`: the last step of
     predict_image and of the served detector alike."""
