@@ -7,7 +7,7 @@
 #                                                .gpu-data/ (both git-ignored; carry them to the machine)
 #   there: bash bench/gpu-device.sh run [ARGS]   install the wheels into /tmp/site, unpack the images, run
 #                                                `python3 -m platform.bench gpu ARGS`; with $OUT set, the
-#                                                results and the log are copied there
+#                                                results and the log are written there as they come
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,12 +34,28 @@ prepare() {
 }
 
 run() {
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    mkdir -p /tmp/dsb2018 && tar xzf .gpu-data/dsb2018-unseen.tar.gz -C /tmp/dsb2018
-    local out=${OUT:-}
-    python3 -m platform.bench gpu --dsb2018 /tmp/dsb2018 "$@" 2>&1 | tee "${out:-/tmp}/gpu-check.log"
-    if [ -n "$out" ]; then cp bench/results/"$(date +%F)"-* "$out"/; fi
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site
+    else
+        echo "no .whl/ here (not carried?): the steps that need pycocotools or albumentations will fail" >&2
+    fi
+    export PYTHONUNBUFFERED=1
+    if [ -f .gpu-data/dsb2018-unseen.tar.gz ]; then
+        mkdir -p /tmp/dsb2018 && tar xzf .gpu-data/dsb2018-unseen.tar.gz -C /tmp/dsb2018
+    fi
+    # With $OUT set (the device call), the results are written there as each row is measured: a run that the
+    # call's time limit kills still brings back what it measured (only $OUT comes back). Beside them go the
+    # latest CPU figures (what the GPU's are compared with) and today's results of an earlier call, which a
+    # rerun of some steps (--only STEP) adds to.
+    local out=${OUT:-} log=/tmp/gpu-check.log
+    if [ -n "$out" ]; then
+        cp "$(ls bench/results/*-cpu.json | tail -1)" "$out"/
+        cp bench/results/"$(date +%F)"-* "$out"/ 2>/dev/null || true
+        log=$out/gpu-check.log
+        set -- --out "$out" "$@"
+    fi
+    python3 -m platform.bench gpu --dsb2018 /tmp/dsb2018 "$@" 2>&1 | tee "$log"
 }
 
 case "${1:-}" in
