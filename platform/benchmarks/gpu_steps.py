@@ -26,8 +26,9 @@ DETECTRON2_S_PER_ITER, DETECTRON2_IMAGES_PER_GPU = 0.261, 2
 QUALITY_RECIPE = "dsb2018_cpu"
 # What trainers/recipes.py measured of QUALITY_RECIPE on 2 CPU cores, for the quality step's table.
 CPU_RECIPE_NOTE = (
-    "the same recipe on 2 CPU cores (trainers/recipes.py): 90 epochs in ~33 min; on these 176 images segm AP "
-    "/ Kaggle 0.338 / 0.396 without TTA, 0.359 / 0.410 with tta=flips (masks refined); Otsu 0.312 / 0.416"
+    "the same recipe on 2 CPU cores (trainers/recipes.py): 90 epochs in ~20-33 min; on these 176 images segm "
+    "AP / Kaggle, at the cut-off each seed chose: seed 1 0.353 / 0.417 without TTA, 0.364 / 0.431 with "
+    "tta=flips; seed 0 0.357 / 0.437 with tta=flips; Otsu 0.312 / 0.416, Otsu + watershed 0.321 / 0.423"
 )
 CLASSIFIER_CLASSES = 12  # ForamDeepSlice's species (RECIPES.md 2): the head's size hardly matters
 # A smoke run's Mask R-CNN: native 64 px tiles (nothing to resize, masks included), light heads and few
