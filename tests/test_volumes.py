@@ -15,7 +15,7 @@ from datasets import slice_index, slicing
 from datasets import specimen_split as ss
 from datasets import volumes as vol
 from datasets.errors import UserError
-from platform.benchmarks.data import measure_slices_per_s
+from platform.benchmarks.data import measure_slices_per_s, volume_loading
 from tests.helpers import SHARED_DATA
 
 ADRENAL = SHARED_DATA / "adrenal3d"
@@ -293,6 +293,59 @@ def test_float_volume_scaled_to_uint8(tmp_path):
     data[2:6, 2:6, 2:6] = 1000.0
     out = vol.load_volume(_save_nifti(tmp_path / "f.nii.gz", data))
     assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
+
+
+def _whole_volume_uint8(data: np.ndarray) -> np.ndarray:
+    """Reference: the mapping to_uint8 documents, on the whole volume at once in float32."""
+    data = np.nan_to_num(data.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(data.min()), float(np.percentile(data, 99.9))
+    hi = hi if hi > lo else float(data.max())
+    return np.clip((data - lo) * (255.0 / max(hi - lo, 1e-12)), 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "dtype, order, damage",
+    [
+        ("uint16", "F", None),
+        ("int16", "C", None),
+        ("int8", "F", None),
+        ("uint32", "C", None),
+        ("float32", "F", np.nan),
+        ("float32", "C", np.inf),
+        ("float16", "F", -np.inf),
+        ("bool", "C", None),
+    ],
+)
+def test_to_uint8_in_chunks_equals_the_whole_volume_mapping(monkeypatch, dtype, order, damage):
+    rng = np.random.default_rng(7)
+    values = rng.gamma(2.0, 40.0, size=(23, 17, 11)) - (30 if dtype in ("int16", "int8") else 0)
+    data = np.asarray(values > 60 if dtype == "bool" else values.clip(-128, 65535), dtype=dtype, order=order)
+    if damage is not None:
+        data.flat[[5, 999, 2000]] = damage
+    monkeypatch.setattr(vol, "CHUNK_VOXELS", 1000)  # 5 chunks, the last one partial
+    got = vol.to_uint8(data.copy(order="K"))
+    assert got.dtype == np.uint8 and got.shape == data.shape
+    assert got.flags.f_contiguous == (order == "F")  # slicing reads it in its own memory order
+    np.testing.assert_array_equal(got, _whole_volume_uint8(data))
+    assert got.max() == 255 and got.min() == 0
+
+
+def test_a_strided_float64_volume_is_mapped_within_one_level():
+    # float64's percentile comes in float64 here, in float32 in the reference: a voxel on a rounding
+    # boundary can land one level apart
+    data = np.random.default_rng(3).normal(100.0, 30.0, size=(30, 20, 40))[::2, :, ::3]
+    got = vol.to_uint8(data)
+    difference = np.abs(got.astype(int) - _whole_volume_uint8(data))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_load_volume_holds_about_two_copies_at_its_peak(tmp_path, monkeypatch):
+    # tracemalloc sees numpy's arrays: the compressed file's voxels, the percentile's copy, the result and
+    # a chunk (made small beside this small volume, as a real one is beside CHUNK_VOXELS). The whole
+    # volume scaled as float32 at once peaked at 8x a uint16 volume's size.
+    monkeypatch.setattr(vol, "CHUNK_VOXELS", 1 << 14)
+    got = volume_loading((64, 64, 128), "uint16", workdir=tmp_path)
+    assert got["peak_ratio"] < 2.6, got
 
 
 @needs_adrenal
