@@ -72,12 +72,17 @@ def check_resumable(out: Path, model: dict, settings: dict) -> None:
     """A run on an --out that holds results already must continue with the same model and the settings
     that shape its results (cut-off, TTA, pixel size, page, ...): one table mixing two would be wrong. The
     first run records them in parts/started.json before its first image (a run stopped before its end
-    writes no run.json); an --out from before that record is checked against its run.json."""
+    writes no run.json); an --out from before that record is checked against its run.json. While no image
+    has a record, another run's settings replace the earlier ones."""
     wanted = json.loads(json.dumps({"model": {"ref": model["ref"], "version": model["version"]},
                                     "settings": settings}))  # fmt: skip
     record = out / PARTS / STARTED
     started = read_run_settings(record)
     earlier = started or read_run_settings(out / "run.json")
+    if earlier is not None and not any(p.name != STARTED for p in (out / PARTS).glob("*.json")):
+        # no image has results yet (every file failed, e.g. with a wrong --channel): nothing to mix
+        log.info(f"--out: {out} holds no image's results yet: this run's settings replace the earlier ones")
+        earlier = started = None
     if earlier is not None:
         before, now = earlier["model"], wanted["model"]
         if (before.get("ref"), before.get("version")) != (now["ref"], now["version"]):

@@ -185,10 +185,23 @@ def test_an_unreadable_settings_record_is_replaced(tmp_path):
     """A damaged parts/started.json is rewritten (warned), so the next run has one to check against."""
     (tmp_path / "parts").mkdir()
     (tmp_path / "parts" / "started.json").write_text("{not json")
+    (tmp_path / "parts" / "img-1.json").write_text("{}")  # an image's record: there is something to mix
     model = {"ref": "models:/nuclei@champion", "version": 3}
     check_resumable(tmp_path, model, {"score_threshold": 0.5})
     with pytest.raises(UserError, match="score_threshold 0.5; this run asks for score_threshold 0.25"):
         check_resumable(tmp_path, model, {"score_threshold": 0.25})
+
+
+def test_settings_that_made_no_image_can_be_corrected(tmp_path):
+    """A first run in which every file failed (a wrong --channel, say) left its settings but no image's
+    results: a rerun with other settings is not refused, and its settings are the ones checked after."""
+    model = {"ref": "models:/nuclei@champion", "version": 3}
+    check_resumable(tmp_path, model, {"channel": 5})
+    check_resumable(tmp_path, model, {"channel": 0})
+    (tmp_path / "parts" / "img-1.json").write_text("{}")  # an image's record, as run_images writes it
+    check_resumable(tmp_path, model, {"channel": 0})
+    with pytest.raises(UserError, match="channel 0; this run asks for channel 5"):
+        check_resumable(tmp_path, model, {"channel": 5})
 
 
 @pytest.mark.parametrize(
