@@ -249,6 +249,31 @@ def test_resume_continues_exactly(volumes, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6) for k in a)
 
 
+def test_the_weight_average_is_validated_handed_over_and_resumed(volumes, tmp_path):
+    """ema_decay: validation and model.pt are the average (with BatchNorm statistics of its own weights),
+    training goes on from the raw weights, and a resumed run ends where an uninterrupted one does."""
+    cfg = tiny_config(volumes, epochs=3, head_epochs=1, ema_decay=0.9, restore_best=False)
+    full = train(cfg, tmp_path / "full")
+    train(apply_overrides(cfg, {"epochs": 1}), tmp_path / "part")
+    steps_per_epoch = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)["ema_steps"]
+    resumed = train(cfg, tmp_path / "part")
+    assert [r["epoch"] for r in resumed] == [2, 3] and resumed[0]["resumed_at_epoch"] == 1
+    for key in ("train_loss", "val_loss", "slice_acc"):
+        assert resumed[-1][key] == pytest.approx(full[-1][key], rel=1e-5), key
+    handed_over = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    state = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
+    assert steps_per_epoch > 0 and state["ema_steps"] == 3 * steps_per_epoch  # one update per step
+    assert all(torch.equal(handed_over[k], state["ema"][k]) for k in handed_over)
+    assert not all(torch.equal(handed_over[k], state["model"][k]) for k in handed_over)
+    resumed_model = torch.load(tmp_path / "part" / "model.pt", weights_only=True)
+    assert all(
+        torch.allclose(handed_over[k].float(), resumed_model[k].float(), atol=1e-6) for k in resumed_model
+    )
+    # the raw model validated gives another loss: the reports were the average's
+    raw = train(apply_overrides(cfg, {"ema_decay": 0.0}), tmp_path / "raw")
+    assert raw[-1]["val_loss"] != pytest.approx(full[-1]["val_loss"], rel=1e-4)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(UserError, match="batch_size"):
         ClassifierConfig(batch_size=7).validate()
@@ -258,3 +283,5 @@ def test_config_errors_name_the_field():
         ClassifierConfig(crop="tight").validate()
     with pytest.raises(UserError, match="axes"):
         ClassifierConfig(axes="3").validate()
+    with pytest.raises(UserError, match="ema_decay"):
+        ClassifierConfig(ema_decay=1.0).validate()

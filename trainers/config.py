@@ -202,8 +202,7 @@ class MaskRCNNConfig:
                 raise UserError(f"{key}: expected 0 or a positive integer, got {getattr(self, key)}")
         if self.cosine_period_epochs < 0:
             raise UserError("cosine_period_epochs: expected 0 (off) or a positive number of epochs")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"ema_decay: expected 0 (off) or a decay in (0, 1), got {self.ema_decay}")
+        _check_ema_decay(self.ema_decay)
         if self.cosine_period_epochs > 0 and not 0 <= self.lr_min < self.lr:
             raise UserError(f"lr_min: expected a value in [0, lr={self.lr}), got {self.lr_min}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
@@ -307,6 +306,8 @@ class ClassifierConfig:
     precise_bn_batches: int = 50  # before each validation, BatchNorm statistics are recomputed over this many
     # training batches with the current weights (Detectron2's PreciseBN; 0 = off): the running averages lag
     # weights that move fast (from scratch, high lr) and then evaluate a model that never existed
+    ema_decay: float = 0.0  # 0 = off; else validation, the best epoch and the handed-over model use an
+    # exponential moving average of the weights (trainers/run.WeightAverage; timm's --model-ema, e.g. 0.999)
     batch_size: int = 32  # slices per worker per step (even: Mixup/CutMix pair the batch with its flip)
     amp: str = "off"  # mixed precision: off | bf16 | fp16 (fp16 adds a GradScaler); CPU: off | bf16
     seed: int = 0  # seeds the weights' init, augmentation, mixing and data order (not the split)
@@ -364,6 +365,7 @@ class ClassifierConfig:
         ):
             if getattr(self, key) < 0:
                 raise UserError(f"{key}: expected 0 or more, got {getattr(self, key)}")
+        _check_ema_decay(self.ema_decay)
 
     def slicing(self) -> dict:
         """The slice-extraction settings, as `datasets.slicing.volume_slices` takes them: a model only
@@ -397,6 +399,11 @@ def config_class(values: dict[str, Any]) -> type:
 def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UserError(f"{key}: unknown value '{value}'; valid: {', '.join(valid)}")
+
+
+def _check_ema_decay(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise UserError(f"ema_decay: expected 0 (off) or a decay in (0, 1), got {value}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -34,7 +34,16 @@ from trainers.classification.operating_point import (
 )
 from trainers.config import ClassifierConfig, from_dict
 from trainers.ray_seam import RaySeam
-from trainers.run import BestEpoch, autocast_dtype, grad_scaler, run_epochs, seed_everything, train_loader
+from trainers.run import (
+    BestEpoch,
+    WeightAverage,
+    autocast_dtype,
+    grad_scaler,
+    run_epochs,
+    seed_everything,
+    train_loader,
+    weight_average,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,13 @@ def mixing(cfg: ClassifierConfig, num_classes: int) -> Mixup | None:
     )
 
 
+def losses(cfg: ClassifierConfig, mixer: Mixup | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(training loss, validation loss), both label-smoothed: mixed batches come with soft targets, smoothed
+    by the mixer."""
+    val_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return (SoftTargetCrossEntropy() if mixer else val_loss), val_loss
+
+
 def run_training(cfg: ClassifierConfig, seam) -> None:
     """Train `cfg.epochs` epochs (trainers/run.py); each epoch rank 0 validates and checkpoints, and stops
     early when the validation loss has not improved for `early_stop_patience` epochs."""
@@ -90,14 +106,13 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
     amp_dtype = autocast_dtype(cfg, seam.device)
     scaler = grad_scaler(cfg)
     mixer = mixing(cfg, len(classes))
-    train_loss = (
-        SoftTargetCrossEntropy() if mixer else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    )
-    val_loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    train_loss, val_loss = losses(cfg, mixer)
     # best: the lowest validation loss so far, its epoch, epochs since and (restore_best) its weights;
     # best_point: the operating point chosen on the validation probabilities of those weights
     best = BestEpoch(higher_is_better=False)
-    start_epoch, best_point = _resume(cfg, seam, bare, optimizer, scaler, best, classes)
+    average = weight_average(cfg.ema_decay, bare)
+    evaluated = average.model if average else bare  # the weights validated and handed over
+    start_epoch, best_point = _resume(cfg, seam, bare, optimizer, scaler, best, classes, average)
     if seam.rank == 0:
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers)
 
@@ -111,14 +126,14 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
         step = partial(
             train_step, optimizer=optimizer, loss_fn=train_loss, scaler=scaler, amp_dtype=amp_dtype
         )
-        loss = train_one_epoch(cfg, model, bare, loader, optimizer, step, mixer, seam, epoch)
+        loss = train_one_epoch(cfg, model, bare, loader, optimizer, step, mixer, seam, epoch, average)
         return {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "train_slices": len(train_set)}
 
     def end_epoch(epoch: int, metrics: dict):
         nonlocal best_point
-        val_metrics, point = validate(bare, val_loader, val_set, val_loss, seam.device, cfg.aggregate)
+        val_metrics, point = validate(evaluated, val_loader, val_set, val_loss, seam.device, cfg.aggregate)
         metrics.update(val_metrics)
-        if best.update(metrics["val_loss"], epoch + 1, bare, keep_weights=cfg.restore_best):
+        if best.update(metrics["val_loss"], epoch + 1, evaluated, keep_weights=cfg.restore_best):
             best_point = point
         stop = best.stop(cfg.early_stop_patience)
         metrics.update(best_val_loss=best.value, best_epoch=best.epoch, early_stopped=float(stop))
@@ -128,10 +143,11 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch + 1,
             **best.state(),
+            **(average.state() if average else {}),
         }
         # model.pt is the model this run hands over now: the best so far, or the latest; with the operating
         # point chosen on the validation probabilities of those very weights
-        weights = best.weights if cfg.restore_best else state["model"]
+        weights = best.weights if cfg.restore_best else evaluated.state_dict()
         handed_over = best_point if cfg.restore_best else point
 
         def write(folder: Path) -> None:
@@ -156,10 +172,21 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
 
 
 def train_one_epoch(
-    cfg: ClassifierConfig, model, bare, loader, optimizer, step, mixer, seam, epoch: int
+    cfg: ClassifierConfig,
+    model,
+    bare,
+    loader,
+    optimizer,
+    step,
+    mixer,
+    seam,
+    epoch: int,
+    average: WeightAverage | None = None,
 ) -> float:
-    """One pass over `loader` (lr set per step by lr_at, Mixup/CutMix when on), then precise BN statistics
-    once the backbone trains; the mean training loss. `model` is `bare` as the seam prepared it (DDP)."""
+    """One pass over `loader` (lr set per step by lr_at, Mixup/CutMix when on, `average` updated after
+    every step), then precise BN statistics of the weights to be validated (the average when there is
+    one) once the backbone trains; the mean training loss. `model` is `bare` as the seam prepared it
+    (DDP)."""
     head_only = epoch < cfg.head_epochs
     model.train()
     if head_only:
@@ -172,9 +199,13 @@ def train_one_epoch(
         if mixer is not None:
             images, targets = mixer(images, targets)
         total += step(model, images, targets)
+        if average is not None:
+            average.update(bare)
     if not head_only and cfg.precise_bn_batches > 0:
-        # every rank, from its own batches; DDP then broadcasts rank 0's buffers at the next forward
-        update_bn(itertools.islice(loader, cfg.precise_bn_batches), bare, seam.device)
+        # every rank, from its own batches; DDP then broadcasts rank 0's buffers at the next forward. The
+        # average's statistics are those of its own weights: its running averages of the raw model's lag
+        evaluated = average.model if average is not None else bare
+        update_bn(itertools.islice(loader, cfg.precise_bn_batches), evaluated, seam.device)
     return total / max(steps, 1)
 
 
@@ -194,10 +225,17 @@ def train_step(model, images, targets, *, optimizer, loss_fn, scaler, amp_dtype)
 
 
 def _resume(
-    cfg: ClassifierConfig, seam, bare, optimizer, scaler, best: BestEpoch, classes: list[str]
+    cfg: ClassifierConfig,
+    seam,
+    bare,
+    optimizer,
+    scaler,
+    best: BestEpoch,
+    classes: list[str],
+    average: WeightAverage | None = None,
 ) -> tuple[int, OperatingPoint | None]:
-    """Load the seam's latest checkpoint, if any, into the model, the training state and `best`; the epoch
-    to start at and (restore_best) the operating point of the best epoch's weights."""
+    """Load the seam's latest checkpoint, if any, into the model, the training state, `best` and the weight
+    average; the epoch to start at and (restore_best) the operating point of the best epoch's weights."""
     resume = seam.latest_checkpoint()
     if resume is None:
         return 0, None
@@ -210,6 +248,8 @@ def _resume(
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     best.load(state, read_state_dict(resume / "model.pt", seam.device) if cfg.restore_best else None)
+    if average is not None and "ema" in state:
+        average.load(state)
     log.info("resumed from %s at epoch %d", resume, state["epoch"])
     return state["epoch"], point
 
