@@ -235,8 +235,8 @@ def load_volume(path: str | Path) -> np.ndarray:
 
 
 def to_uint8(data: np.ndarray) -> np.ndarray:
-    """`data` mapped linearly from its minimum to its 99.9th percentile onto 0..255 (NaN and inf as 0), in
-    float32 arithmetic; uint8 data as it is.
+    """`data` mapped linearly from its minimum to its 99.9th percentile onto 0..255 (NaN and inf as 0, set
+    in place in a writeable `data`: no copy of a whole volume), in float32 arithmetic; uint8 data as it is.
 
     Scaled CHUNK_VOXELS at a time: beside `data`, the peak is one copy of it in its own type (the
     percentile's partition) and the uint8 result. The whole volume as float32 at once, with its clipped

@@ -30,7 +30,7 @@ class ServeSettings:
     max_pixels: int = 150_000_000  # decoded image pixels (a 12k x 12k mosaic); over: 413
     max_voxels: int = 1024**3  # decoded NIfTI voxels; over: 413
     # Decoded bytes, from the header before decoding: image pixels x channels x bytes per sample, volume
-    # voxels x bytes per voxel; over: 413. A volume's scaling to 8 bits holds about 2x this at its peak.
+    # voxels x bytes per voxel; over: 413. Scaling a volume to 8 bits holds about 2-2.5x this at its peak.
     max_decoded_mb: float = 1024.0
     # A detector pastes each of its box_detections_per_img masks at the full size of the image or tile it
     # ran on, in float32: that many x pixels x 4 bytes must fit in this, else 413 (a whole image: ask for
