@@ -95,6 +95,11 @@ def weight_average(decay: float, model: torch.nn.Module) -> WeightAverage | None
     return WeightAverage(model, decay) if decay > 0 else None
 
 
+def validated_model(average: WeightAverage | None, model: torch.nn.Module) -> torch.nn.Module:
+    """The weights a run validates and hands over: the average when there is one, else `model` itself."""
+    return average.model if average is not None else model
+
+
 def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `cfg.amp`, or None. bf16 runs on CPUs too (1.3x images/s for the CPU Mask
     R-CNN recipe on a CPU with AVX-512 BF16, `platform.bench train`); fp16 autocast is a GPU feature, so

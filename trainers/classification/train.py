@@ -42,6 +42,7 @@ from trainers.run import (
     run_epochs,
     seed_everything,
     train_loader,
+    validated_model,
     weight_average,
 )
 
@@ -111,7 +112,7 @@ def run_training(cfg: ClassifierConfig, seam) -> None:
     # best_point: the operating point chosen on the validation probabilities of those weights
     best = BestEpoch(higher_is_better=False)
     average = weight_average(cfg.ema_decay, bare)
-    evaluated = average.model if average else bare  # the weights validated and handed over
+    evaluated = validated_model(average, bare)
     start_epoch, best_point = _resume(cfg, seam, bare, optimizer, scaler, best, classes, average)
     if seam.rank == 0:
         val_loader = DataLoader(val_set, batch_size=cfg.batch_size * 2, num_workers=cfg.loader_workers)
@@ -204,8 +205,9 @@ def train_one_epoch(
     if not head_only and cfg.precise_bn_batches > 0:
         # every rank, from its own batches; DDP then broadcasts rank 0's buffers at the next forward. The
         # average's statistics are those of its own weights: its running averages of the raw model's lag
-        evaluated = average.model if average is not None else bare
-        update_bn(itertools.islice(loader, cfg.precise_bn_batches), evaluated, seam.device)
+        update_bn(
+            itertools.islice(loader, cfg.precise_bn_batches), validated_model(average, bare), seam.device
+        )
     return total / max(steps, 1)
 
 

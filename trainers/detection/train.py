@@ -39,6 +39,7 @@ from trainers.run import (
     run_epochs,
     seed_everything,
     train_loader,
+    validated_model,
     weight_average,
 )
 from trainers.schedules import lr_factor, max_trainable_layers, phase_at, set_trainable_layers
@@ -149,7 +150,7 @@ def run_training(cfg: MaskRCNNConfig, seam) -> None:
 
     def end_epoch(epoch: int, metrics: dict):
         nonlocal best_cut
-        evaluated = average.model if average else bare  # the weights the run hands over
+        evaluated = validated_model(average, bare)  # the weights the run hands over
         metrics.update(validate(cfg, evaluated, val_loader, seam.device, ground_truth))
         if best.update(metrics["segm_AP"], epoch + 1, evaluated, keep_weights=cfg.restore_best):
             best_cut = metrics["score_threshold"]
