@@ -35,6 +35,7 @@ from datasets.records import (
     image_size,
     open_image,
     record_rles,
+    rle_areas,
     rle_counts,
     rle_to_json,
     single_class,
@@ -283,7 +284,7 @@ def write_label_images(records: list[ImageRecord], dst: Path) -> None:
         height, width = image_size(record.image_path)
         kept = [rle for rle, inst in record_rles(record, height, width) if not inst.iscrowd]
         kept = [rle for rle in kept if mask_utils.area(rle)]
-        areas = mask_utils.area(kept) if kept else []
+        areas = rle_areas(kept)
         smallest_first = sorted(range(len(kept)), key=lambda k: areas[k])  # stable: ties keep file order
         labels = _paint(kept, height, width, smallest_first)
         write_label_image(dst / "labels" / f"{record.image_id}.tif", labels)

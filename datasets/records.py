@@ -287,6 +287,13 @@ def instance_rle(instance: Instance, height: int, width: int) -> dict:
         ) from e
 
 
+def rle_areas(rles: list[dict]) -> np.ndarray:
+    """The pixel counts of COCO RLEs (int64). pycocotools' area() of a list of more than 255 raises
+    OverflowError under numpy 2 (it builds its result from the count as a uint8), hence 255 at a time."""
+    parts = [mask_utils.area(rles[i : i + 255]) for i in range(0, len(rles), 255)]
+    return np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
+
+
 def record_rles(record: ImageRecord, height: int, width: int) -> list[tuple[dict, Instance]]:
     """(compressed RLE, instance) for every instance of the record, including empty masks."""
     if record.mask_paths:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from datasets.records import ImageRecord, image_size, load_image, record_rles, write_bytes_atomic
+from datasets.records import ImageRecord, image_size, load_image, record_rles, rle_areas, write_bytes_atomic
 
 
 def summarize(records: list[ImageRecord], decode_images: bool = True) -> dict:
@@ -36,7 +36,7 @@ def summarize(records: list[ImageRecord], decode_images: bool = True) -> dict:
         per_image.append(len(rles))
         if len(rles) > 1:
             union = int(mask_utils.area(mask_utils.merge(rles)))
-            extra = sum(int(a) for a in mask_utils.area(rles)) - union
+            extra = int(rle_areas(rles).sum()) - union
             overlap_pixels += extra
             images_with_overlap += extra > 0
             iou = np.asarray(mask_utils.iou(rles, rles, [0] * len(rles)))

@@ -20,6 +20,7 @@ from datasets.label_images import (
     write_label_image,
 )
 from datasets.records import ImageRecord, Instance, image_size, record_rles, rle_to_json
+from datasets.summary import summarize
 from tests.helpers import SAMPLE, run_cli, sample_subset
 from tests.test_cli_errors import _assert_user_error
 
@@ -301,3 +302,20 @@ def test_cli_failed_conversion_writes_nothing_and_inspect_guesses(tmp_path):
     out = run_cli("platform.data", "inspect", str(tmp_path / "cp"), "--plot", str(tmp_path / "cp.png"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(label-images)" in out.stdout and "object" in out.stdout
+
+
+def test_images_of_over_255_instances_are_written_and_summarised(tmp_path):
+    # pycocotools' area() of a list of more than 255 RLEs raises OverflowError under numpy 2 (it builds its
+    # result from the count as uint8); DSB2018 images hold up to ~375 nuclei, mosaics thousands
+    labels = np.arange(1, 301, dtype=np.uint16).repeat(4).reshape(30, 40)  # 300 objects of 4 pixels
+    labels[:, :2] = 0
+    masks = labels[None] == np.arange(1, 301, dtype=np.uint16)[:, None, None]
+    masks = masks[masks.any(axis=(1, 2))]
+    instances = tuple(Instance(1, _encode(m)) for m in masks)
+    records = _records(tmp_path, instances)
+    Image.fromarray(np.zeros((30, 40), dtype=np.uint8)).save(records[0].image_path)
+    write_records(records, tmp_path / "out", "label-images")
+    written = tifffile.imread(tmp_path / "out" / "labels" / "img.tif")
+    assert len(np.unique(written)) - 1 == len(masks) > 255
+    summary = summarize(records)
+    assert summary["instances"] == len(masks) and summary["overlap_pixels"] == 0
