@@ -26,12 +26,14 @@ from datasets.records import (
     folder_written_atomically,
     image_size,
     load_image,
+    load_mask_file,
     open_image,
     record_rles,
+    rle_areas,
     rle_to_json,
 )
 from datasets.rle_csv import read_rle_csv, write_rle_csv
-from datasets.tiles import clip_instances, tile_grid
+from datasets.tiles import Tile, keep_clipped, tile_grid
 from datasets.via import read_via, write_via
 
 SAMPLE_DATA = Path(__file__).parent / "sample" / "dsb2018"
@@ -172,15 +174,62 @@ def instance_masks(record: ImageRecord, shape: tuple[int, int]) -> tuple[np.ndar
     if record.mask_paths:  # one class; read the PNGs directly rather than through RLE
         masks = load_masks(record, shape)
         return masks, np.ones(len(masks), dtype=np.int64)
-    kept = [(rle, inst) for rle, inst in record_rles(record, *shape) if not inst.iscrowd]
-    kept = [(rle, inst) for rle, inst in kept if mask_utils.area(rle)]
-    if not kept:
-        return np.zeros((0, *shape), dtype=bool), np.zeros(0, dtype=np.int64)
+    rles, labels = trainable_rles(record, shape)
+    if not rles:
+        return np.zeros((0, *shape), dtype=bool), labels
     try:
-        masks = mask_utils.decode([rle for rle, _ in kept]).transpose(2, 0, 1).astype(bool)
+        masks = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
     except ValueError as e:  # a compressed RLE whose runs do not add up to the image
         raise UserError(f"{record.source}: image '{record.image_id}': invalid RLE mask ({e})") from e
-    return masks, np.array([inst.category_id for _, inst in kept], dtype=np.int64)
+    return masks, labels
+
+
+def trainable_rles(record: ImageRecord, shape: tuple[int, int]) -> tuple[list[dict], np.ndarray]:
+    """(compressed RLEs, labels N int64) of the record's instances that are neither crowd regions nor
+    empty (instance_masks' instances, as RLEs)."""
+    kept = [(rle, inst.category_id) for rle, inst in record_rles(record, *shape) if not inst.iscrowd]
+    filled = rle_areas([rle for rle, _ in kept]) > 0
+    kept = [pair for pair, keep in zip(kept, filled, strict=True) if keep]
+    return [rle for rle, _ in kept], np.array([label for _, label in kept], dtype=np.int64)
+
+
+def tile_instance_masks(
+    record: ImageRecord, shape: tuple[int, int], tile: Tile, min_visible: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(masks N x tile.height x tile.width bool, labels N int64): instance_masks(record, shape) clipped to
+    `tile` as clip_instances clips them, without holding whole-image masks of every instance at once (a
+    mosaic of thousands of objects would need N x its size). Measured: `python -m platform.bench data`."""
+    crops, areas, labels = (_mask_file_crops if record.mask_paths else _rle_crops)(record, shape, tile)
+    keep = keep_clipped(crops.sum(axis=(1, 2)), areas, min_visible=min_visible)
+    return crops[keep], labels[keep]
+
+
+def _mask_file_crops(record: ImageRecord, shape: tuple[int, int], tile: Tile):
+    """(crops, full areas, labels) of a mask-folders record: one mask file decoded at a time."""
+    crops, areas = [np.zeros((0, tile.height, tile.width), dtype=bool)], []
+    for path in record.mask_paths:
+        mask = load_mask_file(path, shape)
+        crop = mask[tile.slices]
+        if crop.any():
+            crops.append(crop[None].copy())
+            areas.append(mask.sum())
+    return np.concatenate(crops), np.array(areas, dtype=np.int64), np.ones(len(areas), dtype=np.int64)
+
+
+def _rle_crops(record: ImageRecord, shape: tuple[int, int], tile: Tile):
+    """(crops, full areas, labels) of the instances whose box reaches the tile, decoded inside it only."""
+    rles, labels = trainable_rles(record, shape)
+    boxes = mask_utils.toBbox(rles).reshape(-1, 4)
+    x, y, width, height = boxes.T
+    near = np.flatnonzero(
+        (x < tile.x + tile.width) & (x + width > tile.x) & (y < tile.y + tile.height) & (y + height > tile.y)
+    )
+    where = f"{record.source}: image '{record.image_id}'"
+    crops = np.zeros((len(near), tile.height, tile.width), dtype=bool)
+    for k, i in enumerate(near):
+        crops[k] = rle_crop(rles[i], tile, where)
+    areas = rle_areas([rles[i] for i in near])
+    return crops, areas, labels[near]
 
 
 class InstanceDataset(torch.utils.data.Dataset):
@@ -237,9 +286,8 @@ class TiledInstanceDataset(InstanceDataset):
         source, tile = self.tiles[index]
         record = self.records[source]
         image = load_image(record.image_path, self.normalize)  # the whole image's statistics, as inference
-        masks, labels = instance_masks(record, image.shape[:2])
-        clipped, kept = clip_instances(masks, tile, min_visible=self.min_visible)
-        return to_sample(self.transform, image[tile.slices], clipped, labels[kept], source + 1)
+        masks, labels = tile_instance_masks(record, image.shape[:2], tile, self.min_visible)
+        return to_sample(self.transform, image[tile.slices], masks, labels, source + 1)
 
 
 def to_sample(transform, image: np.ndarray, masks: np.ndarray, labels: np.ndarray, image_id: int):
@@ -286,6 +334,60 @@ def patch_rle(patch: np.ndarray, x: int, y: int, height: int, width: int) -> dic
     elif after:  # pycocotools writes no empty run at the end
         runs.append(after)
     return rle_to_json(mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width))
+
+
+def rle_runs(rle: dict, where: str = "mask") -> np.ndarray:
+    """The run lengths of a COCO RLE (zeros first, then alternating, down the columns), from its compressed
+    counts as pycocotools' rleFrString reads them: 5 bits per character (offset 48), 0x20 continues a
+    number, 0x10 of its last character is the sign, and from the fourth run on a run is stored as its
+    difference to the run two before. UserError naming `where` when they do not cover the image."""
+    counts = rle["counts"]
+    height, width = (int(v) for v in rle["size"])
+    if isinstance(counts, list):
+        runs = np.asarray(counts, dtype=np.int64)
+    else:
+        # any text a JSON file can hold becomes bytes; those outside '0'-'o' are refused below
+        text = counts.encode("utf-8", "surrogatepass") if isinstance(counts, str) else counts
+        chars = np.frombuffer(text, dtype=np.uint8).astype(np.int64) - 48
+        last = np.flatnonzero((chars & 0x20) == 0)  # the last character of every number
+        first = np.concatenate([[0], last + 1])[:-1]
+        lengths = last - first + 1
+        # 13 characters hold 64 bits: more, or an unfinished number, is no RLE pycocotools wrote
+        if chars.min(initial=0) < 0 or chars.max(initial=0) > 63 or (chars.size and chars[-1] & 0x20):
+            raise UserError(f"{where}: invalid RLE mask (counts hold characters outside '0'-'o')")
+        if lengths.max(initial=0) > 13:
+            raise UserError(f"{where}: invalid RLE mask (a run of over 13 characters)")
+        digit = np.arange(len(chars)) - np.repeat(first, lengths)
+        runs = np.add.reduceat((chars & 0x1F) << (5 * digit), first) if len(last) else np.zeros(0, np.int64)
+        runs -= np.where(chars[last] & 0x10, np.int64(1) << (5 * lengths), 0)  # a negative number
+        runs[3::2] = np.cumsum(runs[1::2])[1:]  # undo the differences: run m = run m - 2 + stored
+        runs[4::2] = np.cumsum(runs[2::2])[1:]
+    if (runs < 0).any() or runs.sum() != height * width:
+        raise UserError(f"{where}: invalid RLE mask (its runs do not cover the {width}x{height} image)")
+    return runs
+
+
+def rle_crop(rle: dict, tile: Tile, where: str = "mask") -> np.ndarray:
+    """The tile.height x tile.width bool part of a COCO RLE's mask under `tile`, decoded from the runs that
+    reach the tile's columns only (patch_rle's inverse): memory and time grow with the object's columns
+    inside the tile, not with the image."""
+    height = int(rle["size"][0])
+    runs = rle_runs(rle, where)
+    ends = np.cumsum(runs)[1::2]  # the runs of ones, as [start, end) positions down the columns
+    starts = ends - runs[1::2]
+    low, high = tile.x * height, (tile.x + tile.width) * height  # the tile's columns, full height
+    reach = (ends > low) & (starts < high) & (ends > starts)
+    out = np.zeros((tile.height, tile.width), dtype=bool)
+    if not reach.any():
+        return out
+    starts, ends = np.maximum(starts[reach], low), np.minimum(ends[reach], high)
+    first, stop = starts[0] // height, (ends[-1] - 1) // height + 1  # the columns these runs touch
+    edges = np.zeros((stop - first) * height + 1, dtype=np.int8)
+    np.add.at(edges, starts - first * height, 1)
+    np.add.at(edges, ends - first * height, -1)
+    columns = np.cumsum(edges[:-1], dtype=np.int8).astype(bool).reshape(stop - first, height).T
+    out[:, first - tile.x : stop - tile.x] = columns[tile.y : tile.y + tile.height]
+    return out
 
 
 def coco_ground_truth(dataset: InstanceDataset) -> COCO:

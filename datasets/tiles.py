@@ -1,7 +1,8 @@
 """Tiles for full-resolution training and tiled inference.
 
-Training: `tile_instances` cuts an image and its instance masks into overlapping tiles at native
-resolution, clips every instance to each tile and drops the slivers an overlap cut leaves behind.
+Training: `clip_instances` clips every instance to a tile of the grid and drops the slivers an overlap cut
+leaves behind (`datasets.instances.tile_instance_masks` does the same from a record's RLEs, decoding only
+what reaches the tile).
 Inference: run the model per tile, then `stitch_detections` moves detections back to image coordinates
 and merges the pieces of one object that several overlapping tiles saw (SAHI's sliced-inference
 postprocess, with the match measured inside the tiles' shared region, see `stitch_detections`).
@@ -62,14 +63,6 @@ def tile_grid(height: int, width: int, tile_size: int | tuple[int, int], overlap
     ]
 
 
-@dataclass
-class TileSample:
-    tile: Tile  # where the tile lies in the source image
-    image: np.ndarray  # tile.height x tile.width x C, a copy
-    masks: np.ndarray  # N x tile.height x tile.width bool, the kept instances clipped to the tile
-    source_index: np.ndarray  # N int64: each kept instance's index in the source masks (labels[...])
-
-
 def clip_instances(
     masks: np.ndarray,
     tile: Tile,
@@ -88,37 +81,17 @@ def clip_instances(
         areas = masks.reshape(len(masks), -1).sum(axis=1)
     crop = masks[(slice(None), *tile.slices)]
     visible = crop.reshape(len(crop), -1).sum(axis=1)
-    whole = visible == areas
-    keep = (visible > 0) & (whole | ((visible >= min_area) & (visible >= min_visible * areas)))
-    index = np.flatnonzero(keep)
+    index = np.flatnonzero(keep_clipped(visible, areas, min_area, min_visible))
     return crop[index].copy(), index.astype(np.int64)
 
 
-def tile_instances(
-    image: np.ndarray,
-    masks: np.ndarray,
-    tile_size: int | tuple[int, int],
-    overlap: int,
-    min_area: int = 0,
-    min_visible: float = 0.0,
-    drop_empty: bool = False,
-) -> list[TileSample]:
-    """Cut an image (HxWxC) and its instances (NxHxW bool) into overlapping tiles at native resolution.
-
-    See `tile_grid` for the grid and `clip_instances` for what is kept. Tiles left without an instance
-    are returned unless drop_empty (torchvision trains on empty targets as background-only images).
-    """
-    height, width = image.shape[:2]
-    if masks.shape[1:] != (height, width):
-        raise UserError(f"tiles: masks are {masks.shape[1:]} but the image is {(height, width)}")
-    areas = masks.reshape(len(masks), -1).sum(axis=1)
-    samples = []
-    for tile in tile_grid(height, width, tile_size, overlap):
-        clipped, index = clip_instances(masks, tile, min_area, min_visible, areas)
-        if drop_empty and not len(index):
-            continue
-        samples.append(TileSample(tile, image[tile.slices].copy(), clipped, index))
-    return samples
+def keep_clipped(
+    visible: np.ndarray, areas: np.ndarray, min_area: int = 0, min_visible: float = 0.0
+) -> np.ndarray:
+    """Which instances a tile keeps, from their `visible` pixel counts inside it and their full `areas`
+    (see clip_instances)."""
+    whole = visible == areas
+    return (visible > 0) & (whole | ((visible >= min_area) & (visible >= min_visible * areas)))
 
 
 # ---- tiled inference ----------------------------------------------------------------------------------

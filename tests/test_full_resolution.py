@@ -2,12 +2,21 @@
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from datasets.errors import UserError
-from datasets.instances import TiledInstanceDataset, instance_masks, read_records
-from datasets.records import load_image
+from datasets.instances import (
+    TiledInstanceDataset,
+    instance_masks,
+    read_records,
+    rle_crop,
+    rle_runs,
+    tile_instance_masks,
+)
+from datasets.records import ImageRecord, Instance, load_image, rle_to_json
 from datasets.splits import train_val_split
-from datasets.tiles import tile_grid
+from datasets.tiles import Tile, clip_instances, tile_grid
+from platform.benchmarks.data import sample_mosaic_dataset, tile_targets
 from tests.helpers import SAMPLE
 from trainers.config import MaskRCNNConfig, apply_overrides
 from trainers.detection.model import build_model
@@ -53,6 +62,89 @@ def test_tile_targets_are_the_clipped_instances_without_slivers():
             np.testing.assert_array_equal(g, e)
 
 
+def random_masks(rng, count: int, height: int, width: int) -> np.ndarray:
+    """count x height x width bool: rectangles, noise, empty and full masks, reaching every border."""
+    masks = np.zeros((count, height, width), dtype=bool)
+    for mask in masks:
+        kind = rng.integers(5)
+        if kind == 0:
+            mask[:] = rng.random((height, width)) < rng.random()
+        elif kind == 1:
+            mask[:] = True
+        elif kind in (2, 3):
+            y, x = rng.integers(height), rng.integers(width)
+            mask[y : y + rng.integers(1, height + 1), x : x + rng.integers(1, width + 1)] = True
+    return masks
+
+
+def test_rle_crop_equals_pycocotools_decode_cropped():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(60):
+        height, width = (int(v) for v in rng.integers(1, 40, 2))
+        for mask in random_masks(rng, 5, height, width):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            np.testing.assert_array_equal(np.cumsum(rle_runs(rle))[-1], height * width)
+            for tile in tile_grid(height, width, int(rng.integers(1, 25)), 0):
+                for form in (rle, rle_to_json(rle)):  # bytes and str counts
+                    np.testing.assert_array_equal(rle_crop(form, tile), mask[tile.slices])
+                    checked += 1
+    assert checked > 1000
+    # uncompressed counts, and run lengths that need several characters and negative differences
+    uncompressed = {"size": [3, 4], "counts": [2, 3, 0, 1, 6]}
+    expected = mask_utils.decode(mask_utils.frPyObjects(uncompressed, 3, 4)).astype(bool)
+    np.testing.assert_array_equal(rle_crop(uncompressed, Tile(1, 1, 3, 2)), expected[1:, 1:])
+    big = np.zeros((3000, 2000), dtype=bool)
+    big[5, 7], big[2990:, 1995:], big[1000:1400, 3:900] = True, True, True
+    rle = mask_utils.encode(np.asfortranarray(big.astype(np.uint8)))
+    for tile in (Tile(1900, 2900, 100, 100), Tile(0, 0, 256, 256), Tile(700, 1200, 256, 256)):
+        np.testing.assert_array_equal(rle_crop(rle, tile), big[tile.slices])
+
+
+@pytest.mark.parametrize(
+    ("counts", "why"),
+    [
+        (b"P1", "do not cover"),  # one run of 32 zeros (0 + 0x20, then 1 << 5) in a 4x4 image
+        (b"4", "do not cover"),  # one run of 4 zeros: the image has 16 pixels
+        (b"0\x7f", "characters"),  # outside '0'-'o'
+        (b"0`", "characters"),  # the last number is unfinished (0x20 set)
+        (b"0" + b"`" * 13 + b"0", "13 characters"),
+        (b"26=", "do not cover"),  # runs 2, 6, then a negative one
+        (b"", "do not cover"),
+        ("2\u00e9", "characters"),  # text from a JSON file
+        ("2\ud800", "characters"),  # a lone surrogate, which JSON's \u escapes allow
+    ],
+)
+def test_malformed_rle_counts_are_a_user_error(counts, why):
+    with pytest.raises(UserError, match=f"image 'x'.*{why}"):
+        rle_crop({"size": [4, 4], "counts": counts}, Tile(0, 0, 4, 4), "image 'x'")
+
+
+def test_tiles_of_rle_instances_are_cut_without_whole_image_masks(tmp_path):
+    # COCO-like instances: overlapping, two classes, a crowd region and an empty mask (both never trained on)
+    height, width = 70, 90
+    rng = np.random.default_rng(1)
+    masks = random_masks(rng, 12, height, width)
+    masks[3] = False
+    instances = [
+        Instance(
+            1 + k % 2, rle_to_json(mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))), iscrowd=k == 5
+        )
+        for k, m in enumerate(masks)
+    ]
+    instances.append(Instance(2, [[10.0, 10.0, 40.0, 12.0, 30.0, 50.0]]))  # a polygon
+    record = ImageRecord("x", tmp_path / "x.png", instances=tuple(instances), source=tmp_path)
+    full, labels = instance_masks(record, (height, width))
+    # the crowd region and the empty masks are left out
+    assert len(full) == sum(m.any() for k, m in enumerate(masks) if k != 5) + 1
+    for tile in tile_grid(height, width, 32, 8):
+        for min_visible in (0.0, 0.5):
+            expected, index = clip_instances(full, tile, min_visible=min_visible)
+            got, got_labels = tile_instance_masks(record, (height, width), tile, min_visible)
+            np.testing.assert_array_equal(got, expected)
+            np.testing.assert_array_equal(got_labels, labels[index])
+
+
 def test_the_model_sees_tiles_at_scale_one():
     cfg = apply_overrides(get_recipe("dsb2018_demo"), {"tile_size": 128})
     model = build_model(cfg, num_classes=1)
@@ -84,3 +176,21 @@ def test_full_resolution_training_validates_by_tiled_inference(tiny_dataset, tmp
     tiles = sum(len(tile_grid(*load_image(r.image_path).shape[:2], 128, 0)) for r in train)
     assert metrics["train_images"] == tiles  # one epoch = every tile of every training image
     assert 0.0 <= metrics["segm_AP"] <= 1.0 and "kaggle_mAP" in metrics
+
+
+def test_the_tile_benchmark_mosaic_holds_the_sample_nuclei_and_measures_both_paths(tmp_path):
+    record = sample_mosaic_dataset(tmp_path, 384, cell=192)  # 2 x 2 cells, the last ones cut short
+    sources = read_records(SAMPLE)
+    masks, _ = instance_masks(record, (384, 384))
+    for k, (y, x) in enumerate([(0, 0), (0, 192), (192, 0), (192, 192)]):
+        source = load_image(sources[k].image_path)[:192, :192]
+        height, width = source.shape[:2]
+        np.testing.assert_array_equal(load_image(record.image_path)[y : y + height, x : x + width], source)
+        cut = instance_masks(sources[k], load_image(sources[k].image_path).shape[:2])[0][:, :192, :192]
+        cut = cut[cut.any(axis=(1, 2))]
+        inside = masks[:, y : y + height, x : x + width]
+        mine = inside[inside.any(axis=(1, 2))]
+        assert sorted(m.tobytes() for m in mine) == sorted(m.tobytes() for m in cut)
+    whole, tiled = (tile_targets(record, 128, 2, whole) for whole in (True, False))
+    assert whole["tiles_per_s"] > 0 and tiled["tiles_per_s"] > 0
+    assert tiled["peak_mib"] < whole["peak_mib"]  # one tile's masks instead of every nucleus' whole mask

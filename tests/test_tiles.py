@@ -1,5 +1,7 @@
 """Tiles: the grid, instances clipped to tiles, and stitching per-tile detections back together."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,6 @@ from datasets.tiles import (
     dense_masks,
     stitch_detections,
     tile_grid,
-    tile_instances,
 )
 from tests.helpers import SAMPLE
 
@@ -57,6 +58,23 @@ def test_tile_grid_rejects_bad_options():
         tile_grid(100, 100, 32, 32)
     with pytest.raises(UserError, match="tile_size"):
         tile_grid(100, 100, 0, 0)
+
+
+@dataclass
+class TileSample:
+    tile: Tile
+    image: np.ndarray  # the tile's pixels, a copy
+    masks: np.ndarray  # N x tile.height x tile.width bool, the kept instances clipped to the tile
+    source_index: np.ndarray  # N int64: each kept instance's index in the source masks
+
+
+def tile_instances(image: np.ndarray, masks: np.ndarray, tile_size, overlap: int) -> list[TileSample]:
+    """Every tile of the grid with its instances clipped to it: ground truth as per-tile detections."""
+    samples = []
+    for tile in tile_grid(*image.shape[:2], tile_size, overlap):
+        clipped, index = clip_instances(masks, tile)
+        samples.append(TileSample(tile, image[tile.slices].copy(), clipped, index))
+    return samples
 
 
 def sample_instances(index: int = 3) -> tuple[np.ndarray, np.ndarray]:
