@@ -35,12 +35,11 @@ def summarize(records: list[ImageRecord], decode_images: bool = True) -> dict:
             rles.append(rle)
         per_image.append(len(rles))
         if len(rles) > 1:
-            union = int(mask_utils.area(mask_utils.merge(rles)))
+            union = union_area(rles)
             extra = int(rle_areas(rles).sum()) - union
             overlap_pixels += extra
             images_with_overlap += extra > 0
-            iou = np.asarray(mask_utils.iou(rles, rles, [0] * len(rles)))
-            overlapping_pairs += int((np.triu(iou, k=1) > 0).sum())
+            overlapping_pairs += overlapping_pairs_of(rles) if extra else 0
     return {
         "images": len(records),
         "instances": len(areas),
@@ -56,6 +55,32 @@ def summarize(records: list[ImageRecord], decode_images: bool = True) -> dict:
         "overlapping_pairs": overlapping_pairs,
         "images_with_overlap": images_with_overlap,
     }
+
+
+def union_area(rles: list[dict]) -> int:
+    """The pixels that at least one of the masks covers, merged two by two: pycocotools' merge of a list
+    folds it left, re-reading the growing union at every mask (38 s for 31,000 nuclei, 0.8 s this way)."""
+    while len(rles) > 1:
+        rles = [mask_utils.merge(rles[i : i + 2]) for i in range(0, len(rles), 2)]
+    return int(mask_utils.area(rles[0]))
+
+
+def overlapping_pairs_of(rles: list[dict]) -> int:
+    """How many pairs of the masks share a pixel. Only pairs whose boxes meet are compared (a sweep along
+    x): pycocotools' iou of all pairs is an N x N matrix, 7.9 GB for a mosaic of 31,000 nuclei."""
+    x, y, width, height = mask_utils.toBbox(rles).reshape(-1, 4).T
+    order = np.argsort(x, kind="stable")
+    left, top = x[order], y[order]
+    right, bottom = left + width[order], top + height[order]
+    stops = np.searchsorted(left, right, side="left")  # the boxes starting left of box i's right edge
+    pairs = 0
+    for i in range(len(order)):
+        later = np.arange(i + 1, stops[i])
+        later = later[(top[later] < bottom[i]) & (bottom[later] > top[i])]
+        if later.size:
+            iou = mask_utils.iou([rles[order[i]]], [rles[order[j]] for j in later], [0] * len(later))
+            pairs += int((np.asarray(iou) > 0).sum())
+    return pairs
 
 
 def format_summary(s: dict) -> str:
