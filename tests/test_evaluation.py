@@ -11,9 +11,12 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from scipy import sparse
+from scipy.optimize import linear_sum_assignment
 
 from datasets.errors import UserError
 from datasets.instances import InstanceDataset, coco_ground_truth, read_records
+from datasets.records import rle_ious
 from platform.benchmarks.evaluation import benchmark_evaluators, dense_case
 from tests.helpers import SAMPLE, masks_ground_truth
 from trainers.evaluation import (
@@ -81,6 +84,39 @@ def test_matching_is_maximal_not_greedy():
     # among matchings with as many pairs, the one with the larger total IoU
     assert sorted(match_instances(np.array([[0.8, 0.6], [0.6, 0.8]]), 0.5)) == [(0, 0), (1, 1)]
     assert match_instances(np.zeros((2, 3)), 0.5) == []
+
+
+def test_sparse_and_dense_ious_give_the_same_matching():
+    """Groups joined by allowed pairs are solved one by one: the pairs equal one assignment over the whole
+    matrix (scipy's, weights n + IoU), in count and in total IoU, on random sparse matrices."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        shape = tuple(int(v) for v in rng.integers(1, 12, 2))
+        ious = np.where(rng.random(shape) < 0.25, rng.uniform(0.3, 1.0, shape), 0.0)
+        got = match_instances(sparse.csr_matrix(ious), 0.5)
+        assert got == match_instances(ious, 0.5)
+        assert len({i for i, _ in got}) == len({j for _, j in got}) == len(got)  # one-to-one
+        assert all(ious[i, j] > 0.5 for i, j in got)
+        weight = np.where(ious > 0.5, min(shape) + 1 + ious, 0.0)
+        rows, cols = linear_sum_assignment(weight, maximize=True)
+        whole = [(i, j) for i, j in zip(rows, cols, strict=True) if weight[i, j]]
+        assert len(got) == len(whole)
+        assert sum(ious[i, j] for i, j in got) == pytest.approx(sum(ious[i, j] for i, j in whole), abs=1e-12)
+
+
+def test_rle_ious_equal_pycocotools_all_pairs():
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        masks = []
+        for _ in range(int(rng.integers(0, 25))):
+            y, x, h, w = rng.integers(0, 30, 2).tolist() + rng.integers(1, 33, 2).tolist()  # some very wide
+            masks.append(_box(y, x, h, w) if rng.random() > 0.1 else np.zeros((32, 32), bool))
+        split = int(rng.integers(0, len(masks) + 1))
+        a, b = [_rle(m) for m in masks[:split]], [_rle(m) for m in masks[split:]]
+        got = rle_ious(a, b)
+        assert got.shape == (len(a), len(b))
+        if a and b:
+            np.testing.assert_array_equal(got.toarray(), np.asarray(mask_utils.iou(a, b, [0] * len(b))))
 
 
 def test_kaggle_metrics_on_masks_by_hand():

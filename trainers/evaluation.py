@@ -21,11 +21,12 @@ from pathlib import Path
 import faster_coco_eval
 import numpy as np
 from faster_coco_eval import COCOeval_faster as COCOeval
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
 from datasets.errors import UserError
+from datasets.records import rle_ious
 
 log = logging.getLogger(__name__)
 
@@ -161,24 +162,38 @@ def coco_report(
     return {k: max(v, 0.0) for k, v in metrics.items()}, evals
 
 
-def match_instances(ious: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """A one-to-one matching of predictions (rows of `ious`) to ground-truth objects (columns) among the
-    pairs with IoU > threshold: as many pairs as possible, and of those matchings the largest total IoU.
+def match_instances(ious, threshold: float) -> list[tuple[int, int]]:
+    """A one-to-one matching of predictions (rows of `ious`, a dense or scipy sparse matrix) to ground-truth
+    objects (columns) among the pairs with IoU > threshold: as many pairs as possible, and of those
+    matchings the largest total IoU.
 
     Solved as an assignment problem with weight n + IoU per allowed pair (n = min(rows, cols) + 1): a
     matching with one more pair always weighs more (at most n - 1 pairs, each IoU <= 1), so the heaviest
     matching has the most pairs first and the most IoU second. With t >= 0.5 and non-overlapping masks on
     either side each object has at most one candidate, and every definition agrees; this one also settles
-    overlapping Mask R-CNN outputs without depending on their order.
+    overlapping Mask R-CNN outputs without depending on their order. Groups of predictions and objects
+    that no allowed pair joins are independent: a lone pair is matched as it is, and only the groups of
+    several are solved, each on its own (a mosaic's thousands of objects are thousands of small problems).
     """
-    allowed = ious > threshold
-    rows, cols = np.flatnonzero(allowed.any(axis=1)), np.flatnonzero(allowed.any(axis=0))
+    pairs = sparse.coo_matrix(ious)
+    allowed = pairs.data > threshold
+    rows, cols, values = pairs.row[allowed], pairs.col[allowed], pairs.data[allowed]
     if not len(rows):
         return []
-    sub = allowed[np.ix_(rows, cols)]
-    weight = np.where(sub, min(sub.shape) + 1 + ious[np.ix_(rows, cols)], 0.0)
-    r, c = linear_sum_assignment(weight, maximize=True)
-    return [(int(rows[i]), int(cols[j])) for i, j in zip(r, c, strict=True) if sub[i, j]]
+    n_pred, n_gt = pairs.shape
+    graph = sparse.coo_matrix((np.ones(len(rows)), (rows, n_pred + cols)), shape=(n_pred + n_gt,) * 2)
+    group = sparse.csgraph.connected_components(graph, directed=False)[1][rows]
+    lone = np.bincount(group)[group] == 1
+    matched = list(zip(rows[lone].tolist(), cols[lone].tolist(), strict=True))
+    for g in np.unique(group[~lone]):
+        mine = group == g
+        row_ids, r = np.unique(rows[mine], return_inverse=True)
+        col_ids, c = np.unique(cols[mine], return_inverse=True)
+        weight = np.zeros((len(row_ids), len(col_ids)))
+        weight[r, c] = min(weight.shape) + 1 + values[mine]
+        chosen = linear_sum_assignment(weight, maximize=True)
+        matched += [(int(row_ids[i]), int(col_ids[j])) for i, j in zip(*chosen, strict=True) if weight[i, j]]
+    return sorted(matched)
 
 
 def kaggle_image_score(ious: np.ndarray) -> float:
@@ -193,13 +208,6 @@ def kaggle_image_score(ious: np.ndarray) -> float:
         tp = len(match_instances(ious, t))
         scores.append(tp / (n_pred + n_gt - tp))  # TP + FP + FN = TP + (P - TP) + (G - TP)
     return float(np.mean(scores))
-
-
-def mask_ious(predicted: list[dict], truth: list[dict]) -> np.ndarray:
-    """IoU of every predicted RLE with every ground-truth RLE (pycocotools), predictions x ground truth."""
-    if not predicted or not truth:
-        return np.zeros((len(predicted), len(truth)))
-    return np.asarray(mask_utils.iou(predicted, truth, [0] * len(truth)), dtype=np.float64)
 
 
 def per_image_masks(gt: COCO, results: list[dict], score_threshold: float):
@@ -225,9 +233,12 @@ def kaggle_metrics(gt: COCO, results: list[dict], score_threshold: float = 0.5) 
     """
     scores, matched = [], []
     for _, predicted, truth in per_image_masks(gt, results, score_threshold):
-        ious = mask_ious([r["segmentation"] for r in predicted], truth)
+        ious = rle_ious([r["segmentation"] for r in predicted], truth)
         scores.append(kaggle_image_score(ious))
-        matched += [ious[i, j] for i, j in match_instances(ious, 0.5)]
+        pairs = match_instances(ious, 0.5)
+        if pairs:
+            rows, cols = np.array(pairs).T
+            matched += np.asarray(ious[rows, cols]).ravel().tolist()
     return {
         "kaggle_mAP": float(np.mean(scores)) if scores else 0.0,
         "matched_mask_IoU": float(np.mean(matched)) if matched else 0.0,
@@ -245,7 +256,7 @@ def kaggle_by_cutoff(gt: COCO, results: list[dict], cutoffs=SCORE_CUTOFFS) -> di
     once per image: a higher cut only drops rows (predictions) of the lower one's IoU matrix."""
     per_cut: dict[float, list[float]] = {cut: [] for cut in cutoffs}
     for _, predicted, truth in per_image_masks(gt, results, min(cutoffs)):
-        ious = mask_ious([r["segmentation"] for r in predicted], truth)
+        ious = rle_ious([r["segmentation"] for r in predicted], truth)
         scores = np.asarray([r["score"] for r in predicted], dtype=np.float64)
         for cut in cutoffs:
             per_cut[cut].append(kaggle_image_score(ious[scores >= cut]))
@@ -307,7 +318,7 @@ class ImageOutcome:
     image_id: int
     predicted: list[dict]  # RLEs
     truth: list[dict]  # RLEs
-    ious: np.ndarray  # predictions x ground truth
+    ious: sparse.csr_matrix  # predictions x ground truth (datasets.records.rle_ious)
     pairs: list[tuple[int, int]]  # (prediction, ground truth) indices of the true positives
 
     @property
@@ -326,7 +337,7 @@ def image_outcomes(gt: COCO, results: list[dict], score_threshold: float = 0.5) 
     outcomes = []
     for image_id, found, truth in per_image_masks(gt, results, score_threshold):
         predicted = [r["segmentation"] for r in found]
-        ious = mask_ious(predicted, truth)
+        ious = rle_ious(predicted, truth)
         outcomes.append(ImageOutcome(image_id, predicted, truth, ious, match_instances(ious, ERROR_IOU)))
     return outcomes
 

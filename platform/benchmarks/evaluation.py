@@ -15,7 +15,14 @@ from pycocotools.cocoeval import COCOeval as ReferenceCOCOeval
 
 from datasets.instances import SAMPLE_DATA, instance_masks, quiet_pycocotools, read_records
 from datasets.records import image_size
-from trainers.evaluation import IOU_TYPES, coco_summary, kaggle_metrics, max_dets_list, run_cocoeval
+from trainers.evaluation import (
+    IOU_TYPES,
+    coco_summary,
+    kaggle_by_cutoff,
+    kaggle_metrics,
+    max_dets_list,
+    run_cocoeval,
+)
 
 
 def dense_case(
@@ -83,7 +90,8 @@ def benchmark_evaluators(
 ) -> dict:
     """Time pycocotools' COCOeval against run_cocoeval (faster-coco-eval) on dense_case images, bbox + segm,
     results loading, evaluate and accumulate; print and return the seconds and the largest difference
-    between their coco_summary numbers. Also times kaggle_metrics on the same predictions."""
+    between their coco_summary numbers. Also times kaggle_metrics and kaggle_by_cutoff on the same
+    predictions."""
 
     gt, results = dense_case(data, images, grid)
     out = {"images": images, "instances": len(gt.anns), "detections": len(results), "max_dets": max_dets}
@@ -109,6 +117,9 @@ def benchmark_evaluators(
     started = time.perf_counter()
     kaggle_metrics(gt, results)
     out["kaggle_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    kaggle_by_cutoff(gt, results)
+    out["cutoff_curve_s"] = time.perf_counter() - started
     print(f"pycocotools:      {out['pycocotools_s']:.2f} s (bbox + segm, maxDets {max_dets})")
     print(
         f"faster-coco-eval: {out['faster_coco_eval_s']:.2f} s ({faster_coco_eval.__version__}, "
@@ -116,4 +127,7 @@ def benchmark_evaluators(
         f"largest metric difference {out['largest_difference']:.2g}"
     )
     print(f"kaggle metric:    {out['kaggle_s']:.2f} s (Kaggle score + matched mask IoU)")
+    print(
+        f"cut-off curve:    {out['cutoff_curve_s']:.2f} s (Kaggle score at 19 cut-offs: the operating point)"
+    )
     return out
