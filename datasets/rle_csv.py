@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from datasets.coco import find_file
 from datasets.errors import UserError
@@ -29,6 +28,7 @@ from datasets.records import (
     image_size,
     make_categories,
     record_rles,
+    rle_box_mask,
 )
 
 ANNOTATIONS = "annotations.csv"
@@ -176,12 +176,22 @@ def _counts(
     return counts
 
 
-def mask_runs(mask: np.ndarray, row_major: bool) -> str:
-    """HxW bool -> "start length ..." (1-based) in the given pixel order."""
-    flat = mask.ravel(order="C" if row_major else "F").astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [0]])))
-    starts, ends = edges[0::2], edges[1::2]
-    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts, ends, strict=True))
+def rle_line_runs(rle: dict, row_major: bool) -> str:
+    """A COCO RLE as "start length ..." (1-based) in the given pixel order of its image, every run within
+    one row (row-major) or column: found on the object's box with a blank line after each of its rows
+    (columns), which no run crosses."""
+    height, width = (int(v) for v in rle["size"])
+    x, y, mask = rle_box_mask(rle)
+    if row_major:
+        padded, line, origin = np.pad(mask, ((0, 0), (0, 1))), width, y * width + x
+    else:
+        padded, line, origin = np.pad(mask, ((0, 1), (0, 0))).T, height, x * height + y
+    flat = np.concatenate([[0], padded.ravel().astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(flat))
+    starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
+    padded_line = padded.shape[1]  # position p of the padded box is its line p // padded_line
+    starts = origin + (starts // padded_line) * line + starts % padded_line
+    return " ".join(f"{s + 1} {n}" for s, n in zip(starts, lengths, strict=True))
 
 
 def write_rle_csv(
@@ -211,9 +221,7 @@ def write_rle_csv(
         shutil.copyfile(record.image_path, dst / "images" / f"{record.image_id}{record.image_path.suffix}")
         before = len(rows)
         for rle, instance in record_rles(record, height, width):
-            runs = _split_runs(
-                mask_runs(mask_utils.decode(rle) > 0, row_major), width if row_major else height
-            )
+            runs = rle_line_runs(rle, row_major)
             if runs:
                 rows.append(
                     [record.image_id, runs, width, height]
@@ -225,16 +233,3 @@ def write_rle_csv(
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def _split_runs(runs: str, line: int) -> str:
-    """Split runs at column (row) ends, so that every run lies within one line (see the module docstring)."""
-    values = [int(v) for v in runs.split()]
-    out = []
-    for start, length in zip(values[0::2], values[1::2], strict=True):
-        s, end = start - 1, start - 1 + length
-        while s < end:
-            stop = min(end, (s // line + 1) * line)
-            out.append(f"{s + 1} {stop - s}")
-            s = stop
-    return " ".join(out)

@@ -33,6 +33,7 @@ from datasets.records import (
     make_categories,
     record_rles,
     resolve_image,
+    rle_box_mask,
 )
 
 ANNOTATIONS = "via_region_data.json"
@@ -141,8 +142,8 @@ def _points(shape: dict, where: str) -> list:
 def mask_outline(rle: dict) -> list[float]:
     """The largest connected part of a mask as a polygon along pixel edges [x1, y1, ...]; pycocotools
     rasterises it back to exactly that part. Traced on a lattice of pixel corners and centres (2x+1)."""
-    x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
-    crop = mask_utils.decode(rle)[y : y + h, x : x + w]
+    x, y, crop = rle_box_mask(rle)  # the object's box only: a mosaic's masks are each the mosaic's size
+    h, w = crop.shape
     lattice = np.zeros((2 * h + 3, 2 * w + 3), np.uint8)  # 1-cell margin: findContours skips the border
     lattice[2:-1:2, 2:-1:2] = crop
     lattice = cv2.dilate(lattice, np.ones((3, 3), np.uint8))  # each pixel covers its corners and edges

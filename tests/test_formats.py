@@ -18,6 +18,7 @@ from datasets.instances import (
     write_records,
 )
 from datasets.records import image_size, load_image, record_rles
+from datasets.rle_csv import rle_line_runs
 from tests.helpers import SAMPLE, SHARED_DATA, sample_subset
 
 CSV_WRITES = [
@@ -352,3 +353,32 @@ def test_round_trips_on_the_full_shared_dsb2018_subset(tmp_path):
     root = SHARED_DATA / "dsb2018" / "stage1_train"
     _round_trip_identical(root, tmp_path, CSV_WRITES[:3])
     _via_round_trip(root, tmp_path / "via")
+
+
+def _line_runs_by_brute_force(mask: np.ndarray, row_major: bool) -> str:
+    """Every pixel in the file's order; a run ends at a gap or at the end of a row (column)."""
+    flat = mask.ravel(order="C" if row_major else "F")
+    line = mask.shape[1] if row_major else mask.shape[0]
+    runs, start = [], None
+    for p, value in enumerate(flat):
+        if value and start is None:
+            start = p
+        if start is not None and (not value or p % line == 0 and p != start):
+            runs.append((start, p - start))
+            start = p if value else None
+    if start is not None:
+        runs.append((start, len(flat) - start))
+    return " ".join(f"{s + 1} {n}" for s, n in runs)
+
+
+def test_rle_csv_runs_equal_brute_force():
+    rng = np.random.default_rng(5)
+    for trial in range(150):
+        height, width = (int(v) for v in rng.integers(1, 25, 2))
+        mask = rng.random((height, width)) < rng.choice([0.0, 0.3, 0.9, 1.0])
+        if trial % 3 == 0:  # across column and row ends: the bottom of one column and the top of the next
+            mask[:] = False
+            mask[-1, : width // 2], mask[0, 1 : width // 2 + 1] = True, True
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        for row_major in (False, True):
+            assert rle_line_runs(rle, row_major) == _line_runs_by_brute_force(mask, row_major)

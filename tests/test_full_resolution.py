@@ -9,11 +9,9 @@ from datasets.instances import (
     TiledInstanceDataset,
     instance_masks,
     read_records,
-    rle_crop,
-    rle_runs,
     tile_instance_masks,
 )
-from datasets.records import ImageRecord, Instance, load_image, rle_to_json
+from datasets.records import ImageRecord, Instance, load_image, rle_crop, rle_runs, rle_to_json
 from datasets.splits import train_val_split
 from datasets.tiles import Tile, clip_instances, tile_grid
 from platform.benchmarks.data import sample_mosaic_dataset, tile_targets

@@ -8,11 +8,19 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 from pycocotools.coco import COCO
+from skimage.segmentation import find_boundaries
 
 from datasets.instances import InstanceDataset, coco_ground_truth, encode_masks, read_records
 from tests.helpers import SAMPLE
 from trainers.evaluation import PR_IOUS, run_cocoeval
-from trainers.plots import learning_curves, log_figure, loss_curves, pr_curves, prediction_overlays
+from trainers.plots import (
+    learning_curves,
+    log_figure,
+    loss_curves,
+    outline_layer,
+    pr_curves,
+    prediction_overlays,
+)
 
 
 def _png(fig: Figure) -> np.ndarray:
@@ -172,3 +180,19 @@ def test_log_figure_stores_a_png_in_the_active_run(tmp_path):
         assert Image.open(path).format == "PNG"
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_outline_layer_equals_the_boundaries_of_decoded_masks():
+    rng = np.random.default_rng(6)
+    masks = np.zeros((6, 40, 50), dtype=bool)
+    for mask in masks[:5]:  # touching and overlapping rectangles, the last one empty
+        y, x = rng.integers(0, 35), rng.integers(0, 45)
+        mask[y : y + rng.integers(2, 15), x : x + rng.integers(2, 15)] = True
+    masks[4, -1, :] = masks[4, 0, :] = True  # along the image's borders
+    labels = np.zeros((40, 50), dtype=np.int32)
+    for k, mask in enumerate(masks, start=1):
+        labels[mask] = k
+    expected = find_boundaries(labels, mode="inner")
+    layer = outline_layer((40, 50), encode_masks(masks), (0.1, 0.2, 0.3))
+    np.testing.assert_array_equal(layer[..., 3] == 1.0, expected)
+    assert expected.sum() > 50

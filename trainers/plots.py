@@ -14,12 +14,11 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
-from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from skimage.segmentation import find_boundaries
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from datasets.records import load_image
+from datasets.records import load_image, rle_box_mask
 from trainers.classification.metrics import sanitise
 from trainers.evaluation import PR_IOUS, coco_stat
 
@@ -126,7 +125,8 @@ def prediction_overlays(
         shown = sorted((e for e in entries if e["score"] >= score_threshold), key=lambda e: e["score"])
         for entry in shown:  # by increasing score, so that the most confident mask ends on top
             colour = colours.get(entry["category_id"], (1.0, 1.0, 1.0, 1.0))
-            overlay[mask_utils.decode(entry["segmentation"]).astype(bool)] = (*colour[:3], alpha)
+            x, y, mask = rle_box_mask(entry["segmentation"])  # the object's box, not a mosaic-sized mask
+            overlay[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = (*colour[:3], alpha)
             x, y, w, h = entry["bbox"]
             ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=0.8))
             ax.text(
@@ -175,7 +175,8 @@ def outline_layer(shape: tuple[int, int], rles: list[dict], colour: tuple) -> np
     two touch), transparent elsewhere."""
     labels = np.zeros(shape, dtype=np.int32)
     for k, rle in enumerate(rles, start=1):
-        labels[mask_utils.decode(rle).astype(bool)] = k
+        x, y, mask = rle_box_mask(rle)
+        labels[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = k
     layer = np.zeros((*shape, 4))
     layer[find_boundaries(labels, mode="inner")] = (*colour, 1.0)
     return layer
