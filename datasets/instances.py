@@ -317,26 +317,6 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     ]
 
 
-def patch_rle(patch: np.ndarray, x: int, y: int, height: int, width: int) -> dict:
-    """COCO RLE (compressed, JSON-ready) of a bool patch placed at column x, row y of a height x width
-    image, without a full-image mask: RLE runs go down the columns, so the columns the patch spans are one
-    contiguous stretch of the image's runs, and everything before and after it is a single zero run."""
-    block = np.zeros((height, patch.shape[1]), dtype=bool)  # the patch's columns, full height
-    block[y : y + patch.shape[0]] = patch
-    flat = block.ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        runs.insert(0, 0)  # RLE counts start with a run of zeros, possibly empty
-    runs[0] += x * height
-    after = (width - x - patch.shape[1]) * height
-    if len(runs) % 2:  # odd number of runs: the last one is zeros
-        runs[-1] += after
-    elif after:  # pycocotools writes no empty run at the end
-        runs.append(after)
-    return rle_to_json(mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width))
-
-
 def coco_ground_truth(dataset: InstanceDataset) -> COCO:
     """A pycocotools COCO object for the dataset's records (no augmentation), image ids as in __getitem__.
     Crowd regions stay in, flagged, so that COCOeval ignores detections matching them."""

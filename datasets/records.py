@@ -280,8 +280,10 @@ def instance_rle(instance: Instance, height: int, width: int) -> dict:
         else:
             counts = seg["counts"]
             rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        if instance.row_major:
-            return mask_utils.encode(np.asfortranarray(mask_utils.decode(rle).T))
+        if instance.row_major:  # the RLE of the transposed mask: transposed on the object's box only
+            x, y, box = rle_box_mask(rle)
+            transposed = patch_rle(box.T, y, x, height, width)
+            return {"size": transposed["size"], "counts": transposed["counts"].encode("ascii")}
         return rle
     except (ValueError, TypeError) as e:
         raise UserError(
@@ -324,43 +326,34 @@ def rle_ious(a: list[dict], b: list[dict]) -> sparse.csr_matrix:
     return sparse.csr_matrix(ious, shape=(len(a), len(b)))
 
 
-def rle_runs(rle: dict, where: str = "mask") -> np.ndarray:
-    """The run lengths of a COCO RLE (zeros first, then alternating, down the columns), from its compressed
-    counts as pycocotools' rleFrString reads them: 5 bits per character (offset 48), 0x20 continues a
-    number, 0x10 of its last character is the sign, and from the fourth run on a run is stored as its
-    difference to the run two before. UserError naming `where` when they do not cover the image."""
-    counts = rle["counts"]
-    height, width = (int(v) for v in rle["size"])
-    if isinstance(counts, list):
-        runs = np.asarray(counts, dtype=np.int64)
-    else:
-        # any text a JSON file can hold becomes bytes; those outside '0'-'o' are refused below
-        text = counts.encode("utf-8", "surrogatepass") if isinstance(counts, str) else counts
-        chars = np.frombuffer(text, dtype=np.uint8).astype(np.int64) - 48
-        last = np.flatnonzero((chars & 0x20) == 0)  # the last character of every number
-        first = np.concatenate([[0], last + 1])[:-1]
-        lengths = last - first + 1
-        # 13 characters hold 64 bits: more, or an unfinished number, is no RLE pycocotools wrote
-        if chars.min(initial=0) < 0 or chars.max(initial=0) > 63 or (chars.size and chars[-1] & 0x20):
-            raise UserError(f"{where}: invalid RLE mask (counts hold characters outside '0'-'o')")
-        if lengths.max(initial=0) > 13:
-            raise UserError(f"{where}: invalid RLE mask (a run of over 13 characters)")
-        digit = np.arange(len(chars)) - np.repeat(first, lengths)
-        runs = np.add.reduceat((chars & 0x1F) << (5 * digit), first) if len(last) else np.zeros(0, np.int64)
-        runs -= np.where(chars[last] & 0x10, np.int64(1) << (5 * lengths), 0)  # a negative number
-        runs[3::2] = np.cumsum(runs[1::2])[1:]  # undo the differences: run m = run m - 2 + stored
-        runs[4::2] = np.cumsum(runs[2::2])[1:]
-    if (runs < 0).any() or runs.sum() != height * width:
-        raise UserError(f"{where}: invalid RLE mask (its runs do not cover the {width}x{height} image)")
-    return runs
+def patch_rle(patch: np.ndarray, x: int, y: int, height: int, width: int) -> dict:
+    """COCO RLE (compressed, JSON-ready) of a bool patch placed at column x, row y of a height x width
+    image, without a full-image mask: RLE runs go down the columns, so the columns the patch spans are one
+    contiguous stretch of the image's runs, and everything before and after it is a single zero run."""
+    block = np.zeros((height, patch.shape[1]), dtype=bool)  # the patch's columns, full height
+    block[y : y + patch.shape[0]] = patch
+    flat = block.ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        runs.insert(0, 0)  # RLE counts start with a run of zeros, possibly empty
+    runs[0] += x * height
+    after = (width - x - patch.shape[1]) * height
+    if len(runs) % 2:  # odd number of runs: the last one is zeros
+        runs[-1] += after
+    elif after:  # pycocotools writes no empty run at the end
+        runs.append(after)
+    return rle_to_json(mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width))
 
 
 def rle_crop(rle: dict, tile: Tile, where: str = "mask") -> np.ndarray:
     """The tile.height x tile.width bool part of a COCO RLE's mask under `tile`, decoded from the runs that
     reach the tile's columns only (patch_rle's inverse): memory and time grow with the object's columns
     inside the tile, not with the image."""
-    height = int(rle["size"][0])
-    runs = rle_runs(rle, where)
+    height, width = (int(v) for v in rle["size"])
+    runs = rle_counts(rle["counts"], where)
+    if runs.sum() != height * width:
+        raise UserError(f"{where}: invalid RLE mask (its runs do not cover the {width}x{height} image)")
     ends = np.cumsum(runs)[1::2]  # the runs of ones, as [start, end) positions down the columns
     starts = ends - runs[1::2]
     low, high = tile.x * height, (tile.x + tile.width) * height  # the tile's columns, full height

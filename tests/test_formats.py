@@ -17,7 +17,7 @@ from datasets.instances import (
     read_records,
     write_records,
 )
-from datasets.records import image_size, load_image, record_rles
+from datasets.records import Instance, image_size, instance_rle, load_image, record_rles, rle_to_json
 from datasets.rle_csv import rle_line_runs
 from tests.helpers import SAMPLE, SHARED_DATA, sample_subset
 
@@ -382,3 +382,21 @@ def test_rle_csv_runs_equal_brute_force():
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         for row_major in (False, True):
             assert rle_line_runs(rle, row_major) == _line_runs_by_brute_force(mask, row_major)
+
+
+def test_row_major_rles_are_transposed_exactly():
+    """Sartorius CSVs number pixels row by row: the reader's RLE is of the transposed mask, turned into the
+    image's own column-major RLE on the object's box; pycocotools' encode of the mask is the reference."""
+    rng = np.random.default_rng(7)
+    for trial in range(120):
+        height, width = (int(v) for v in rng.integers(1, 30, 2))
+        mask = rng.random((height, width)) < rng.choice([0.0, 0.2, 0.8, 1.0])
+        if trial % 4 == 0:
+            mask[:] = False
+            y, x = rng.integers(height), rng.integers(width)
+            mask[y : y + int(rng.integers(1, 9)), x : x + int(rng.integers(1, 9))] = True
+        transposed = mask_utils.encode(np.asfortranarray(mask.T.astype(np.uint8)))
+        instance = Instance(1, rle_to_json(transposed), row_major=True)
+        assert instance_rle(instance, height, width) == mask_utils.encode(
+            np.asfortranarray(mask.astype(np.uint8))
+        )

@@ -6,9 +6,9 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from datasets.instances import masks_to_boxes, patch_rle
+from datasets.instances import masks_to_boxes
 from datasets.mask_folders import read_mask_folders
-from datasets.records import load_image
+from datasets.records import load_image, patch_rle
 from datasets.tiles import Detections, dense_masks, tile_grid
 from platform.benchmarks.tiled import benchmark_tiled, sample_mosaic
 from tests.helpers import SAMPLE

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from datasets.errors import UserError
-from datasets.instances import encode_masks, patch_rle
+from datasets.instances import encode_masks
 from datasets.normalize import Normalization, apply, normalization
 from datasets.progress import Progress
-from datasets.records import ImageRecord, open_image
+from datasets.records import ImageRecord, open_image, patch_rle
 from datasets.tiles import Detections, Tile, TileDetections, stitch_detections, tile_grid
 from trainers.detection.postprocess import filter_output, filter_results
 from trainers.detection.refine import refine_results, to_image

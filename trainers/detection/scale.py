@@ -32,8 +32,8 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from skimage.transform import rescale
 
-from datasets.instances import patch_rle
 from datasets.measure import grey_intensity
+from datasets.records import patch_rle
 from trainers.detection.baseline import label_objects
 
 REACH = 1.5  # objects up to this many times the trained diameter are found as they are (see above)
