@@ -32,11 +32,11 @@ from datasets.records import (
     IMAGE_SUFFIXES,
     ImageRecord,
     Instance,
+    covering_counts,
     image_size,
     open_image,
     record_rles,
     rle_areas,
-    rle_counts,
     rle_to_json,
     single_class,
     write_bytes_atomic,
@@ -256,10 +256,7 @@ def _rle_counts(rle: dict, height: int, width: int, index: int) -> list[int]:
     where = f"RLE {index}"
     if list(rle.get("size", ())) != [height, width]:
         raise UserError(f"{where}: mask size {rle.get('size')} is not the label image's [{height}, {width}]")
-    counts = rle_counts(rle["counts"], where)
-    if counts.sum() != height * width:
-        raise UserError(f"{where}: runs cover {counts.sum()} pixels, not the {height}x{width} image's")
-    return counts.tolist()
+    return covering_counts(rle["counts"], height, width, where).tolist()
 
 
 def write_label_image(path: Path, labels: np.ndarray) -> None:

@@ -221,13 +221,21 @@ def check_rle(rle: dict, height: int, width: int, where: str, row_major: bool = 
     if size != expected:
         h, w = size[::-1] if row_major else size
         raise UserError(f"{where}: mask is {w}x{h} pixels but its image is {width}x{height}")
-    total = int(rle_counts(rle["counts"], where).sum())
+    covering_counts(rle["counts"], height, width, where)
+    return rle
+
+
+def covering_counts(counts, height: int, width: int, where: str) -> np.ndarray:
+    """rle_counts(counts), which must cover exactly the height x width image's pixels (UserError naming
+    `where` otherwise): pycocotools decodes a short RLE into uninitialised memory."""
+    runs = rle_counts(counts, where)
+    total = int(runs.sum())
     if total != height * width:
         raise UserError(
             f"{where}: RLE counts cover {total} pixels but the {width}x{height} image has "
             f"{height * width} (runs past the image, or the wrong size)"
         )
-    return rle
+    return runs
 
 
 def rle_counts(counts, where: str) -> np.ndarray:
@@ -351,9 +359,7 @@ def rle_crop(rle: dict, tile: Tile, where: str = "mask") -> np.ndarray:
     reach the tile's columns only (patch_rle's inverse): memory and time grow with the object's columns
     inside the tile, not with the image."""
     height, width = (int(v) for v in rle["size"])
-    runs = rle_counts(rle["counts"], where)
-    if runs.sum() != height * width:
-        raise UserError(f"{where}: invalid RLE mask (its runs do not cover the {width}x{height} image)")
+    runs = covering_counts(rle["counts"], height, width, where)
     ends = np.cumsum(runs)[1::2]  # the runs of ones, as [start, end) positions down the columns
     starts = ends - runs[1::2]
     low, high = tile.x * height, (tile.x + tile.width) * height  # the tile's columns, full height

@@ -102,9 +102,9 @@ def test_rle_crop_equals_pycocotools_decode_cropped():
 @pytest.mark.parametrize(
     ("counts", "why"),
     [
-        (b"P1", "do not cover"),  # one run of 32 zeros (0 + 0x20, then 1 << 5) in a 4x4 image
-        (b"4", "do not cover"),  # one run of 4 zeros: the image has 16 pixels
-        (b"", "do not cover"),
+        (b"P1", "cover 32 pixels but the 4x4 image has 16"),  # one run of 32 zeros: 0 + 0x20, then 1 << 5
+        (b"4", "cover 4 pixels but the 4x4 image has 16"),  # one run of 4 zeros
+        (b"", "cover 0 pixels but the 4x4 image has 16"),
         (b"0`", "pycocotools' encoding"),  # the last number is unfinished (0x20 set): rle_counts' check
         ("2\u00e9", "ASCII"),  # text from a JSON file
     ],
