@@ -29,9 +29,9 @@ from datasets.records import (
     load_mask_file,
     open_image,
     record_rles,
-    rle_areas,
     rle_crop,
     rle_to_json,
+    trainable_rles,
 )
 from datasets.rle_csv import read_rle_csv, write_rle_csv
 from datasets.tiles import Tile, keep_clipped, tile_grid
@@ -175,7 +175,7 @@ def instance_masks(record: ImageRecord, shape: tuple[int, int]) -> tuple[np.ndar
     if record.mask_paths:  # one class; read the PNGs directly rather than through RLE
         masks = load_masks(record, shape)
         return masks, np.ones(len(masks), dtype=np.int64)
-    rles, labels = trainable_rles(record, shape)
+    rles, labels, _ = trainable_rles(record, shape)
     if not rles:
         return np.zeros((0, *shape), dtype=bool), labels
     try:
@@ -183,15 +183,6 @@ def instance_masks(record: ImageRecord, shape: tuple[int, int]) -> tuple[np.ndar
     except ValueError as e:  # a compressed RLE whose runs do not add up to the image
         raise UserError(f"{record.source}: image '{record.image_id}': invalid RLE mask ({e})") from e
     return masks, labels
-
-
-def trainable_rles(record: ImageRecord, shape: tuple[int, int]) -> tuple[list[dict], np.ndarray]:
-    """(compressed RLEs, labels N int64) of the record's instances that are neither crowd regions nor
-    empty (instance_masks' instances, as RLEs)."""
-    kept = [(rle, inst.category_id) for rle, inst in record_rles(record, *shape) if not inst.iscrowd]
-    filled = rle_areas([rle for rle, _ in kept]) > 0
-    kept = [pair for pair, keep in zip(kept, filled, strict=True) if keep]
-    return [rle for rle, _ in kept], np.array([label for _, label in kept], dtype=np.int64)
 
 
 def tile_instance_masks(
@@ -219,7 +210,7 @@ def _mask_file_crops(record: ImageRecord, shape: tuple[int, int], tile: Tile):
 
 def _rle_crops(record: ImageRecord, shape: tuple[int, int], tile: Tile):
     """(crops, full areas, labels) of the instances whose box reaches the tile, decoded inside it only."""
-    rles, labels = trainable_rles(record, shape)
+    rles, labels, areas = trainable_rles(record, shape)
     boxes = mask_utils.toBbox(rles).reshape(-1, 4)
     x, y, width, height = boxes.T
     near = np.flatnonzero(
@@ -229,8 +220,7 @@ def _rle_crops(record: ImageRecord, shape: tuple[int, int], tile: Tile):
     crops = np.zeros((len(near), tile.height, tile.width), dtype=bool)
     for k, i in enumerate(near):
         crops[k] = rle_crop(rles[i], tile, where)
-    areas = rle_areas([rles[i] for i in near])
-    return crops, areas, labels[near]
+    return crops, areas[near], labels[near]
 
 
 class InstanceDataset(torch.utils.data.Dataset):

@@ -35,10 +35,9 @@ from datasets.records import (
     covering_counts,
     image_size,
     open_image,
-    record_rles,
-    rle_areas,
     rle_to_json,
     single_class,
+    trainable_rles,
     write_bytes_atomic,
 )
 
@@ -279,9 +278,7 @@ def write_label_images(records: list[ImageRecord], dst: Path) -> None:
     for record in records:
         _copy_image(record, dst / "images")
         height, width = image_size(record.image_path)
-        kept = [rle for rle, inst in record_rles(record, height, width) if not inst.iscrowd]
-        kept = [rle for rle in kept if mask_utils.area(rle)]
-        areas = rle_areas(kept)
+        kept, _, areas = trainable_rles(record, (height, width))
         smallest_first = sorted(range(len(kept)), key=lambda k: areas[k])  # stable: ties keep file order
         labels = _paint(kept, height, width, smallest_first)
         write_label_image(dst / "labels" / f"{record.image_id}.tif", labels)

@@ -396,6 +396,16 @@ def record_rles(record: ImageRecord, height: int, width: int) -> list[tuple[dict
     return [(instance_rle(inst, height, width), inst) for inst in record.instances]
 
 
+def trainable_rles(record: ImageRecord, shape: tuple[int, int]) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """(compressed RLEs, labels N int64, areas N int64) of the record's instances that are neither crowd
+    regions nor empty: what training learns from and label images hold."""
+    kept = [(rle, inst.category_id) for rle, inst in record_rles(record, *shape) if not inst.iscrowd]
+    areas = rle_areas([rle for rle, _ in kept])
+    filled = areas > 0
+    kept = [pair for pair, keep in zip(kept, filled, strict=True) if keep]
+    return [rle for rle, _ in kept], np.array([label for _, label in kept], dtype=np.int64), areas[filled]
+
+
 def rle_to_json(rle: dict) -> dict:
     counts = rle["counts"]
     return {
